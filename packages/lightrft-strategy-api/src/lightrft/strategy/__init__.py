@@ -1,0 +1,34 @@
+"""The LightRFT Strategy API: one interface over DeepSpeed, FSDP2 and the fake backend.
+
+Importing this package imports no backend, engine, deepspeed, vllm, sglang or transformers.
+"""
+
+from .base import StrategyBase, TrainState
+from .config import ConfigError, StrategyConfig
+from .data import ResumableDataLoader, ResumableDistributedSampler
+from .engine import GenerationOutput, InferenceEngine, SamplingParams, WeightBucket
+from .factory import get_fake_strategy, get_strategy
+from .registry import available, register_engine, register_strategy
+from .weights import bucket_named_tensors, clean_param_name, plan_buckets
+
+__all__ = [
+    "ConfigError",
+    "GenerationOutput",
+    "InferenceEngine",
+    "ResumableDataLoader",
+    "ResumableDistributedSampler",
+    "SamplingParams",
+    "StrategyBase",
+    "StrategyConfig",
+    "TrainState",
+    "WeightBucket",
+    "available",
+    "bucket_named_tensors",
+    "clean_param_name",
+    "get_fake_strategy",
+    "get_strategy",
+    "plan_buckets",
+    "register_engine",
+    "register_strategy",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,626 @@
+"""StrategyBase: the one interface an RLHF loop uses, whatever the distributed backend.
+
+Backends implement the abstract methods (sharding, optimizer steps, checkpoint I/O, gathering full
+weights); everything that does not depend on the backend (collectives, printing, checkpoint
+directories and rotation, dataloaders, schedulers, the engine side) is written once here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from lightrft.config import StrategyConfig
+
+from . import checkpoint as ckpt
+from . import comm
+from .data import ResumableDataLoader, ResumableDistributedSampler
+from .engine import GenerationOutput, InferenceEngine, SamplingParams, WeightBucket
+from .hf_io import read_hf_state_dict, write_hf_directory
+from .registry import load_engine_class
+from .schedulers import create_scheduler
+from .utils import get_rng_state, set_rng_state, set_seed
+from .weights import bucket_named_tensors, clean_param_name
+
+RANK_STATE = "lightrft_rank{rank:05d}.pt"
+CLIENT_STATE = "lightrft_client_state.pt"
+_NO_DECAY_MODULES = ("Norm",)
+
+
+@dataclass
+class TrainState:
+    """Bookkeeping of one model prepared for training."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    micro_step: int = 0
+    """Micro-steps (backward passes) taken since the start."""
+    global_step: int = 0
+    """Accumulation boundaries reached (optimizer steps, skipped ones included)."""
+    skipped_steps: int = 0
+    """Boundaries whose gradient norm was not finite: the optimizer did not step."""
+
+    def to_dict(self) -> dict[str, int]:
+        return {"micro_step": self.micro_step, "global_step": self.global_step, "skipped_steps": self.skipped_steps}
+
+    def load_dict(self, d: dict[str, int]) -> None:
+        self.micro_step, self.global_step, self.skipped_steps = (
+            int(d["micro_step"]),
+            int(d["global_step"]),
+            int(d["skipped_steps"]),
+        )
+
+
+class StrategyBase(ABC):
+    """Base class of every training strategy (DeepSpeed, FSDP2, Fake, ...)."""
+
+    name: ClassVar[str] = "base"
+    #: Whether gradients are all-reduced only at accumulation boundaries (no sync on other
+    #: micro-steps). DeepSpeed ZeRO-2/3 reduce-scatter on every micro-step by design.
+    syncs_only_at_boundary: ClassVar[bool] = True
+
+    def __init__(self, config: Any = None, *, args: Any = None, **overrides: Any) -> None:
+        cfg = StrategyConfig.from_args(config if config is not None else {})
+        if overrides:
+            cfg = StrategyConfig.from_args({**cfg.model_dump(), **(cfg.model_extra or {}), **overrides})
+        self.config: StrategyConfig = cfg
+        self.args = args if args is not None else config
+        self.seed = cfg.seed
+        self.max_norm = cfg.max_norm
+        self.micro_train_batch_size = cfg.micro_train_batch_size
+        self.train_batch_size = cfg.train_batch_size
+        self.bf16 = cfg.bf16
+        self.accumulated_gradient = 1
+        self._train_states: dict[int, TrainState] = {}
+        self._dataloaders: list[ResumableDataLoader] = []
+        self._owns_process_group = False
+        self.inference_engine: InferenceEngine | None = None
+        self._engine_sleeping = False
+
+    # ------------------------------------------------------------------ config
+    def get_extra_arg(self, name: str, default: Any = None) -> Any:
+        """An argument outside StrategyConfig's fields, kept from the args the strategy was built from."""
+        return self.config.get_extra_arg(name, default)
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    # ------------------------------------------------------------- distributed
+    @abstractmethod
+    def setup_distributed(self, timeout: timedelta | None = None) -> None:
+        """Initialises the process group (if needed), seeds, and computes accumulation steps."""
+
+    def _init_process_group(self, timeout: timedelta | None = None) -> None:
+        """Starts torch.distributed from the torchrun environment (or alone, with world size 1)."""
+        set_seed(self.seed)
+        if dist.is_initialized():
+            return
+        if "RANK" not in os.environ:
+            # One process without a launcher: a group of one, so that meshes and collectives work.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        local_rank = int(os.environ.get("LOCAL_RANK", max(self.config.local_rank, 0)))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            backend = "cpu:gloo,cuda:nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend=backend, timeout=timeout or timedelta(minutes=30))
+        self._owns_process_group = True
+
+    def _set_accumulation(self) -> None:
+        self.accumulated_gradient = self.config.accumulation_steps(self.world_size)
+
+    @property
+    def world_size(self) -> int:
+        return comm.world_size()
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.config.sp_size
+
+    def get_rank(self) -> int:
+        return comm.rank()
+
+    def is_rank_0(self) -> bool:
+        return self.get_rank() == 0
+
+    def barrier(self) -> None:
+        if comm.is_distributed():
+            dist.barrier()
+
+    def print(self, *msg: Any) -> None:
+        if self.is_rank_0():
+            print(*msg, flush=True)
+
+    def all_reduce(self, data: Any, op: str = "mean") -> Any:
+        """Mean / sum / max / min over ranks of a tensor, a python number or a dict of them."""
+        return comm.all_reduce(data, op, device=self._comm_device())
+
+    def all_gather(self, data: Any) -> Any:
+        """Every rank's ``data``: tensors concatenated on dim 0, numbers as a list, dicts per key."""
+        return comm.all_gather(data, device=self._comm_device())
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return comm.all_gather_object(obj)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return comm.broadcast_object(obj, src)
+
+    def _comm_device(self) -> torch.device:
+        if comm.is_distributed() and "nccl" in str(dist.get_backend()) and "gloo" not in str(dist.get_backend()):
+            return self.device
+        return torch.device("cpu") if not torch.cuda.is_available() else self.device
+
+    def shutdown(self) -> None:
+        """Shuts the engine down and destroys the process group this strategy created."""
+        if self.inference_engine is not None:
+            self.inference_engine.shutdown()
+            self.inference_engine = None
+        if self._owns_process_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+    # ------------------------------------------------------- models, optimizers
+    def init_model_context(self, meta_init: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """Context in which to build models (ZeRO-3 ``zero.Init``, meta device for FSDP)."""
+        return contextlib.nullcontext()
+
+    def prepare_model(self, model: nn.Module, is_training: bool = True) -> nn.Module:
+        """Step 1 of 3: backends that shard before the optimizer exists (FSDP2) do it here."""
+        return model
+
+    @abstractmethod
+    def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
+        """Step 2 of 3: ``lr``, ``betas``, ``weight_decay``, ``eps``; no decay on biases and norms."""
+
+    def create_scheduler(
+        self,
+        optimizer: Optimizer,
+        max_steps: int,
+        kind: str | None = None,
+        warmup_ratio: float | None = None,
+        min_lr_ratio: float | None = None,
+    ) -> Any:
+        """A learning-rate schedule (``config.lr_scheduler`` by default) over ``max_steps``."""
+        return create_scheduler(
+            optimizer,
+            kind or self.config.lr_scheduler,
+            max_steps,
+            self.config.lr_warmup_ratio if warmup_ratio is None else warmup_ratio,
+            self.config.min_lr_ratio if min_lr_ratio is None else min_lr_ratio,
+        )
+
+    @staticmethod
+    def optimizer_grouped_parameters(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Two groups: decayed weights, and biases / normalisation weights without decay."""
+        no_decay: set[int] = set()
+        for module in model.modules():
+            norm = any(tag in type(module).__name__ for tag in _NO_DECAY_MODULES)
+            for pname, p in module.named_parameters(recurse=False):
+                if norm or pname.endswith("bias"):
+                    no_decay.add(id(p))
+        decay_params = [p for p in model.parameters() if p.requires_grad and id(p) not in no_decay]
+        other = [p for p in model.parameters() if p.requires_grad and id(p) in no_decay]
+        groups = [{"params": decay_params, "weight_decay": weight_decay}]
+        if other:
+            groups.append({"params": other, "weight_decay": 0.0})
+        return groups
+
+    def prepare(self, *items: Any, is_rlhf: bool = False) -> Any:
+        """Step 3 of 3. Each item is a ``(model, optimizer, scheduler)`` triple (training) or a
+        model (frozen, evaluation mode). Returns them in the same shape; one item comes back alone."""
+        if not items:
+            raise ValueError("prepare() needs at least one model or (model, optimizer, scheduler) triple")
+        out: list[Any] = []
+        for item in items:
+            if isinstance(item, (tuple, list)):
+                if len(item) != 3:
+                    raise ValueError(
+                        f"prepare() takes (model, optimizer, scheduler) triples; got a {type(item).__name__} "
+                        f"of length {len(item)}"
+                    )
+                model, optimizer, scheduler = item
+                if model is None:
+                    out.append((None, None, None))
+                    continue
+                if optimizer is None:
+                    raise ValueError("prepare((model, optimizer, scheduler)): optimizer is None; "
+                                     "pass a frozen model alone: prepare(model)")
+                model, optimizer, scheduler = self._prepare_train(model, optimizer, scheduler)
+                self._train_states[id(model)] = TrainState(model, optimizer, scheduler)
+                out.append((model, optimizer, scheduler))
+            else:
+                out.append(None if item is None else self._prepare_eval(item))
+        return out[0] if len(out) == 1 else out
+
+    @abstractmethod
+    def _prepare_train(self, model: nn.Module, optimizer: Optimizer, scheduler: Any) -> tuple[Any, Any, Any]:
+        """Wraps a trainable model (DeepSpeed builds its engine here)."""
+
+    @abstractmethod
+    def _prepare_eval(self, model: nn.Module) -> Any:
+        """Wraps a frozen model for inference (evaluation mode, no optimizer)."""
+
+    def prepare_models_and_optimizers(
+        self,
+        actor: nn.Module | None,
+        critic: nn.Module | None,
+        reward_models: nn.Module | Sequence[nn.Module] | None,
+        initial_model: nn.Module | None,
+        args: Any = None,
+        max_steps: int | None = None,
+    ) -> tuple[tuple[Any, Any, Any], tuple[Any, Any, Any], Any, Any]:
+        """Runs the three-step protocol for the actor and critic (with their learning rates) and
+        prepares the reward and reference models frozen."""
+        cfg = self.config if args is None else StrategyConfig.from_args(args)
+        if max_steps is None or max_steps <= 0:
+            raise ValueError(f"max_steps={max_steps!r} is invalid: pass the number of optimizer steps (> 0)")
+
+        def train(model: nn.Module | None, lr: float) -> tuple[Any, Any, Any]:
+            if model is None:
+                return (None, None, None)
+            model = self.prepare_model(model, is_training=True)
+            optim = self.create_optimizer(
+                model, lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.l2, eps=cfg.adam_eps
+            )
+            sched = self.create_scheduler(optim, max_steps)
+            return self.prepare((model, optim, sched))
+
+        def frozen(model: nn.Module | None) -> Any:
+            return None if model is None else self.prepare(self.prepare_model(model, is_training=False))
+
+        actor_triple = train(actor, cfg.actor_learning_rate)
+        critic_triple = train(critic, cfg.critic_learning_rate)
+        if isinstance(reward_models, (list, tuple)):
+            rms: Any = [frozen(m) for m in reward_models]
+        else:
+            rms = frozen(reward_models)
+        return actor_triple, critic_triple, rms, frozen(initial_model)
+
+    def train_state(self, model: Any) -> TrainState:
+        """The step counters of a model prepared with an optimizer."""
+        try:
+            return self._train_states[id(model)]
+        except KeyError:
+            raise ValueError(
+                f"{type(model).__name__} was not prepared for training by this strategy: call "
+                "strategy.prepare((model, optimizer, scheduler)) and use the model it returns"
+            ) from None
+
+    def is_accumulation_boundary(self, model: Any) -> bool:
+        """Whether the next ``optimizer_step`` on ``model`` will really step."""
+        return (self.train_state(model).micro_step + 1) % self.accumulated_gradient == 0
+
+    def unwrap_model(self, model: Any) -> nn.Module:
+        """The user's module under any wrapper (DeepSpeed engine, DDP, torch.compile)."""
+        while True:
+            if hasattr(model, "_orig_mod"):
+                model = model._orig_mod
+            elif type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel", "PipelineEngine"):
+                model = model.module
+            else:
+                return model
+
+    # -------------------------------------------------------------- training
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> None:
+        """Backward of one micro-batch loss, scaled by 1 / accumulation steps."""
+
+    @abstractmethod
+    def optimizer_step(self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any) -> float | None:
+        """Called after every ``backward``. Steps only at an accumulation boundary; there it clips
+        to ``max_norm`` and returns the global L2 gradient norm (before clipping). A non-finite
+        norm skips the step (counted in ``skipped_steps``). Returns None between boundaries."""
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite gradient norm, over every prepared model."""
+        return sum(s.skipped_steps for s in self._train_states.values())
+
+    def _native_backward(self, loss: torch.Tensor, model: Any) -> None:
+        self.train_state(model)  # misuse check: the model must be prepared
+        (loss / self.accumulated_gradient).backward()
+
+    def _native_optimizer_step(self, model: Any, optimizer: Optimizer, scheduler: Any, clip: Any) -> float | None:
+        """The step of torch-native backends: ``clip(max_norm)`` returns the total norm."""
+        st = self.train_state(model)
+        st.micro_step += 1
+        if st.micro_step % self.accumulated_gradient != 0:
+            return None
+        st.global_step += 1
+        norm = float(clip(self.max_norm if self.max_norm > 0 else math.inf))
+        if not math.isfinite(norm):
+            st.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            return norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        return norm
+
+    @abstractmethod
+    def moving_average(self, model: Any, model_ema: Any, beta: float = 0.992, device: str = "cpu") -> None:
+        """EMA: ``ema = beta * ema + (1 - beta) * model`` over every parameter."""
+
+    # ----------------------------------------------------------- checkpoints
+    def save_ckpt(
+        self,
+        model: Any,
+        save_dir: str | os.PathLike,
+        tag: str | None = None,
+        max_num: int | None = None,
+        max_mem: float | None = None,
+        client_state: dict[str, Any] | None = None,
+        save_latest: bool = True,
+    ) -> Path:
+        """Saves model, optimizer, scheduler, ``client_state``, RNG and dataloader positions to
+        ``save_dir/<tag>`` atomically, then keeps at most ``max_num`` checkpoints / ``max_mem`` GB."""
+        state = self._train_states.get(id(model))
+        tag = ckpt.validate_tag(tag or f"global_step{state.global_step if state else 0}")
+        client_state = dict(client_state or {})
+        _check_weights_only(client_state)
+        rank_state = {
+            "rng": get_rng_state(),
+            "dataloaders": [dl.state_dict() for dl in self._dataloaders],
+            "train_state": state.to_dict() if state else None,
+            "world_size": self.world_size,
+        }
+
+        def write(path: Path) -> None:
+            self._save_checkpoint(model, path)
+            torch.save(rank_state, path / RANK_STATE.format(rank=self.get_rank()))
+            if self.is_rank_0():
+                torch.save(client_state, path / CLIENT_STATE)
+
+        return ckpt.staged_save(
+            save_dir,
+            tag,
+            write,
+            is_rank_0=self.is_rank_0(),
+            barrier=self.barrier,
+            max_num=max_num or self.config.max_ckpt_num,
+            max_mem_gb=max_mem or self.config.max_ckpt_mem,
+            save_latest=save_latest,
+        )
+
+    def load_ckpt(
+        self,
+        model: Any,
+        load_dir: str | os.PathLike,
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+    ) -> tuple[str, dict[str, Any]]:
+        """Loads ``load_dir/<tag>`` (``latest`` by default). Returns ``(path, client_state)``."""
+        path = ckpt.resolve_checkpoint(load_dir, tag)
+        self._load_checkpoint(
+            model,
+            path,
+            load_module_strict=load_module_strict,
+            load_optimizer_states=load_optimizer_states and not load_module_only,
+            load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
+        )
+        client_state = torch.load(path / CLIENT_STATE, weights_only=True) if (path / CLIENT_STATE).exists() else {}
+        own = path / RANK_STATE.format(rank=self.get_rank())
+        first = path / RANK_STATE.format(rank=0)
+        rank_file = own if own.exists() else first
+        if rank_file.exists() and not load_module_only:
+            rank_state = torch.load(rank_file, weights_only=True)
+            same_world = rank_state["world_size"] == self.world_size
+            if same_world:
+                set_rng_state(rank_state["rng"])
+            for dl, st in zip(self._dataloaders, rank_state["dataloaders"]):
+                dl.load_state_dict(st)
+            if rank_state["train_state"] is not None and id(model) in self._train_states:
+                self._train_states[id(model)].load_dict(rank_state["train_state"])
+        return str(path), client_state
+
+    @abstractmethod
+    def _save_checkpoint(self, model: Any, path: Path) -> None:
+        """Writes the backend's model / optimizer / scheduler state into ``path`` (every rank)."""
+
+    @abstractmethod
+    def _load_checkpoint(
+        self,
+        model: Any,
+        path: Path,
+        *,
+        load_module_strict: bool,
+        load_optimizer_states: bool,
+        load_lr_scheduler_states: bool,
+    ) -> None:
+        """Reads what ``_save_checkpoint`` wrote."""
+
+    # ---------------------------------------------------------- model files
+    def save_model(self, model: Any, output_dir: str | os.PathLike, tokenizer: Any = None, **kwargs: Any) -> None:
+        """Writes a consolidated Hugging Face directory (safetensors, config, tokenizer) on rank 0."""
+        state_dict = self._full_state_dict(model)
+        if self.is_rank_0():
+            assert state_dict is not None
+            write_hf_directory(self.unwrap_model(model), state_dict, output_dir, tokenizer, **kwargs)
+        self.barrier()
+
+    def load_model(self, model: Any, path: str | os.PathLike, strict: bool = True) -> None:
+        """Loads a Hugging Face directory (or .safetensors file) into a prepared or plain model."""
+        self._load_full_state_dict(model, read_hf_state_dict(path), strict=strict)
+        self.barrier()
+
+    @abstractmethod
+    def _full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
+        """The full, unsharded state dict with clean names, on CPU, on rank 0 (None elsewhere)."""
+
+    @abstractmethod
+    def _load_full_state_dict(self, model: Any, state_dict: dict[str, torch.Tensor], strict: bool) -> None:
+        """Loads a full state dict (same on every rank) into the (possibly sharded) model."""
+
+    # ------------------------------------------------------------ weight sync
+    def iter_weight_buckets(self, model: Any, bucket_bytes: int | None = None) -> Iterator[WeightBucket]:
+        """The model's full parameters as buckets of at most ``bucket_bytes`` (one tensor may exceed
+        it alone), with clean names; only one bucket is materialised at a time."""
+        size = bucket_bytes or self.config.weight_sync_bucket_mb << 20
+        return bucket_named_tensors(self._iter_full_parameters(model), size, clean_param_name)
+
+    @abstractmethod
+    def _iter_full_parameters(self, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields ``(name, full tensor)`` one at a time, on every rank."""
+
+    # ------------------------------------------------------------- dataloader
+    def setup_dataloader(
+        self,
+        dataset: Any,
+        batch_size: int,
+        shuffle: bool = True,
+        collate_fn: Any = None,
+        drop_last: bool = True,
+        pin_memory: bool = False,
+        num_workers: int = 0,
+        consumed_samples: int = 0,
+        seed: int | None = None,
+    ) -> ResumableDataLoader:
+        """A dataloader over this rank's share of ``dataset`` whose position is saved by
+        ``save_ckpt`` and restored by ``load_ckpt``."""
+        dp_rank = self.get_rank() // self.config.sp_size
+        sampler = ResumableDistributedSampler(
+            dataset,
+            num_replicas=self.dp_size,
+            rank=dp_rank,
+            shuffle=shuffle,
+            seed=self.seed if seed is None else seed,
+            drop_last=drop_last,
+            consumed_samples=consumed_samples,
+        )
+        loader = ResumableDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+            num_workers=num_workers,
+        )
+        self._dataloaders.append(loader)
+        return loader
+
+    # ---------------------------------------------------------------- engine
+    def setup_inference_engine(
+        self, model: Any = None, tokenizer: Any = None, engine_type: str | None = None, **kwargs: Any
+    ) -> InferenceEngine:
+        """Creates the rollout engine named by ``engine_type`` (``config.engine_type`` by default),
+        colocated with training; engines are found through the ``lightrft.engines`` entry points."""
+        cls = load_engine_class(engine_type or self.config.engine_type)
+        self.inference_engine = cls(strategy=self, model=model, tokenizer=tokenizer, **kwargs)
+        self._engine_sleeping = False
+        return self.inference_engine
+
+    def _engine(self) -> InferenceEngine:
+        if self.inference_engine is None:
+            raise RuntimeError("no inference engine: call strategy.setup_inference_engine(...) first")
+        return self.inference_engine
+
+    def update_engine_weights(self, model: Any, bucket_bytes: int | None = None) -> None:
+        """Pushes the trained weights into the engine, one bounded bucket at a time."""
+        engine = self._engine()
+        if self._engine_sleeping:
+            engine.wake_up(tags=["weights"])
+        engine.update_weights(self.iter_weight_buckets(model, bucket_bytes))
+        self.barrier()
+
+    def gather_and_generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        sampling_params: SamplingParams | None = None,
+        multi_modal_inputs: Sequence[Any] | None = None,
+    ) -> list[GenerationOutput]:
+        """Generates for this rank's prompts. With a tensor-parallel engine (``engine.tp_group``),
+        the prompts of the group are gathered, generated together and each rank gets its own."""
+        engine = self._engine()
+        if self._engine_sleeping:
+            self.wakeup_inference_engine()
+        group = getattr(engine, "tp_group", None)
+        if group is None or comm.world_size(group) == 1:
+            return engine.generate(prompts, prompt_token_ids, sampling_params, multi_modal_inputs)
+        mine = {"prompts": prompts, "ids": prompt_token_ids, "mm": multi_modal_inputs}
+        parts = comm.all_gather_object(mine, group=group)
+        counts = [len(p["prompts"] if p["prompts"] is not None else p["ids"]) for p in parts]
+
+        def joined(key: str) -> list[Any] | None:
+            if parts[0][key] is None:
+                return None
+            return [x for p in parts for x in p[key]]
+
+        outputs = engine.generate(joined("prompts"), joined("ids"), sampling_params, joined("mm"))
+        n = sampling_params.n if sampling_params else 1
+        start = sum(counts[: comm.rank(group)]) * n
+        return outputs[start : start + counts[comm.rank(group)] * n]
+
+    def maybe_sleep_inference_engine(self, level: int = 1) -> bool:
+        """Puts the engine to sleep (frees its GPU memory for training) when
+        ``enable_engine_sleep``; returns whether it sleeps now."""
+        if self.inference_engine is not None and self.config.enable_engine_sleep and not self._engine_sleeping:
+            self.inference_engine.sleep(level=level)
+            self._engine_sleeping = True
+        return self._engine_sleeping
+
+    def wakeup_inference_engine(self, tags: Sequence[str] | None = None) -> None:
+        if self.inference_engine is not None and self._engine_sleeping:
+            self.inference_engine.wake_up(tags=tags)
+            self._engine_sleeping = False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_weights_only(client_state: dict[str, Any]) -> None:
+    """Refuses, before anything is written, a client state that ``weights_only`` loading can't read."""
+    buf = io.BytesIO()
+    torch.save(client_state, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        bad = []
+        for key, value in client_state.items():
+            b = io.BytesIO()
+            torch.save({key: value}, b)
+            b.seek(0)
+            try:
+                torch.load(b, weights_only=True)
+            except Exception:
+                bad.append(f"{key!r} ({type(value).__name__})")
+        raise ValueError(
+            f"client_state keys {', '.join(bad) or '?'} cannot be loaded with torch.load(weights_only=True); "
+            "use tensors, numbers, strings, lists, tuples and dicts of them"
+        ) from e
+

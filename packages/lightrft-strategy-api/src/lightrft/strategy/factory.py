@@ -1,0 +1,38 @@
+"""``get_strategy``: from args or a StrategyConfig to a ready strategy, backend found by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightrft.config import StrategyConfig
+
+from .base import StrategyBase
+from .registry import load_strategy_class
+
+
+def get_strategy(args: Any = None, **overrides: Any) -> StrategyBase:
+    """Builds the strategy named by ``args.strategy`` (or the legacy ``args.fsdp`` flag) and sets
+    up distributed training. ``args``: an argparse Namespace, a dict, a StrategyConfig or any
+    object with attributes; unknown keys stay readable through ``strategy.get_extra_arg``."""
+    config = StrategyConfig.from_args(args if args is not None else {})
+    if overrides:
+        config = StrategyConfig.from_args({**config.model_dump(), **(config.model_extra or {}), **overrides})
+    cls = load_strategy_class(config.backend)
+    strategy = cls(config, args=args)
+    strategy.setup_distributed()
+    return strategy
+
+
+def get_fake_strategy(args: Any = None, **overrides: Any) -> StrategyBase:
+    """A :class:`lightrft.testing.FakeStrategy`: the same loop in one process, without GPUs."""
+    try:
+        from lightrft.testing import FakeStrategy
+    except ImportError as e:
+        raise ImportError(
+            "get_fake_strategy() needs the lightrft-testing distribution: `uv add lightrft-testing` "
+            "(or `pip install lightrft-testing`)"
+        ) from e
+    config = StrategyConfig.from_args(args if args is not None else {})
+    strategy = FakeStrategy(config, args=args, **overrides)
+    strategy.setup_distributed()
+    return strategy

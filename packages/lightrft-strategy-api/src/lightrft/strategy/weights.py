@@ -1,0 +1,69 @@
+"""Parameter names and bucketing for weight sync (train -> engine), written once for every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from .engine import WeightBucket
+
+# Prefixes that wrappers insert in front of the real parameter names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def clean_param_name(name: str) -> str:
+    """Maps a training-side parameter name to the plain module name.
+
+    Removes wrapper components (``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``,
+    ``_orig_mod``) anywhere in the name and a leading ``module.`` (DeepSpeed / DDP engines).
+    """
+    parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
+    while parts and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def plan_buckets(sizes: Iterable[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
+    """Groups names (in order) into buckets of at most ``bucket_bytes``; a larger tensor is alone."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes={bucket_bytes} is invalid: it must be > 0")
+    buckets: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, nbytes in sizes:
+        if current and used + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def bucket_named_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    name_map: Callable[[str], str] = clean_param_name,
+) -> Iterator[WeightBucket]:
+    """Streams ``(name, tensor)`` pairs into buckets of at most ``bucket_bytes`` (a larger tensor
+    forms a bucket of its own). Only one bucket is held at a time, so the extra memory is bounded
+    by ``max(bucket_bytes, largest tensor)``."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes={bucket_bytes} is invalid: it must be > 0")
+    bucket: WeightBucket = []
+    used = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor_nbytes(tensor)
+        if bucket and used + nbytes > bucket_bytes:
+            yield bucket
+            bucket, used = [], 0
+        bucket.append((name_map(name), tensor))
+        used += nbytes
+    if bucket:
+        yield bucket

@@ -1,0 +1,36 @@
+"""Test doubles and the conformance suite for LightRFT strategies.
+
+- :class:`FakeStrategy`: the Strategy API in one process, no GPU, real arithmetic.
+- :class:`FakeEngine`: an InferenceEngine generating greedily from pushed weights.
+- :mod:`lightrft.testing.conformance`: the behavioural suite every strategy passes.
+- :func:`run_distributed`: run a function on N gloo ranks under torchrun and collect results.
+"""
+
+from .distributed import DistributedRunError, run_distributed
+from .engine import FakeEngine
+from .fake import FakeStrategy, clone_model
+from .models import TinyCausalLM, TinyConfig, causal_lm_loss, make_batches, make_tiny_llama, make_tiny_model
+
+
+def get_fake_strategy(args=None, **overrides):  # noqa: ANN001, ANN201 - mirrors lightrft.strategy
+    """Same as :func:`lightrft.strategy.get_fake_strategy`."""
+    from lightrft.strategy import get_fake_strategy as _get
+
+    return _get(args, **overrides)
+
+
+__all__ = [
+    "DistributedRunError",
+    "FakeEngine",
+    "FakeStrategy",
+    "TinyCausalLM",
+    "TinyConfig",
+    "causal_lm_loss",
+    "clone_model",
+    "get_fake_strategy",
+    "make_batches",
+    "make_tiny_llama",
+    "make_tiny_model",
+    "run_distributed",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""FakeEngine: an InferenceEngine that generates greedily with a local copy of a small model.
+
+Its weights start as zeros and change only through ``update_weights``, so a test can tell whether
+the trained weights really reached the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
+from lightrft.strategy.weights import tensor_nbytes
+
+from .models import logits_of
+
+
+class FakeEngine:
+    """Deterministic generation from the current weights of a small torch model (CPU)."""
+
+    __test__ = False
+
+    def __init__(
+        self, strategy: Any = None, model: nn.Module | None = None, tokenizer: Any = None, zero_init: bool = True, **_: Any
+    ) -> None:
+        if model is None:
+            raise ValueError("FakeEngine needs model=: an unsharded module of the trained architecture")
+        self.model = copy.deepcopy(model).cpu().eval().requires_grad_(False)
+        if zero_init:
+            for p in self.model.parameters():
+                p.zero_()
+        self.tokenizer = tokenizer
+        self.sleeping_level = 0
+        self.weights_valid = True
+        self.updates = 0
+        self.buckets_received = 0
+        self.max_bucket_bytes = 0
+        self.names_received: set[str] = set()
+        self.closed = False
+
+    # ------------------------------------------------------------- weights
+    @torch.no_grad()
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        self._check_open()
+        params = dict(self.model.named_parameters())
+        for bucket in buckets:
+            self.buckets_received += 1
+            self.max_bucket_bytes = max(self.max_bucket_bytes, sum(tensor_nbytes(t) for _, t in bucket))
+            for name, tensor in bucket:
+                if name not in params:
+                    raise KeyError(f"weight {name!r} is not a parameter of the engine's model; known: {sorted(params)[:8]}...")
+                target = params[name]
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}; the engine expects {tuple(target.shape)}")
+                target.copy_(tensor.detach().to(target.device, target.dtype))
+                self.names_received.add(name)
+        self.updates += 1
+        self.weights_valid = True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        sampling_params: SamplingParams | None = None,
+        multi_modal_inputs: Sequence[Any] | None = None,
+    ) -> list[GenerationOutput]:
+        self._check_open()
+        if self.sleeping_level:
+            raise RuntimeError("FakeEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first")
+        if not self.weights_valid:
+            raise RuntimeError("FakeEngine's weights were discarded by sleep(level=2): update_weights() first")
+        sp = sampling_params or SamplingParams(temperature=0.0)
+        if prompt_token_ids is None:
+            if prompts is None or self.tokenizer is None:
+                raise ValueError("generate() needs prompt_token_ids, or prompts with a tokenizer")
+            prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
+        gen = torch.Generator().manual_seed(sp.seed if sp.seed is not None else 0)
+        outputs = []
+        for ids in prompt_token_ids:
+            for _ in range(sp.n):
+                outputs.append(self._generate_one(list(ids), sp, gen))
+        return outputs
+
+    def _generate_one(self, ids: list[int], sp: SamplingParams, gen: torch.Generator) -> GenerationOutput:
+        prompt = list(ids)
+        out: list[int] = []
+        logprobs: list[float] = []
+        finish = "length"
+        for _ in range(sp.max_new_tokens):
+            logits = logits_of(self.model(torch.tensor([prompt + out])))[0, -1].float()
+            if sp.greedy:
+                token = int(torch.argmax(logits))
+            else:
+                probs = torch.softmax(logits / sp.temperature, -1)
+                token = int(torch.multinomial(probs, 1, generator=gen))
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            out.append(token)
+            if token in sp.stop_token_ids:
+                finish = "stop"
+                break
+        text = self.tokenizer.decode(out) if self.tokenizer is not None else None
+        return GenerationOutput(prompt, out, text, logprobs if sp.logprobs else None, finish)
+
+    # --------------------------------------------------------- sleep / wake
+    def sleep(self, level: int = 1) -> None:
+        """Level 1 keeps the weights (offloaded); level 2 discards them."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level={level} is invalid: valid are 1 and 2")
+        self._check_open()
+        self.sleeping_level = level
+        if level == 2:
+            self.weights_valid = False
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        self._check_open()
+        self.sleeping_level = 0
+
+    def shutdown(self) -> None:
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("FakeEngine was shut down")

@@ -1,0 +1,153 @@
+"""FakeStrategy: the whole Strategy API in one process, no process group, no GPU, real arithmetic."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightrft.strategy.base import StrategyBase
+from lightrft.strategy.weights import clean_param_name
+
+STATE_FILE = "fake_state.pt"
+
+
+class FakeStrategy(StrategyBase):
+    """A drop-in strategy for unit tests of training code.
+
+    It behaves as a data-parallel world of size 1: gradient accumulation over
+    ``train_batch_size / micro_train_batch_size`` micro-steps, one global-norm clip whose norm
+    ``optimizer_step`` returns, non-finite norms skip the step, schedulers, checkpoints that
+    resume bit for bit, Hugging Face ``save_model``, EMA and weight buckets for engines. Collectives
+    act on one rank even when a process group exists.
+    """
+
+    __test__ = False
+    name = "fake"
+
+    def setup_distributed(self, timeout: timedelta | None = None) -> None:
+        from lightrft.strategy.utils import set_seed
+
+        set_seed(self.seed)
+        self._set_accumulation()
+
+    # One rank, whatever torch.distributed says.
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    def get_rank(self) -> int:
+        return 0
+
+    def barrier(self) -> None:
+        return None
+
+    def all_reduce(self, data: Any, op: str = "mean") -> Any:
+        if op not in ("mean", "sum", "max", "min"):
+            raise ValueError(f"op={op!r} is invalid: valid are mean, sum, max, min")
+        if isinstance(data, dict):
+            return {k: self.all_reduce(v, op) for k, v in data.items()}
+        if torch.is_tensor(data):
+            out = data.detach().clone()
+            return out if out.is_floating_point() or op != "mean" else out.double()
+        return float(data)
+
+    def all_gather(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: self.all_gather(v) for k, v in data.items()}
+        if torch.is_tensor(data):
+            return (data.reshape(1) if data.dim() == 0 else data).detach().clone()
+        return [data]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ models
+    def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
+        weight_decay = kwargs.pop("weight_decay", self.config.l2)
+        kwargs.setdefault("lr", self.config.actor_learning_rate)
+        kwargs.setdefault("betas", tuple(self.config.adam_betas))
+        kwargs.setdefault("eps", self.config.adam_eps)
+        return torch.optim.AdamW(self.optimizer_grouped_parameters(model, weight_decay), **kwargs)
+
+    def _prepare_train(self, model: nn.Module, optimizer: Optimizer, scheduler: Any) -> tuple[Any, Any, Any]:
+        model.train()
+        return model, optimizer, scheduler
+
+    def _prepare_eval(self, model: nn.Module) -> Any:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> None:
+        self._native_backward(loss, model)
+
+    def optimizer_step(self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any) -> float | None:
+        params = [p for p in model.parameters() if p.grad is not None]
+
+        def clip(max_norm: float) -> float:
+            if not params:
+                return 0.0
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+        return self._native_optimizer_step(model, optimizer, scheduler, clip)
+
+    @torch.no_grad()
+    def moving_average(self, model: Any, model_ema: Any, beta: float = 0.992, device: str = "cpu") -> None:
+        ema_params = dict(model_ema.named_parameters())
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                e = ema_params[name]
+                e.data.copy_((beta * e.data.to(p.device) + (1 - beta) * p.data).to(e.device))
+
+    # ------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model: Any, path: Path) -> None:
+        st = self._train_states.get(id(model))
+        state: dict[str, Any] = {"model": model.state_dict()}
+        if st is not None:
+            state["optimizer"] = st.optimizer.state_dict()
+            if st.scheduler is not None:
+                state["scheduler"] = st.scheduler.state_dict()
+        torch.save(state, path / STATE_FILE)
+
+    def _load_checkpoint(
+        self, model: Any, path: Path, *, load_module_strict: bool, load_optimizer_states: bool, load_lr_scheduler_states: bool
+    ) -> None:
+        state = torch.load(path / STATE_FILE, weights_only=True)
+        model.load_state_dict(state["model"], strict=load_module_strict)
+        st = self._train_states.get(id(model))
+        if st is None:
+            return
+        if load_optimizer_states and "optimizer" in state:
+            st.optimizer.load_state_dict(state["optimizer"])
+        if load_lr_scheduler_states and "scheduler" in state and st.scheduler is not None:
+            st.scheduler.load_state_dict(state["scheduler"])
+
+    # ---------------------------------------------------------------- weights
+    def _full_state_dict(self, model: Any) -> dict[str, torch.Tensor]:
+        return {clean_param_name(k): v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def _load_full_state_dict(self, model: Any, state_dict: dict[str, torch.Tensor], strict: bool) -> None:
+        model.load_state_dict(state_dict, strict=strict)
+
+    def _iter_full_parameters(self, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in model.named_parameters():
+            yield name, p.detach()
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy, handy for an EMA model or a frozen reference model in tests."""
+    return copy.deepcopy(model)

@@ -1,0 +1,66 @@
+import os
+import time
+
+import pytest
+
+from lightrft.strategy import checkpoint as ck
+
+
+def _save(root, tag, payload=b"x", **kw):
+    return ck.staged_save(
+        root, tag, lambda p: (p / "w.bin").write_bytes(payload), is_rank_0=True, barrier=lambda: None,
+        max_num=kw.get("max_num", 3), max_mem_gb=kw.get("max_mem_gb", 1000.0),
+    )  # fmt: skip
+
+
+def test_publish_latest_and_rotation(tmp_path):
+    for i in range(5):
+        _save(tmp_path, f"step{i}")
+        time.sleep(0.01)  # distinct modification times
+    assert ck.read_latest(tmp_path) == "step4"
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step2", "step3", "step4"]
+    assert ck.resolve_checkpoint(tmp_path, None).name == "step4"
+
+
+def test_rotation_by_memory(tmp_path):
+    for i in range(3):
+        _save(tmp_path, f"s{i}", payload=b"x" * 1000, max_num=10, max_mem_gb=2500 / (1 << 30))
+        time.sleep(0.01)
+    # 1000 bytes each, 2500 allowed: the two newest stay.
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["s1", "s2"]
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
+    _save(tmp_path, "good")
+
+    def crash(path):
+        (path / "partial").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ck.staged_save(tmp_path, "bad", crash, is_rank_0=True, barrier=lambda: None, max_num=3, max_mem_gb=10)
+    assert ck.read_latest(tmp_path) == "good"
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["good"]
+    # The next save removes the stale staging directory.
+    _save(tmp_path, "next")
+    assert not any(n.startswith(ck.TMP_PREFIX) for n in os.listdir(tmp_path))
+
+
+def test_resave_same_tag_replaces_atomically(tmp_path):
+    _save(tmp_path, "t", payload=b"old")
+    _save(tmp_path, "t", payload=b"new")
+    assert (tmp_path / "t" / "w.bin").read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("tag", ["../x", "a/b", ".hidden", "latest", "", "-x"])
+def test_bad_tags(tag):
+    with pytest.raises(ValueError, match="tag="):
+        ck.validate_tag(tag)
+
+
+def test_resolve_errors_list_what_exists(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no 'latest' marker"):
+        ck.resolve_checkpoint(tmp_path, None)
+    _save(tmp_path, "only")
+    with pytest.raises(FileNotFoundError, match=r"tag='other' not found.*'only'"):
+        ck.resolve_checkpoint(tmp_path, "other")

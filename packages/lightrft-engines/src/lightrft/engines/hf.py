@@ -1,0 +1,147 @@
+"""HFEngine: rollouts with Hugging Face ``generate`` on a private, unsharded copy of the policy.
+
+The embedded default engine: it runs wherever transformers runs (CPU or GPU), needs no server, and
+receives trained weights through the same buckets as vLLM and SGLang. ``sleep(1)`` moves the copy
+to CPU, ``sleep(2)`` frees it (the next ``update_weights`` rebuilds it), ``wake_up`` returns it to
+the device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
+
+
+class HFEngine:
+    """An InferenceEngine over ``transformers`` ``generate`` (greedy or sampled)."""
+
+    def __init__(
+        self,
+        strategy: Any = None,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **_: Any,
+    ) -> None:
+        try:
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "HFEngine (engine_type='hf') needs transformers: `uv add 'lightrft-engines[hf]'`"
+            ) from e
+        if model is None or not hasattr(model, "generate"):
+            raise ValueError(
+                "HFEngine needs model=: an unsharded Hugging Face model with .generate() (e.g. the policy "
+                "before strategy.prepare); got " + type(model).__name__
+            )
+        self.device = torch.device(device) if device is not None else (strategy.device if strategy else torch.device("cpu"))
+        self.dtype = dtype or (strategy.param_dtype if strategy is not None else None)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.dtype is not None:
+            self.model.to(self.dtype)
+        self.model.to(self.device)
+        self.tokenizer = tokenizer
+        self.sleeping_level = 0
+        self._params: dict[str, torch.Tensor] = dict(self.model.named_parameters())
+        self._discarded = False
+
+    @torch.no_grad()
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        if self._discarded:
+            self.model.to_empty(device=self.device)
+            self._params = dict(self.model.named_parameters())
+            self._discarded = False
+        for bucket in buckets:
+            for name, tensor in bucket:
+                target = self._params.get(name)
+                if target is None:
+                    raise KeyError(f"weight {name!r} is not a parameter of the engine's model")
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}; the engine expects {tuple(target.shape)}")
+                target.copy_(tensor.to(target.device, target.dtype), non_blocking=True)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        sampling_params: SamplingParams | None = None,
+        multi_modal_inputs: Sequence[Any] | None = None,
+    ) -> list[GenerationOutput]:
+        if self.sleeping_level:
+            raise RuntimeError("HFEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first")
+        if self._discarded:
+            raise RuntimeError("HFEngine's weights were freed by sleep(level=2): update_weights() first")
+        if multi_modal_inputs is not None:
+            raise NotImplementedError("HFEngine generates text only; use the vllm engine for multimodal inputs")
+        sp = sampling_params or SamplingParams(temperature=0.0)
+        if prompt_token_ids is None:
+            if prompts is None or self.tokenizer is None:
+                raise ValueError("generate() needs prompt_token_ids, or prompts with a tokenizer")
+            prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": sp.max_new_tokens,
+            "do_sample": not sp.greedy,
+            "num_return_sequences": sp.n,
+            "output_scores": sp.logprobs,
+            "return_dict_in_generate": True,
+            **sp.extra,
+        }
+        if not sp.greedy:
+            gen_kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else 0)
+        eos = list(sp.stop_token_ids)
+        if eos:
+            gen_kwargs["eos_token_id"] = eos
+        pad = getattr(self.model.generation_config, "pad_token_id", None)
+        if pad is None:
+            pad = eos[0] if eos else 0
+        gen_kwargs["pad_token_id"] = pad
+        if sp.seed is not None:
+            torch.manual_seed(sp.seed)
+        outputs: list[GenerationOutput] = []
+        for ids in prompt_token_ids:  # one prompt at a time: no padding, exact per-prompt outputs
+            x = torch.tensor([list(ids)], device=self.device)
+            res = self.model.generate(x, attention_mask=torch.ones_like(x), **gen_kwargs)
+            new = res.sequences[:, x.shape[1] :]
+            for j in range(new.shape[0]):
+                toks = new[j].tolist()
+                finish = "length"
+                for k, t in enumerate(toks):
+                    if t in eos:
+                        toks, finish = toks[: k + 1], "stop"
+                        break
+                logprobs = None
+                if sp.logprobs:
+                    logprobs = [float(torch.log_softmax(s[j].float(), -1)[t]) for s, t in zip(res.scores, toks)]
+                text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
+                outputs.append(GenerationOutput(list(ids), toks, text, logprobs, finish))
+        return outputs
+
+    def sleep(self, level: int = 1) -> None:
+        if level not in (1, 2):
+            raise ValueError(f"sleep level={level} is invalid: valid are 1 (offload weights) and 2 (free weights)")
+        if level == 1:
+            self.model.to("cpu")
+        else:
+            self.model.to("meta")
+            self._discarded = True
+        self.sleeping_level = level
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        if not self._discarded:
+            self.model.to(self.device)
+        self._params = dict(self.model.named_parameters())
+        self.sleeping_level = 0
+
+    def shutdown(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        self._params = {}

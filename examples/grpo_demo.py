@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from lightrft.strategy import SamplingParams, get_strategy
 from lightrft.strategy.config import StrategyConfig
@@ -29,7 +28,9 @@ TARGET = 3
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--prompts_per_rank", type=int, default=4)
     parser.add_argument("--group_size", type=int, default=8, help="samples per prompt (the GRPO group)")
@@ -70,7 +71,9 @@ def main() -> None:
     engine_model = make_tiny_model(0, model_cfg)
     strategy.setup_inference_engine(model=engine_model)
     strategy.update_engine_weights(actor)
-    save_dir = args.save_dir or strategy.broadcast_object(tempfile.mkdtemp(prefix="grpo-demo-") if strategy.is_rank_0() else None)
+    save_dir = args.save_dir or strategy.broadcast_object(
+        tempfile.mkdtemp(prefix="grpo-demo-") if strategy.is_rank_0() else None
+    )
     strategy.print(
         f"GRPO demo: strategy={strategy.config.backend} world_size={strategy.world_size} "
         f"accumulation={strategy.accumulated_gradient} engine={strategy.config.engine_type}"
@@ -80,7 +83,9 @@ def main() -> None:
     for it in range(args.iterations):
         t0 = time.time()
         prompts = torch.randint(0, model_cfg.vocab_size, (args.prompts_per_rank, 2), generator=g).tolist()
-        sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, n=args.group_size, seed=it * 100 + rank)
+        sp = SamplingParams(
+            max_new_tokens=args.new_tokens, temperature=1.0, n=args.group_size, seed=it * 100 + rank
+        )
         outputs = strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=sp)
         strategy.maybe_sleep_inference_engine()  # the engine's memory goes back to training
         seqs = torch.tensor([o.prompt_token_ids + o.output_token_ids for o in outputs])
@@ -94,17 +99,23 @@ def main() -> None:
             with torch.no_grad():
                 ref_logp = sequence_logprobs(reference, mb, 2)
             kl = logp - ref_logp
-            loss = -(adv[start : start + len(mb)].to(logp.device) * logp).mean() + args.kl_coef * (kl**2).mean()
+            loss = (
+                -(adv[start : start + len(mb)].to(logp.device) * logp).mean() + args.kl_coef * (kl**2).mean()
+            )
             strategy.backward(loss, actor, optim)
             norm = strategy.optimizer_step(optim, actor, sched) or norm
         strategy.update_engine_weights(actor)  # wakes the engine and pushes the new policy
         mean_reward = strategy.all_reduce(float(rewards.mean()), "mean")
         first = mean_reward if it == 0 else first
         last = mean_reward
-        strategy.print(f"iter {it:3d}  reward {mean_reward:.3f}  grad_norm {norm:.3f}  {time.time() - t0:.2f}s")
+        strategy.print(
+            f"iter {it:3d}  reward {mean_reward:.3f}  grad_norm {norm:.3f}  {time.time() - t0:.2f}s"
+        )
     ckpt = strategy.save_ckpt(actor, os.path.join(save_dir, "checkpoints"), client_state={"reward": last})
     strategy.save_model(actor, os.path.join(save_dir, "model"))
-    strategy.print(f"reward {first:.3f} -> {last:.3f}; checkpoint {ckpt}; model {os.path.join(save_dir, 'model')}")
+    strategy.print(
+        f"reward {first:.3f} -> {last:.3f}; checkpoint {ckpt}; model {os.path.join(save_dir, 'model')}"
+    )
     strategy.print(f"skipped steps (non-finite norm): {strategy.skipped_steps}")
     strategy.shutdown()
     if last <= first:

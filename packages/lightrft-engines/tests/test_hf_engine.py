@@ -31,11 +31,17 @@ def test_weights_flow_from_the_strategy_into_generation():
 
 def test_sampling_n_logprobs_and_stop():
     engine = __import__("lightrft.engines", fromlist=["HFEngine"]).HFEngine(model=make_tiny_llama(seed=3))
-    out = engine.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(6, 1.0, n=3, seed=0, logprobs=True))
+    out = engine.generate(
+        prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(6, 1.0, n=3, seed=0, logprobs=True)
+    )
     assert len(out) == 3 and all(len(o.output_token_ids) == 6 for o in out)
     assert all(len(o.logprobs) == 6 and max(o.logprobs) <= 0 for o in out)
-    first = engine.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(6, 0.0))[0].output_token_ids[0]
-    stopped = engine.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(6, 0.0, stop_token_ids=[first]))
+    first = engine.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(6, 0.0))[
+        0
+    ].output_token_ids[0]
+    stopped = engine.generate(
+        prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(6, 0.0, stop_token_ids=[first])
+    )
     assert stopped[0].output_token_ids == [first] and stopped[0].finish_reason == "stop"
 
 

@@ -22,7 +22,9 @@ def _collectives() -> dict:
 
 
 def test_two_ranks():
-    ranks = run_distributed("test_comm:_collectives", world_size=2, env={"PYTHONPATH": __file__.rsplit("/", 1)[0]})
+    ranks = run_distributed(
+        "test_comm:_collectives", world_size=2, env={"PYTHONPATH": __file__.rsplit("/", 1)[0]}
+    )
     for res in ranks:
         assert torch.equal(res["mean_int"], torch.tensor([1.5, 3.0], dtype=torch.float64))
         assert res["max"] == 1.0 and float(res["min"]) == 0.0

@@ -17,7 +17,12 @@ def test_sampler_partitions_and_resumes():
 
 def test_loader_counts_handed_out_batches_and_resumes():
     data = [torch.tensor([i]) for i in range(12)]
-    make = lambda: ResumableDataLoader(data, batch_size=2, sampler=ResumableDistributedSampler(data, 1, 0, seed=1), num_workers=0)  # noqa: E731
+
+    def make():
+        return ResumableDataLoader(
+            data, batch_size=2, sampler=ResumableDistributedSampler(data, 1, 0, seed=1), num_workers=0
+        )
+
     full = [b.flatten().tolist() for b in make()]
     loader = make()
     it = iter(loader)

@@ -27,11 +27,14 @@ def test_design_snippet_runs_verbatim(tmp_path, monkeypatch):
     from lightrft.strategy import StrategyBase, get_fake_strategy, get_strategy  # noqa: F401
     from lightrft.strategy.config import StrategyConfig  # noqa: F401
 
-    strategy = get_strategy(args)            # args: argparse.Namespace, dict, StrategyConfig, any object
+    strategy = get_strategy(args)  # args: argparse.Namespace, dict, StrategyConfig, any object
     dataloader = strategy.setup_dataloader(dataset, 2)
-    (actor, actor_optimizer, actor_scheduler), (critic, critic_optimizer, critic_scheduler), \
-        reward_models, initial_model = strategy.prepare_models_and_optimizers(
-            actor, critic, reward_models, initial_model, args, max_steps)
+    (
+        (actor, actor_optimizer, actor_scheduler),
+        (critic, critic_optimizer, critic_scheduler),
+        reward_models,
+        initial_model,
+    ) = strategy.prepare_models_and_optimizers(actor, critic, reward_models, initial_model, args, max_steps)
     for _epoch in range(4):
         for batch in dataloader:
             loss = compute_loss(batch)

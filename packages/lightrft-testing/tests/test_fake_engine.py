@@ -19,9 +19,13 @@ def test_generation_follows_pushed_weights():
     engine = FakeEngine(model=make_tiny_model(0))
     prompts = [[1, 2, 3]]
     engine.update_weights([_weights(5)])
-    a = engine.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_new_tokens=6, temperature=0.0))
+    a = engine.generate(
+        prompt_token_ids=prompts, sampling_params=SamplingParams(max_new_tokens=6, temperature=0.0)
+    )
     engine.update_weights([_weights(6)])
-    b = engine.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_new_tokens=6, temperature=0.0))
+    b = engine.generate(
+        prompt_token_ids=prompts, sampling_params=SamplingParams(max_new_tokens=6, temperature=0.0)
+    )
     ref = make_tiny_model(5)
     ids = [1, 2, 3]
     with torch.no_grad():
@@ -40,7 +44,9 @@ def test_sampling_is_seeded_and_stops():
     assert [o.output_token_ids for o in a] == [o.output_token_ids for o in b] and len(a) == 2
     assert all(len(o.logprobs) == len(o.output_token_ids) and max(o.logprobs) <= 0 for o in a)
     first = a[0].output_token_ids[0]
-    stopped = engine.generate(prompt_token_ids=[[1]], sampling_params=SamplingParams(8, 1.0, seed=3, stop_token_ids=[first]))
+    stopped = engine.generate(
+        prompt_token_ids=[[1]], sampling_params=SamplingParams(8, 1.0, seed=3, stop_token_ids=[first])
+    )
     assert stopped[0].output_token_ids == [first] and stopped[0].finish_reason == "stop"
 
 

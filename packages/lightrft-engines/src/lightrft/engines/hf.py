@@ -41,9 +41,13 @@ class HFEngine:
                 "HFEngine needs model=: an unsharded Hugging Face model with .generate() (e.g. the policy "
                 "before strategy.prepare); got " + type(model).__name__
             )
-        self.device = torch.device(device) if device is not None else (strategy.device if strategy else torch.device("cpu"))
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else (strategy.device if strategy else torch.device("cpu"))
+        )
         self.dtype = dtype or (strategy.param_dtype if strategy is not None else None)
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model: Any = copy.deepcopy(model).eval().requires_grad_(False)
         if self.dtype is not None:
             self.model.to(self.dtype)
         self.model.to(self.device)
@@ -64,7 +68,9 @@ class HFEngine:
                 if target is None:
                     raise KeyError(f"weight {name!r} is not a parameter of the engine's model")
                 if tuple(target.shape) != tuple(tensor.shape):
-                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}; the engine expects {tuple(target.shape)}")
+                    raise ValueError(
+                        f"weight {name!r} has shape {tuple(tensor.shape)}; the engine expects {tuple(target.shape)}"
+                    )
                 target.copy_(tensor.to(target.device, target.dtype), non_blocking=True)
 
     @torch.no_grad()
@@ -76,11 +82,15 @@ class HFEngine:
         multi_modal_inputs: Sequence[Any] | None = None,
     ) -> list[GenerationOutput]:
         if self.sleeping_level:
-            raise RuntimeError("HFEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first")
+            raise RuntimeError(
+                "HFEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first"
+            )
         if self._discarded:
             raise RuntimeError("HFEngine's weights were freed by sleep(level=2): update_weights() first")
         if multi_modal_inputs is not None:
-            raise NotImplementedError("HFEngine generates text only; use the vllm engine for multimodal inputs")
+            raise NotImplementedError(
+                "HFEngine generates text only; use the vllm engine for multimodal inputs"
+            )
         sp = sampling_params or SamplingParams(temperature=0.0)
         if prompt_token_ids is None:
             if prompts is None or self.tokenizer is None:
@@ -95,7 +105,9 @@ class HFEngine:
             **sp.extra,
         }
         if not sp.greedy:
-            gen_kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else 0)
+            gen_kwargs.update(
+                temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else 0
+            )
         eos = list(sp.stop_token_ids)
         if eos:
             gen_kwargs["eos_token_id"] = eos
@@ -119,14 +131,18 @@ class HFEngine:
                         break
                 logprobs = None
                 if sp.logprobs:
-                    logprobs = [float(torch.log_softmax(s[j].float(), -1)[t]) for s, t in zip(res.scores, toks)]
+                    logprobs = [
+                        float(torch.log_softmax(s[j].float(), -1)[t]) for s, t in zip(res.scores, toks)
+                    ]
                 text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
                 outputs.append(GenerationOutput(list(ids), toks, text, logprobs, finish))
         return outputs
 
     def sleep(self, level: int = 1) -> None:
         if level not in (1, 2):
-            raise ValueError(f"sleep level={level} is invalid: valid are 1 (offload weights) and 2 (free weights)")
+            raise ValueError(
+                f"sleep level={level} is invalid: valid are 1 (offload weights) and 2 (free weights)"
+            )
         if level == 1:
             self.model.to("cpu")
         else:
@@ -143,5 +159,7 @@ class HFEngine:
         self.sleeping_level = 0
 
     def shutdown(self) -> None:
-        self.model = None  # type: ignore[assignment]
+        """Frees the model copy; the engine cannot be used afterwards."""
+        self.model.to("meta")
         self._params = {}
+        self._discarded = True

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,11 @@ class TrainState:
     """Boundaries whose gradient norm was not finite: the optimizer did not step."""
 
     def to_dict(self) -> dict[str, int]:
-        return {"micro_step": self.micro_step, "global_step": self.global_step, "skipped_steps": self.skipped_steps}
+        return {
+            "micro_step": self.micro_step,
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_dict(self, d: dict[str, int]) -> None:
         self.micro_step, self.global_step, self.skipped_steps = (
@@ -171,7 +175,11 @@ class StrategyBase(ABC):
         return comm.broadcast_object(obj, src)
 
     def _comm_device(self) -> torch.device:
-        if comm.is_distributed() and "nccl" in str(dist.get_backend()) and "gloo" not in str(dist.get_backend()):
+        if (
+            comm.is_distributed()
+            and "nccl" in str(dist.get_backend())
+            and "gloo" not in str(dist.get_backend())
+        ):
             return self.device
         return torch.device("cpu") if not torch.cuda.is_available() else self.device
 
@@ -249,8 +257,10 @@ class StrategyBase(ABC):
                     out.append((None, None, None))
                     continue
                 if optimizer is None:
-                    raise ValueError("prepare((model, optimizer, scheduler)): optimizer is None; "
-                                     "pass a frozen model alone: prepare(model)")
+                    raise ValueError(
+                        "prepare((model, optimizer, scheduler)): optimizer is None; "
+                        "pass a frozen model alone: prepare(model)"
+                    )
                 model, optimizer, scheduler = self._prepare_train(model, optimizer, scheduler)
                 self._train_states[id(model)] = TrainState(model, optimizer, scheduler)
                 out.append((model, optimizer, scheduler))
@@ -299,7 +309,7 @@ class StrategyBase(ABC):
         if isinstance(reward_models, (list, tuple)):
             rms: Any = [frozen(m) for m in reward_models]
         else:
-            rms = frozen(reward_models)
+            rms = frozen(cast(nn.Module | None, reward_models))
         return actor_triple, critic_triple, rms, frozen(initial_model)
 
     def train_state(self, model: Any) -> TrainState:
@@ -332,7 +342,9 @@ class StrategyBase(ABC):
         """Backward of one micro-batch loss, scaled by 1 / accumulation steps."""
 
     @abstractmethod
-    def optimizer_step(self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any) -> float | None:
+    def optimizer_step(
+        self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any
+    ) -> float | None:
         """Called after every ``backward``. Steps only at an accumulation boundary; there it clips
         to ``max_norm`` and returns the global L2 gradient norm (before clipping). A non-finite
         norm skips the step (counted in ``skipped_steps``). Returns None between boundaries."""
@@ -346,7 +358,9 @@ class StrategyBase(ABC):
         self.train_state(model)  # misuse check: the model must be prepared
         (loss / self.accumulated_gradient).backward()
 
-    def _native_optimizer_step(self, model: Any, optimizer: Optimizer, scheduler: Any, clip: Any) -> float | None:
+    def _native_optimizer_step(
+        self, model: Any, optimizer: Optimizer, scheduler: Any, clip: Any
+    ) -> float | None:
         """The step of torch-native backends: ``clip(max_norm)`` returns the total norm."""
         st = self.train_state(model)
         st.micro_step += 1
@@ -428,7 +442,9 @@ class StrategyBase(ABC):
             load_optimizer_states=load_optimizer_states and not load_module_only,
             load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
         )
-        client_state = torch.load(path / CLIENT_STATE, weights_only=True) if (path / CLIENT_STATE).exists() else {}
+        client_state = (
+            torch.load(path / CLIENT_STATE, weights_only=True) if (path / CLIENT_STATE).exists() else {}
+        )
         own = path / RANK_STATE.format(rank=self.get_rank())
         first = path / RANK_STATE.format(rank=0)
         rank_file = own if own.exists() else first
@@ -460,7 +476,9 @@ class StrategyBase(ABC):
         """Reads what ``_save_checkpoint`` wrote."""
 
     # ---------------------------------------------------------- model files
-    def save_model(self, model: Any, output_dir: str | os.PathLike, tokenizer: Any = None, **kwargs: Any) -> None:
+    def save_model(
+        self, model: Any, output_dir: str | os.PathLike, tokenizer: Any = None, **kwargs: Any
+    ) -> None:
         """Writes a consolidated Hugging Face directory (safetensors, config, tokenizer) on rank 0."""
         state_dict = self._full_state_dict(model)
         if self.is_rank_0():
@@ -536,14 +554,16 @@ class StrategyBase(ABC):
         """Creates the rollout engine named by ``engine_type`` (``config.engine_type`` by default),
         colocated with training; engines are found through the ``lightrft.engines`` entry points."""
         cls = load_engine_class(engine_type or self.config.engine_type)
-        self.inference_engine = cls(strategy=self, model=model, tokenizer=tokenizer, **kwargs)
+        engine: InferenceEngine = cls(strategy=self, model=model, tokenizer=tokenizer, **kwargs)
+        self.inference_engine = engine
         self._engine_sleeping = False
-        return self.inference_engine
+        return engine
 
     def _engine(self) -> InferenceEngine:
-        if self.inference_engine is None:
+        engine = self.inference_engine
+        if engine is None:
             raise RuntimeError("no inference engine: call strategy.setup_inference_engine(...) first")
-        return self.inference_engine
+        return engine
 
     def update_engine_weights(self, model: Any, bucket_bytes: int | None = None) -> None:
         """Pushes the trained weights into the engine, one bounded bucket at a time."""
@@ -585,7 +605,11 @@ class StrategyBase(ABC):
     def maybe_sleep_inference_engine(self, level: int = 1) -> bool:
         """Puts the engine to sleep (frees its GPU memory for training) when
         ``enable_engine_sleep``; returns whether it sleeps now."""
-        if self.inference_engine is not None and self.config.enable_engine_sleep and not self._engine_sleeping:
+        if (
+            self.inference_engine is not None
+            and self.config.enable_engine_sleep
+            and not self._engine_sleeping
+        ):
             self.inference_engine.sleep(level=level)
             self._engine_sleeping = True
         return self._engine_sleeping
@@ -623,4 +647,3 @@ def _check_weights_only(client_state: dict[str, Any]) -> None:
             f"client_state keys {', '.join(bad) or '?'} cannot be loaded with torch.load(weights_only=True); "
             "use tensors, numbers, strings, lists, tuples and dicts of them"
         ) from e
-

@@ -71,7 +71,9 @@ def resolve_checkpoint(load_dir: str | os.PathLike, tag: str | None) -> Path:
     path = root / validate_tag(tag)
     if not path.is_dir():
         found = [p.name for p in list_checkpoints(root)]
-        raise FileNotFoundError(f"checkpoint tag={tag!r} not found in {str(root)!r}; available: {found or 'none'}")
+        raise FileNotFoundError(
+            f"checkpoint tag={tag!r} not found in {str(root)!r}; available: {found or 'none'}"
+        )
     return path
 
 

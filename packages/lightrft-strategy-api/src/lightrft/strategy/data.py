@@ -26,7 +26,9 @@ class ResumableDistributedSampler(Sampler[int]):
         consumed_samples: int = 0,
     ) -> None:
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank={rank} / num_replicas={num_replicas} is invalid: need 0 <= rank < num_replicas")
+            raise ValueError(
+                f"rank={rank} / num_replicas={num_replicas} is invalid: need 0 <= rank < num_replicas"
+            )
         self.dataset = dataset
         self.num_replicas = num_replicas
         self.rank = rank
@@ -78,7 +80,9 @@ class ResumableDataLoader(DataLoader):
 
     sampler: ResumableDistributedSampler
 
-    def __init__(self, dataset: Any, batch_size: int, sampler: ResumableDistributedSampler, **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: Any, batch_size: int, sampler: ResumableDistributedSampler, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self._global_batch = batch_size * sampler.num_replicas
 

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -63,7 +63,9 @@ def write_hf_directory(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
+        cast(Any, model).save_pretrained(
+            staging, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size
+        )
     else:
         from safetensors.torch import save_file
 

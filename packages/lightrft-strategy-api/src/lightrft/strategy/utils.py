@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -28,8 +28,14 @@ def get_rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
+        kind, keys, pos, has_gauss, gauss = cast(tuple[Any, ...], np.random.get_state())
+        state["numpy"] = [
+            kind,
+            torch.from_numpy(keys.astype("int64")),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ]
     except ImportError:
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     module_name, qualname = target.split(":", 1)
     try:
-        obj = importlib.import_module(module_name)
+        obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
         kwargs = torch.load(tmp / "kwargs.pt", weights_only=True)

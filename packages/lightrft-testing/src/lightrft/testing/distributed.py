@@ -55,7 +55,9 @@ def run_distributed(
         try:
             proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            raise DistributedRunError(f"{target} on {world_size} ranks timed out after {timeout}s\n{_tail(e.stderr)}") from e
+            raise DistributedRunError(
+                f"{target} on {world_size} ranks timed out after {timeout}s\n{_tail(e.stderr)}"
+            ) from e
         results: list[Any] = []
         errors: list[str] = []
         for rank in range(world_size):

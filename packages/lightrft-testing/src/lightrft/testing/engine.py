@@ -25,7 +25,12 @@ class FakeEngine:
     __test__ = False
 
     def __init__(
-        self, strategy: Any = None, model: nn.Module | None = None, tokenizer: Any = None, zero_init: bool = True, **_: Any
+        self,
+        strategy: Any = None,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        zero_init: bool = True,
+        **_: Any,
     ) -> None:
         if model is None:
             raise ValueError("FakeEngine needs model=: an unsharded module of the trained architecture")
@@ -52,10 +57,14 @@ class FakeEngine:
             self.max_bucket_bytes = max(self.max_bucket_bytes, sum(tensor_nbytes(t) for _, t in bucket))
             for name, tensor in bucket:
                 if name not in params:
-                    raise KeyError(f"weight {name!r} is not a parameter of the engine's model; known: {sorted(params)[:8]}...")
+                    raise KeyError(
+                        f"weight {name!r} is not a parameter of the engine's model; known: {sorted(params)[:8]}..."
+                    )
                 target = params[name]
                 if tuple(target.shape) != tuple(tensor.shape):
-                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}; the engine expects {tuple(target.shape)}")
+                    raise ValueError(
+                        f"weight {name!r} has shape {tuple(tensor.shape)}; the engine expects {tuple(target.shape)}"
+                    )
                 target.copy_(tensor.detach().to(target.device, target.dtype))
                 self.names_received.add(name)
         self.updates += 1
@@ -75,9 +84,13 @@ class FakeEngine:
     ) -> list[GenerationOutput]:
         self._check_open()
         if self.sleeping_level:
-            raise RuntimeError("FakeEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first")
+            raise RuntimeError(
+                "FakeEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first"
+            )
         if not self.weights_valid:
-            raise RuntimeError("FakeEngine's weights were discarded by sleep(level=2): update_weights() first")
+            raise RuntimeError(
+                "FakeEngine's weights were discarded by sleep(level=2): update_weights() first"
+            )
         sp = sampling_params or SamplingParams(temperature=0.0)
         if prompt_token_ids is None:
             if prompts is None or self.tokenizer is None:

@@ -95,7 +95,9 @@ class FakeStrategy(StrategyBase):
     def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> None:
         self._native_backward(loss, model)
 
-    def optimizer_step(self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any) -> float | None:
+    def optimizer_step(
+        self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any
+    ) -> float | None:
         params = [p for p in model.parameters() if p.grad is not None]
 
         def clip(max_norm: float) -> float:
@@ -124,7 +126,13 @@ class FakeStrategy(StrategyBase):
         torch.save(state, path / STATE_FILE)
 
     def _load_checkpoint(
-        self, model: Any, path: Path, *, load_module_strict: bool, load_optimizer_states: bool, load_lr_scheduler_states: bool
+        self,
+        model: Any,
+        path: Path,
+        *,
+        load_module_strict: bool,
+        load_optimizer_states: bool,
+        load_lr_scheduler_states: bool,
     ) -> None:
         state = torch.load(path / STATE_FILE, weights_only=True)
         model.load_state_dict(state["model"], strict=load_module_strict)

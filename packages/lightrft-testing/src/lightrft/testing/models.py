@@ -76,7 +76,9 @@ def make_tiny_model(seed: int = 0, config: TinyConfig | None = None) -> TinyCaus
         return TinyCausalLM(config)
 
 
-def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, num_layers: int = 2, **kw: Any) -> Any:
+def make_tiny_llama(
+    seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, num_layers: int = 2, **kw: Any
+) -> Any:
     """A tiny ``LlamaForCausalLM`` built locally (no hub access). Needs transformers."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -98,7 +100,9 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64,
         return LlamaForCausalLM(config)
 
 
-def make_batches(seed: int, num: int, batch_size: int, seq_len: int = 16, vocab_size: int = 64) -> list[torch.Tensor]:
+def make_batches(
+    seed: int, num: int, batch_size: int, seq_len: int = 16, vocab_size: int = 64
+) -> list[torch.Tensor]:
     """``num`` deterministic batches of token ids (independent of the global RNG)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (batch_size, seq_len), generator=g) for _ in range(num)]

@@ -47,7 +47,9 @@ STEPS = 3
 def build(strategy: StrategyBase, seed: int = MODEL_SEED, max_steps: int = 10) -> tuple[Any, Any, Any]:
     """The three-step protocol on a fresh TinyCausalLM."""
     model = strategy.prepare_model(make_tiny_model(seed), is_training=True)
-    optim = strategy.create_optimizer(model, lr=strategy.config.actor_learning_rate, weight_decay=strategy.config.l2)
+    optim = strategy.create_optimizer(
+        model, lr=strategy.config.actor_learning_rate, weight_decay=strategy.config.l2
+    )
     sched = strategy.create_scheduler(optim, max_steps)
     return strategy.prepare((model, optim, sched))
 
@@ -102,7 +104,9 @@ def train_steps(
     return {"losses": losses, "norms": norms, "returned": returned}
 
 
-def loader_steps(strategy: StrategyBase, model: Any, optim: Any, sched: Any, loader: Any, steps: int) -> list[float]:
+def loader_steps(
+    strategy: StrategyBase, model: Any, optim: Any, sched: Any, loader: Any, steps: int
+) -> list[float]:
     """Trains ``steps`` optimizer steps from a dataloader; the loss is scaled by a random factor so
     that the RNG state matters for bit-for-bit resume."""
     losses = []
@@ -142,7 +146,9 @@ def check_accumulation(strategy: StrategyBase) -> dict[str, Any]:
         strategy.backward(loss, model, optim)
         returned.append(strategy.optimizer_step(optim, model, sched))
         now = flat(full_params(strategy, model))
-        changed_midway.append({"micro": i, "boundary_predicted": boundary_predicted, "changed": not torch.equal(before, now)})
+        changed_midway.append(
+            {"micro": i, "boundary_predicted": boundary_predicted, "changed": not torch.equal(before, now)}
+        )
     st = strategy.train_state(model)
     return {
         "accumulated_gradient": strategy.accumulated_gradient,
@@ -159,7 +165,14 @@ def _param_groups(optim: Any) -> list[dict[str, Any]]:
     return list(getattr(inner, "param_groups", getattr(optim, "param_groups", [])))
 
 
-_REDUCTIONS = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce", "all_reduce_coalesced")
+_REDUCTIONS = (
+    "all_reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "reduce",
+    "all_reduce_coalesced",
+)
 
 
 def check_no_sync(strategy: StrategyBase) -> dict[str, Any]:
@@ -192,7 +205,11 @@ def check_no_sync(strategy: StrategyBase) -> dict[str, Any]:
                 setattr(dist, n, fn)
         counts.append({"boundary": boundary, "reductions": calls["n"]})
         strategy.optimizer_step(optim, model, sched)
-    return {"counts": counts, "syncs_only_at_boundary": strategy.syncs_only_at_boundary, "world_size": strategy.world_size}
+    return {
+        "counts": counts,
+        "syncs_only_at_boundary": strategy.syncs_only_at_boundary,
+        "world_size": strategy.world_size,
+    }
 
 
 def check_parity(strategy: StrategyBase) -> dict[str, Any]:
@@ -297,7 +314,9 @@ def check_save_model(strategy: StrategyBase) -> dict[str, Any]:
             saved.update(load_file(str(f)))
         result["files"] = files
         result["missing"] = sorted(set(expected) - set(saved))
-        result["max_diff"] = max(float((saved[k].float() - v).abs().max()) for k, v in expected.items() if k in saved)
+        result["max_diff"] = max(
+            float((saved[k].float() - v).abs().max()) for k, v in expected.items() if k in saved
+        )
     strategy.barrier()
     model2, _, _ = build(strategy, seed=MODEL_SEED + 5)
     strategy.load_model(model2, out)
@@ -409,13 +428,19 @@ def check_misuse(strategy: StrategyBase) -> dict[str, Any]:
 
     model, optim, sched = build(strategy)
     stray = make_tiny_model(0)
-    expect("backward_unprepared", lambda: strategy.backward(causal_lm_loss(stray, torch.zeros(2, 4, dtype=torch.long)), stray, None))
+    expect(
+        "backward_unprepared",
+        lambda: strategy.backward(causal_lm_loss(stray, torch.zeros(2, 4, dtype=torch.long)), stray, None),
+    )
     expect("prepare_bad_tuple", lambda: strategy.prepare((model, optim)))
     expect("bad_tag", lambda: strategy.save_ckpt(model, shared_tmpdir(strategy, "bad"), tag="../escape"))
     root = shared_tmpdir(strategy, "misuse")
     expect("missing_ckpt", lambda: strategy.load_ckpt(model, root / "nothing"))
     strategy.save_ckpt(model, root, tag="good")
-    expect("bad_client_state", lambda: strategy.save_ckpt(model, root, tag="worse", client_state={"fn": object()}))
+    expect(
+        "bad_client_state",
+        lambda: strategy.save_ckpt(model, root, tag="worse", client_state={"fn": object()}),
+    )
     strategy.barrier()
     listing = sorted(p.name for p in root.iterdir())
     latest = (root / LATEST).read_text().strip()
@@ -439,7 +464,9 @@ CHECKS: dict[str, Callable[[StrategyBase], dict[str, Any]]] = {
 }
 
 
-def run_checks(strategy_name: str, config: dict[str, Any] | None = None, checks: list[str] | None = None) -> dict[str, Any]:
+def run_checks(
+    strategy_name: str, config: dict[str, Any] | None = None, checks: list[str] | None = None
+) -> dict[str, Any]:
     """Runs ``checks`` (all by default) against ``get_strategy(strategy=strategy_name, ...)``.
     Returns ``{check: {"ok": True, "result": ...} | {"ok": False, "error": traceback}}``."""
     cfg = {**BASE_CONFIG, **(config or {}), "strategy": strategy_name}

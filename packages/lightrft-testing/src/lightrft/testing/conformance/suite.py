@@ -44,7 +44,11 @@ class StrategyConformanceSuite:
 
     @classmethod
     def _key(cls) -> tuple[Any, ...]:
-        return (cls.strategy_name, cls.world_size, tuple(sorted((k, repr(v)) for k, v in cls.config().items())))
+        return (
+            cls.strategy_name,
+            cls.world_size,
+            tuple(sorted((k, repr(v)) for k, v in cls.config().items())),
+        )
 
     @classmethod
     def all_results(cls) -> list[dict[str, Any]]:
@@ -78,7 +82,9 @@ class StrategyConformanceSuite:
         per_rank = [r[check] for r in self.all_results()]
         errors = [f"rank {i}:\n{r['error']}" for i, r in enumerate(per_rank) if not r["ok"]]
         if errors:
-            pytest.fail(f"check {check!r} failed on {self.strategy_name}:\n" + "\n".join(errors), pytrace=False)
+            pytest.fail(
+                f"check {check!r} failed on {self.strategy_name}:\n" + "\n".join(errors), pytrace=False
+            )
         return [r["result"] for r in per_rank]
 
     @pytest.fixture(autouse=True)
@@ -119,10 +125,14 @@ class StrategyConformanceSuite:
     def test_no_gradient_sync_between_boundaries(self) -> None:
         for r in self.results("no_sync"):
             if not r["syncs_only_at_boundary"]:
-                pytest.skip(f"{self.strategy_name} declares syncs_only_at_boundary=False (reduces every micro-step)")
+                pytest.skip(
+                    f"{self.strategy_name} declares syncs_only_at_boundary=False (reduces every micro-step)"
+                )
             between = [c["reductions"] for c in r["counts"] if not c["boundary"]]
             at = [c["reductions"] for c in r["counts"] if c["boundary"]]
-            assert between and all(n == 0 for n in between), f"gradient reductions between boundaries: {r['counts']}"
+            assert between and all(n == 0 for n in between), (
+                f"gradient reductions between boundaries: {r['counts']}"
+            )
             if r["world_size"] > 1:
                 assert at and all(n > 0 for n in at), f"no gradient reduction at the boundary: {r['counts']}"
 
@@ -149,7 +159,9 @@ class StrategyConformanceSuite:
     def test_fake_matches_hand_written_reference(self) -> None:
         """The reference itself is checked against plain torch, so parity means correctness."""
         fake = self.fake_results()["parity"]["result"]
-        ref = reference_training({**BASE_CONFIG, **{k: v for k, v in self.config_overrides.items() if k in BASE_CONFIG}})
+        ref = reference_training(
+            {**BASE_CONFIG, **{k: v for k, v in self.config_overrides.items() if k in BASE_CONFIG}}
+        )
         assert torch.allclose(torch.tensor(fake["losses"]), torch.tensor(ref["losses"]), atol=1e-6, rtol=1e-5)
         assert torch.allclose(torch.tensor(fake["norms"]), torch.tensor(ref["norms"]), atol=1e-6, rtol=1e-5)
         assert torch.allclose(fake["params"], ref["params"], atol=1e-6, rtol=1e-5)

@@ -7,6 +7,7 @@ import json
 import typing
 
 import pytest
+
 from lightrft.config import StrategyConfig
 
 

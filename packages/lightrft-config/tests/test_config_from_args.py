@@ -9,6 +9,7 @@ import types
 from typing import Any
 
 import pytest
+
 from lightrft.config import ConfigError, StrategyConfig
 
 

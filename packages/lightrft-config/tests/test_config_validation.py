@@ -9,6 +9,7 @@ from typing import Any
 
 import pydantic
 import pytest
+
 from lightrft.config import ConfigError, StrategyConfig
 
 # (field, bad value, the start of the message line, a fragment of what the line says is valid)

@@ -96,8 +96,9 @@ class StrategyConfig(BaseModel):
     grad_accum_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     """DeepSpeed dtype of accumulated gradients; None lets DeepSpeed choose."""
 
-    overlap_comm: bool = False
-    """DeepSpeed: overlap gradient reduction with the backward pass."""
+    overlap_comm: bool | None = None
+    """DeepSpeed: overlap gradient reduction with the backward pass; None keeps DeepSpeed's own
+    default (on at ZeRO-3, off below)."""
 
     deepspeed_config: dict[str, Any] | None = None
     """User DeepSpeed config whose keys override the generated one (on the CLI: a JSON object)."""

@@ -456,7 +456,11 @@ class StrategyBase(ABC):
             for dl, st in zip(self._dataloaders, rank_state["dataloaders"]):
                 dl.load_state_dict(st)
             if rank_state["train_state"] is not None and id(model) in self._train_states:
-                self._train_states[id(model)].load_dict(rank_state["train_state"])
+                st = self._train_states[id(model)]
+                st.load_dict(rank_state["train_state"])
+                # Checkpoints are taken at accumulation boundaries; with another world size the
+                # number of micro-steps per step changes, so count them afresh from the steps.
+                st.micro_step = st.global_step * self.accumulated_gradient
         return str(path), client_state
 
     @abstractmethod

@@ -44,6 +44,25 @@ def _contiguous_unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def original_class_name(model: Any) -> str:
+    """The user's class name: FSDP2 swaps a sharded module's class for a generated ``FSDP<Class>``."""
+    for cls in type(model).__mro__:
+        if not cls.__name__.startswith("FSDP"):
+            return cls.__name__
+    return type(model).__name__
+
+
+def _record_original_class(model: Any, config_file: Path) -> None:
+    """``save_pretrained`` writes ``architectures`` from the (possibly generated) class name."""
+    if not config_file.is_file():
+        return
+    cfg = json.loads(config_file.read_text())
+    name = original_class_name(model)
+    if cfg.get("architectures") not in (None, [name]):
+        cfg["architectures"] = [name]
+        config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def write_hf_directory(
     model: torch.nn.Module,
     state_dict: dict[str, torch.Tensor],
@@ -66,6 +85,7 @@ def write_hf_directory(
         cast(Any, model).save_pretrained(
             staging, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size
         )
+        _record_original_class(model, staging / "config.json")
     else:
         from safetensors.torch import save_file
 

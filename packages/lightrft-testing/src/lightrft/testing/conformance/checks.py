@@ -169,6 +169,7 @@ _REDUCTIONS = (
     "all_reduce",
     "reduce_scatter",
     "reduce_scatter_tensor",
+    "reduce_scatter_single",  # FSDP2's gradient reduce-scatter in newer torch
     "_reduce_scatter_base",
     "reduce",
     "all_reduce_coalesced",

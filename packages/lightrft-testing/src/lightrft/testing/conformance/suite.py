@@ -224,7 +224,8 @@ class StrategyConformanceSuite:
     def test_ema(self) -> None:
         for r in self.results("ema"):
             assert r["moved"] > 1e-4, "training did not move the parameters: the EMA check would be vacuous"
-            assert r["max_diff"] < 1e-6
+            # fp32 EMA is exact up to rounding; a bf16 EMA is held to the parity tolerance.
+            assert r["max_diff"] < (self.atol if self.config()["bf16"] else 1e-6), r["max_diff"]
 
     def test_weight_sync_to_engine(self) -> None:
         for r in self.results("weight_sync"):

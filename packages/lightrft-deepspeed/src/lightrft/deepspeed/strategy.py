@@ -1,0 +1,479 @@
+"""DeepspeedStrategy: the LightRFT Strategy API over DeepSpeed ZeRO stages 0-3.
+
+DeepSpeed itself is imported lazily (in the methods that need it), so importing this module is
+cheap and a missing DeepSpeed fails with a message that says what to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightrft.strategy.base import StrategyBase
+from lightrft.strategy.engine import WeightBucket
+from lightrft.strategy.weights import clean_param_name, plan_buckets
+
+from . import config as ds_config
+
+_ENGINE_TYPES = ("DeepSpeedEngine", "DeepSpeedHybridEngine", "PipelineEngine")
+_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+_GATHER_BUCKET_BYTES = 256 << 20
+"""Parameters gathered at once by save_model / load_model / EMA under ZeRO-3."""
+
+
+def _import_deepspeed() -> Any:
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError(
+            "DeepspeedStrategy needs DeepSpeed: `uv add lightrft-deepspeed` (or `pip install deepspeed`)"
+        ) from e
+    return deepspeed
+
+
+def _is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    return int(p.ds_numel) if _is_zero3_param(p) else p.numel()  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def _gathered(
+    params: list[nn.Parameter], modifier_rank: int | None = None
+) -> contextlib.AbstractContextManager[Any]:
+    """Gathers ZeRO-3 partitioned ``params`` (a no-op for ordinary ones); with ``modifier_rank``
+    the values written there are broadcast and re-partitioned at exit."""
+    zero3 = [p for p in params if _is_zero3_param(p)]
+    if not zero3:
+        return contextlib.nullcontext()
+    deepspeed = _import_deepspeed()
+    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank)
+
+
+class DeepspeedStrategy(StrategyBase):
+    """DeepSpeed ZeRO 0-3 behind the LightRFT Strategy API.
+
+    Trained models become ``DeepSpeedEngine`` objects in :meth:`prepare` (ZeRO stage
+    ``config.zero_stage``); frozen models become evaluation engines at ZeRO-3 when training uses
+    ZeRO-3, otherwise ZeRO-0. The DeepSpeed config is generated from the StrategyConfig
+    (:mod:`lightrft.deepspeed.config`) and ``config.deepspeed_config`` may add to it.
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, config: Any = None, *, args: Any = None, **overrides: Any) -> None:
+        super().__init__(config, args=args, **overrides)
+        self.stage: int = self.config.zero_stage
+        self._engines: list[Any] = []
+
+    # ------------------------------------------------------------------ properties
+    @property  # type: ignore[override]
+    def syncs_only_at_boundary(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        """ZeRO-0/1 all-reduce gradients at accumulation boundaries only; ZeRO-2/3 reduce-scatter
+        every micro-step's gradients into their partitions (that is what saves the memory)."""
+        return self.stage < 2
+
+    @property
+    def param_offload(self) -> bool:
+        """ZeRO-3 parameter offload of trained models (extra arg ``param_offload``)."""
+        return bool(self.get_extra_arg("param_offload", False))
+
+    @property
+    def eval_param_offload(self) -> bool:
+        """ZeRO-3 parameter offload of frozen models (extra arg ``ref_reward_offload``)."""
+        return bool(self.get_extra_arg("ref_reward_offload", False)) and ds_config.eval_stage(self.stage) == 3
+
+    def get_ds_train_config(self) -> dict[str, Any]:
+        """The DeepSpeed config dict of trained models."""
+        return ds_config.train_config(self.config, self.world_size, param_offload=self.param_offload)
+
+    def get_ds_eval_config(self) -> dict[str, Any]:
+        """The DeepSpeed config dict of frozen models."""
+        return ds_config.eval_config(self.config, self.world_size, param_offload=self.eval_param_offload)
+
+    # ------------------------------------------------------------------ distributed
+    def setup_distributed(self, timeout: timedelta | None = None) -> None:
+        deepspeed = _import_deepspeed()
+        self._init_process_group(timeout)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            auto_mpi_discovery=False,
+            timeout=timeout or timedelta(minutes=30),
+        )
+        self._set_accumulation()
+        # Validate the generated configs (and the user's deepspeed_config) before any model exists.
+        self.get_ds_train_config()
+        self.get_ds_eval_config()
+
+    def shutdown(self) -> None:
+        """Destroys every engine this strategy built, then the process group it created."""
+        for engine in self._engines:
+            with contextlib.suppress(Exception):
+                engine.destroy()
+        self._engines.clear()
+        self._train_states.clear()
+        super().shutdown()
+
+    # ------------------------------------------------------------------ models
+    def init_model_context(self, meta_init: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """Under ZeRO-3, ``deepspeed.zero.Init``: parameters are partitioned as modules are built.
+
+        transformers' modeling code is imported first: zero.Init wraps the ``__init__`` of module
+        classes defined while it is active, and transformers' lazily imported classes then fail with
+        a signature mismatch."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        deepspeed = _import_deepspeed()
+        with contextlib.suppress(ImportError):
+            import transformers.modeling_utils  # noqa: F401
+
+        return deepspeed.zero.Init(config_dict_or_path=self.get_ds_train_config())
+
+    def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
+        """AdamW with decay on weights only: DeepSpeedCPUAdam with ``adam_offload``, FusedAdam on
+        CUDA, ``torch.optim.AdamW`` on CPU."""
+        weight_decay = kwargs.pop("weight_decay", self.config.l2)
+        kwargs.setdefault("lr", self.config.actor_learning_rate)
+        kwargs.setdefault("betas", tuple(self.config.adam_betas))
+        kwargs.setdefault("eps", self.config.adam_eps)
+        groups = self.optimizer_grouped_parameters(self.unwrap_model(model), weight_decay)
+        if self.config.adam_offload:
+            _import_deepspeed()
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        if torch.cuda.is_available():
+            _import_deepspeed()
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
+
+    def _prepare_train(self, model: nn.Module, optimizer: Optimizer, scheduler: Any) -> tuple[Any, Any, Any]:
+        deepspeed = _import_deepspeed()
+        enable_checkpointing = getattr(model, "gradient_checkpointing_enable", None)
+        if self.config.gradient_checkpointing and callable(enable_checkpointing):
+            enable_checkpointing(gradient_checkpointing_kwargs={"use_reentrant": False})
+        engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.get_ds_train_config()
+        )
+        engine.train()
+        _capture_norm_on_host(engine.optimizer)
+        self._engines.append(engine)
+        return engine, ds_optimizer, ds_scheduler
+
+    def _prepare_eval(self, model: nn.Module) -> Any:
+        deepspeed = _import_deepspeed()
+        model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=self.get_ds_eval_config())
+        engine.eval()
+        self._engines.append(engine)
+        return engine
+
+    def unwrap_model(self, model: Any) -> nn.Module:
+        while type(model).__name__ in _ENGINE_TYPES or _is_deepspeed_engine(model):
+            model = model.module
+        return super().unwrap_model(model)
+
+    # ------------------------------------------------------------------ training
+    def _engine_of(self, model: Any) -> Any:
+        if not _is_deepspeed_engine(model):
+            raise ValueError(
+                f"{type(model).__name__} is not a DeepSpeed engine: pass the model that "
+                "strategy.prepare(...) returned"
+            )
+        return model
+
+    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> None:
+        """``engine.backward``: scales the loss by 1 / accumulation steps itself."""
+        self.train_state(model)
+        model.backward(loss)
+
+    def optimizer_step(
+        self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any
+    ) -> float | None:
+        st = self.train_state(model)
+        engine = self._engine_of(model)
+        st.micro_step += 1
+        if st.micro_step % self.accumulated_gradient != 0:
+            engine.step()  # counts the micro-step; no update between boundaries
+            return None
+        norm: float | None = None
+        if not hasattr(engine.optimizer, "_global_grad_norm"):
+            # ZeRO-0 in fp32 runs the client optimizer bare: DeepSpeed clips but neither returns
+            # the norm nor skips a non-finite one. Gradients are all-reduced by now (boundary).
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            norm = _grad_norm(params)
+            with _skip_if(engine.optimizer, not math.isfinite(norm), params):
+                engine.step()
+        else:
+            engine.step()
+        st.global_step += 1
+        if norm is None:
+            # ZeRO / bf16 optimizers compute the global norm and skip the step themselves when it
+            # is not finite (their norm is then inf).
+            norm = _read_norm(engine)
+        if not math.isfinite(norm):
+            st.skipped_steps += 1
+        return norm
+
+    @torch.no_grad()
+    def moving_average(self, model: Any, model_ema: Any, beta: float = 0.992, device: str = "cpu") -> None:
+        """``ema = beta * ema + (1 - beta) * model`` over every trainable parameter, matched by
+        name; under ZeRO-3 both sides are gathered a bucket at a time and the EMA re-partitioned."""
+        src = self.unwrap_model(model)
+        ema_params = dict(self.unwrap_model(model_ema).named_parameters())
+        pairs = [(p, ema_params[name]) for name, p in src.named_parameters() if p.requires_grad]
+        sizes = [(str(i), _full_numel(p) * p.element_size()) for i, (p, _) in enumerate(pairs)]
+        for bucket in plan_buckets(sizes, _GATHER_BUCKET_BYTES):
+            chunk = [pairs[int(i)] for i in bucket]
+            with _gathered([p for p, _ in chunk]), _gathered([e for _, e in chunk], modifier_rank=0):
+                for p, e in chunk:
+                    e.data.copy_((beta * e.data.to(p.device) + (1 - beta) * p.data).to(e.device))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: Any, path: Path) -> None:
+        engine = self._engine_of(model)
+        engine.save_checkpoint(str(path.parent), tag=path.name, client_state={}, save_latest=False)
+        if self.is_rank_0():
+            # DeepSpeed copies its offline consolidation scripts next to the checkpoint
+            # directories (into save_dir); keep them inside this checkpoint instead.
+            for script in _RECOVERY_SCRIPTS:
+                if (path.parent / script).is_file():
+                    os.replace(path.parent / script, path / script)
+
+    def _load_checkpoint(
+        self,
+        model: Any,
+        path: Path,
+        *,
+        load_module_strict: bool,
+        load_optimizer_states: bool,
+        load_lr_scheduler_states: bool,
+    ) -> None:
+        engine = self._engine_of(model)
+        loaded, _ = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_module_strict=load_module_strict,
+            load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states,
+        )
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(path)!r}")
+
+    def load_ckpt(
+        self, model: Any, load_dir: Any, tag: str | None = None, **kwargs: Any
+    ) -> tuple[str, dict[str, Any]]:
+        path, client_state = super().load_ckpt(model, load_dir, tag, **kwargs)
+        st = self._train_states.get(id(model))
+        if st is not None:
+            # DeepSpeed restores global/skipped steps but not its micro-step counter, which
+            # decides the accumulation boundary: follow the restored TrainState.
+            model.micro_steps = st.micro_step
+        return path, client_state
+
+    # ------------------------------------------------------------------ full weights
+    def _full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
+        module = self.unwrap_model(model)
+        rank0 = self.is_rank_0()
+        if not _has_zero3_params(module):
+            if not rank0:
+                return None
+            return {clean_param_name(k): v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        keys = list(module.state_dict().keys())
+        tensors = _named_tensors(module)
+        out: dict[str, torch.Tensor] = {}
+        copies: dict[int, torch.Tensor] = {}  # tied parameters: one copy, several names
+        for bucket in self._plan(keys, tensors, _GATHER_BUCKET_BYTES):
+            params = [tensors[k] for k in bucket]
+            with _gathered([p for p in params if isinstance(p, nn.Parameter)]):
+                if rank0:
+                    for k, t in zip(bucket, params):
+                        if id(t) not in copies:
+                            copies[id(t)] = t.detach().cpu().clone()
+                        out[clean_param_name(k)] = copies[id(t)]
+        return out if rank0 else None
+
+    def _load_full_state_dict(self, model: Any, state_dict: dict[str, torch.Tensor], strict: bool) -> None:
+        module = self.unwrap_model(model)
+        if not _has_zero3_params(module):
+            module.load_state_dict(state_dict, strict=strict)
+        else:
+            expected = {clean_param_name(k): k for k in module.state_dict().keys()}
+            missing = [k for k in expected if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in expected]
+            if strict and (missing or unexpected):
+                raise RuntimeError(
+                    f"load_model(strict=True) into {type(module).__name__}: missing keys {missing}, "
+                    f"unexpected keys {unexpected}"
+                )
+            tensors = _named_tensors(module)
+            present = [expected[k] for k in expected if k in state_dict]
+            with torch.no_grad():
+                for bucket in self._plan(present, tensors, _GATHER_BUCKET_BYTES):
+                    params = [tensors[k] for k in bucket]
+                    with _gathered([p for p in params if isinstance(p, nn.Parameter)], modifier_rank=0):
+                        for k, t in zip(bucket, params):
+                            src = state_dict[clean_param_name(k)]
+                            if src.shape != t.shape:
+                                raise RuntimeError(
+                                    f"load_model: {clean_param_name(k)!r} has shape {tuple(src.shape)} in the "
+                                    f"file and {tuple(t.shape)} in the model"
+                                )
+                            t.data.copy_(src.to(device=t.device, dtype=t.dtype))
+        optimizer = getattr(model, "optimizer", None) if _is_deepspeed_engine(model) else None
+        if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
+            # ZeRO / bf16 optimizers step fp32 master copies: take the loaded weights into them.
+            optimizer.refresh_fp32_params()
+
+    @staticmethod
+    def _plan(names: list[str], tensors: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
+        return plan_buckets(
+            ((n, _full_numel(tensors[n]) * tensors[n].element_size()) for n in names), bucket_bytes
+        )
+
+    def _iter_full_parameters(self, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self.unwrap_model(model).named_parameters():
+            if _is_zero3_param(p):
+                with _gathered([p]):
+                    full = p.detach().clone()
+                yield name, full
+            else:
+                yield name, p.detach()
+
+    def iter_weight_buckets(self, model: Any, bucket_bytes: int | None = None) -> Iterator[WeightBucket]:
+        """Full parameters in buckets of at most ``bucket_bytes`` (one larger tensor alone). Under
+        ZeRO-3 the buckets are planned from the full sizes (``ds_numel``) and each is gathered
+        with one ``GatheredParameters``, copied, and released before the next: never the whole
+        model at once."""
+        module = self.unwrap_model(model)
+        if not _has_zero3_params(module):
+            return super().iter_weight_buckets(model, bucket_bytes)
+        size = bucket_bytes or self.config.weight_sync_bucket_mb << 20
+        return self._iter_zero3_buckets(module, size)
+
+    def _iter_zero3_buckets(self, module: nn.Module, bucket_bytes: int) -> Iterator[WeightBucket]:
+        named = dict(module.named_parameters())
+        for bucket in self._plan(list(named), named, bucket_bytes):
+            params = [named[n] for n in bucket]
+            with _gathered(params):
+                out = [(clean_param_name(n), p.detach().clone()) for n, p in zip(bucket, params)]
+            yield out
+
+
+def _is_deepspeed_engine(model: Any) -> bool:
+    if type(model).__name__ in _ENGINE_TYPES:
+        return True
+    import sys
+
+    engine_mod = sys.modules.get("deepspeed.runtime.engine")
+    return engine_mod is not None and isinstance(model, engine_mod.DeepSpeedEngine)
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by (possibly repeated, for tied weights) state-dict name."""
+    out: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _has_zero3_params(module: nn.Module) -> bool:
+    return any(_is_zero3_param(p) for p in module.parameters())
+
+
+class _NormOnHost:
+    """Descriptor of ``_global_grad_norm`` on DeepSpeed's optimizer: when DeepSpeed stores the
+    norm (right after computing it, before the optimizer kernels), it is copied to pinned host
+    memory in stream order and an event recorded. ``optimizer_step`` then waits for that event
+    only, not for the whole step: a plain ``float(norm)`` after ``engine.step()`` would drain the
+    GPU queue and leave the GPU idle while the next forward is launched (~5% at ZeRO-2)."""
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.get("_global_grad_norm")
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__["_global_grad_norm"] = value
+        if torch.is_tensor(value) and value.is_cuda and value.numel() == 1:
+            host = obj.__dict__.get("_lightrft_host_norm")
+            if host is None or host.dtype != value.dtype:
+                host = torch.empty((), dtype=value.dtype, pin_memory=True)
+                obj.__dict__["_lightrft_host_norm"] = host
+            host.copy_(value.detach().reshape(()), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            obj.__dict__["_lightrft_norm_event"] = (value, event)
+        else:
+            obj.__dict__["_lightrft_norm_event"] = None
+
+
+_NORM_CLASSES: dict[type, type] = {}
+
+
+def _capture_norm_on_host(optimizer: Any) -> None:
+    """Gives DeepSpeed's optimizer object a subclass (same name) whose ``_global_grad_norm`` is
+    a :class:`_NormOnHost`; the optimizer is otherwise unchanged."""
+    if optimizer is None or not hasattr(optimizer, "_global_grad_norm") or not torch.cuda.is_available():
+        return
+    cls = type(optimizer)
+    if isinstance(cls.__dict__.get("_global_grad_norm"), _NormOnHost):
+        return
+    if cls not in _NORM_CLASSES:
+        _NORM_CLASSES[cls] = type(cls.__name__, (cls,), {"_global_grad_norm": _NormOnHost()})
+    current = optimizer.__dict__.pop("_global_grad_norm", None)
+    optimizer.__class__ = _NORM_CLASSES[cls]
+    optimizer._global_grad_norm = current
+
+
+def _read_norm(engine: Any) -> float:
+    """The norm of the step that just ran, as a float (the same on every rank)."""
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return math.nan
+    captured = getattr(engine.optimizer, "__dict__", {}).get("_lightrft_norm_event")
+    if captured is not None and captured[0] is value:
+        captured[1].synchronize()
+        return float(engine.optimizer.__dict__["_lightrft_host_norm"])
+    return float(value)
+
+
+@contextlib.contextmanager
+def _skip_if(optimizer: Optimizer, skip: bool, params: list[nn.Parameter]) -> Iterator[None]:
+    """Makes ``engine.step()`` a counted skip for a bare client optimizer: its ``step`` does
+    nothing and ``overflow`` tells DeepSpeed to count the skip and leave the LR scheduler alone.
+    Gradients are zeroed (DeepSpeed clips them before stepping and cannot clip no gradients)."""
+    optimizer.overflow = skip  # type: ignore[attr-defined]
+    if not skip:
+        yield
+        return
+    for p in params:
+        p.grad.zero_()  # type: ignore[union-attr]
+    optimizer.step = _no_step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del optimizer.step
+        optimizer.overflow = False  # type: ignore[attr-defined]
+
+
+def _no_step(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads, 2.0))

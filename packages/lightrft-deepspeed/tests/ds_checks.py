@@ -1,0 +1,272 @@
+"""DeepSpeed-specific checks, run inside every rank of one torchrun launch.
+
+Each check measures and returns numbers; the assertions are in ``test_distributed.py``. One launch
+runs them all (DeepSpeed's import and engine set-up dominate a launch), each on a strategy of its
+own ZeRO stage; a failing check reports its traceback without hiding the others.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightrft.deepspeed import DeepspeedStrategy
+from lightrft.deepspeed import strategy as ds_strategy
+from lightrft.testing.conformance import checks as conf
+from lightrft.testing.models import make_batches, make_tiny_llama
+
+CONFIG: dict[str, Any] = {**conf.BASE_CONFIG, "bf16": False}
+#: Partition every parameter under ZeRO-3 (DeepSpeed keeps small ones whole by default).
+ZERO3_ALL_PARTITIONED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+LLAMA_VOCAB = 128
+
+
+def make_strategy(stage: int, **overrides: Any) -> DeepspeedStrategy:
+    cfg = {**CONFIG, "zero_stage": stage, **overrides}
+    if stage == 3 and "deepspeed_config" not in overrides:
+        cfg["deepspeed_config"] = ZERO3_ALL_PARTITIONED
+    strategy = DeepspeedStrategy(cfg)
+    strategy.setup_distributed()
+    return strategy
+
+
+def _llama_ids(strategy: DeepspeedStrategy) -> torch.Tensor:
+    return make_batches(5, 1, 2, seq_len=12, vocab_size=LLAMA_VOCAB)[0].to(strategy.device)
+
+
+def _train_llama(strategy: DeepspeedStrategy, model: Any, steps: int = 1) -> tuple[Any, Any, Any]:
+    optim = strategy.create_optimizer(model, lr=1e-2, weight_decay=0.01)
+    sched = strategy.create_scheduler(optim, 10)
+    engine, optim, sched = strategy.prepare((model, optim, sched))
+    for gb in make_batches(11, steps, strategy.config.train_batch_size, seq_len=12, vocab_size=LLAMA_VOCAB):
+        for mb in conf.rank_share(strategy, gb):
+            mb = mb.to(strategy.device)
+            loss = engine(mb, labels=mb).loss
+            strategy.backward(loss, engine, optim)
+            strategy.optimizer_step(optim, engine, sched)
+    return engine, optim, sched
+
+
+def _shared_dir(strategy: DeepspeedStrategy, name: str) -> Path:
+    return conf.shared_tmpdir(strategy, name)
+
+
+def _cleanup(strategy: DeepspeedStrategy, root: Path) -> None:
+    strategy.barrier()
+    if strategy.is_rank_0():
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ checks
+def check_hf_save_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """Trains a tiny Llama one step, saves it, reloads it with transformers' AutoModelForCausalLM:
+    the logits must equal the trained model's."""
+    from transformers import AutoModelForCausalLM
+
+    root = _shared_dir(strategy, "hf-save")
+    with strategy.init_model_context():
+        model = make_tiny_llama(seed=3, vocab_size=LLAMA_VOCAB)
+    engine, _, _ = _train_llama(strategy, model)
+    ids = _llama_ids(strategy)
+    engine.eval()
+    with torch.no_grad():
+        trained_logits = engine(ids).logits.float()
+    strategy.save_model(engine, root / "hf")
+    # Every rank loads (transformers may run collectives of its own when a process group exists).
+    loaded = AutoModelForCausalLM.from_pretrained(str(root / "hf"))
+    loaded.to(device=strategy.device, dtype=strategy.param_dtype).eval()
+    with torch.no_grad():
+        logits = loaded(ids).logits.float()
+    out: dict[str, Any] = {
+        "stage": strategy.stage,
+        "files": sorted(p.name for p in (root / "hf").iterdir()),
+        "max_diff": float((logits - trained_logits).abs().max()),
+    }
+    _cleanup(strategy, root)
+    return out
+
+
+def check_zero_init_load_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """zero.Init builds a partitioned tiny Llama (transformers imported for the first time inside
+    the context); load_model fills it from a saved reference: its logits (gathered in forward)
+    must equal the reference's."""
+    import sys
+
+    transformers_was_imported = "transformers" in sys.modules
+    with strategy.init_model_context():
+        model = make_tiny_llama(seed=22, vocab_size=LLAMA_VOCAB)
+    partitioned = [n for n, p in model.named_parameters() if hasattr(p, "ds_id") and p.numel() == 0]
+    root = _shared_dir(strategy, "hf-load")
+    reference = make_tiny_llama(seed=21, vocab_size=LLAMA_VOCAB)
+    own = root / f"ref{strategy.get_rank()}"  # every rank saves (symmetric), each its own copy
+    reference.save_pretrained(str(own))
+    strategy.barrier()
+    strategy.load_model(model, root / "ref0")
+    ids = _llama_ids(strategy)
+    engine = strategy.prepare(model)  # frozen: evaluation engine (ZeRO-3 under ZeRO-3 training)
+    with torch.no_grad():
+        got = engine(ids).logits.float()
+        want = reference.to(strategy.device)(ids).logits.float()
+    _cleanup(strategy, root)
+    return {
+        "transformers_was_imported": transformers_was_imported,
+        "partitioned": len(partitioned),
+        "num_params": len(list(model.parameters())),
+        "max_diff": float((got - want).abs().max()),
+    }
+
+
+def check_skip_keeps_optimizer_state(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """A non-finite norm leaves parameters, optimizer state (master weights, Adam moments, step)
+    and the learning-rate schedule untouched; the step is counted in skipped_steps."""
+    engine, optim, sched = conf.build(strategy)
+    batches = make_batches(conf.DATA_SEED, 3, strategy.config.train_batch_size)
+    conf.train_steps(strategy, engine, optim, sched, batches[:1])
+
+    def snapshot() -> list[torch.Tensor]:
+        inner = engine.basic_optimizer
+        out = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
+        for state in inner.state.values():
+            out += [
+                v.detach().clone() if torch.is_tensor(v) else torch.tensor(float(v)) for v in state.values()
+            ]
+        return out + [conf.flat(conf.full_params(strategy, engine))]
+
+    before, lr_before, epoch_before = snapshot(), sched.get_last_lr(), sched.last_epoch
+    bad = conf.train_steps(
+        strategy, engine, optim, sched, batches[1:2], loss_hook=lambda loss: loss * math.inf
+    )
+    after = snapshot()
+    lr_after_bad, epoch_after_bad = sched.get_last_lr(), sched.last_epoch
+    good = conf.train_steps(strategy, engine, optim, sched, batches[2:3])
+    return {
+        "stage": strategy.stage,
+        "bad_norm": bad["norms"][0],
+        "state_tensors": len(before),
+        "unchanged": len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)),
+        "lr_before": lr_before,
+        "lr_after_bad": lr_after_bad,
+        "epoch_before": epoch_before,
+        "epoch_after_bad": epoch_after_bad,
+        "epoch_after_good": sched.last_epoch,
+        "skipped": strategy.skipped_steps,
+        "engine_skipped": engine.skipped_steps,
+        "good_norm": good["norms"][0],
+    }
+
+
+def check_zero3_buckets_bounded(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """Weight sync under ZeRO-3 gathers one planned bucket at a time: the bytes gathered at once
+    never exceed max(bucket_bytes, largest tensor), and the buckets hold every full parameter."""
+    engine, optim, sched = conf.build(strategy)
+    conf.train_steps(strategy, engine, optim, sched, make_batches(conf.DATA_SEED, 1, 8))
+    gathered: list[int] = []
+    original = ds_strategy._gathered
+
+    def recording(params: list[Any], modifier_rank: int | None = None) -> Any:
+        gathered.append(sum(int(p.ds_numel) * p.element_size() for p in params if hasattr(p, "ds_id")))
+        return original(params, modifier_rank)
+
+    ds_strategy._gathered = recording  # type: ignore[assignment]
+    try:
+        bucket_bytes = 8192
+        buckets = [[(n, t.clone()) for n, t in b] for b in strategy.iter_weight_buckets(engine, bucket_bytes)]
+    finally:
+        ds_strategy._gathered = original  # type: ignore[assignment]
+    module = strategy.unwrap_model(engine)
+    sizes = {n: int(p.ds_numel) * p.element_size() for n, p in module.named_parameters()}
+    full = strategy._full_state_dict(engine)
+    names = [n for b in buckets for n, _ in b]
+    out: dict[str, Any] = {
+        "bucket_bytes": bucket_bytes,
+        "largest": max(sizes.values()),
+        "total": sum(sizes.values()),
+        "max_gathered": max(gathered),
+        "num_gathers": len(gathered),
+        "num_buckets": len(buckets),
+        "names": sorted(names),
+        "expected_names": sorted(sizes),
+        "local_numel": sum(p.numel() for p in module.parameters()),
+    }
+    if full is not None:
+        out["max_diff"] = max(float((t - full[n]).abs().max()) for b in buckets for n, t in b)
+    return out
+
+
+def check_parity(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """The conformance suite's parity run (3 optimizer steps with accumulation and clipping)."""
+    return {"stage": strategy.stage, **conf.check_parity(strategy)}
+
+
+def check_fsdp_reference(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """The same parity run on FSDPV2Strategy, in the same process group."""
+    from lightrft.fsdp.strategy import FSDPV2Strategy
+
+    fsdp = FSDPV2Strategy({**CONFIG, "strategy": "fsdp"})
+    fsdp.setup_distributed()
+    return conf.check_parity(fsdp)
+
+
+def check_gpu_bf16_training(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """bf16 on CUDA: the optimizer is FusedAdam and losses fall over a few steps."""
+    engine, optim, sched = conf.build(strategy)
+    batch = make_batches(conf.DATA_SEED, 1, strategy.config.train_batch_size)[0]
+    run = conf.train_steps(strategy, engine, optim, sched, [batch] * 6)
+    return {
+        "basic_optimizer": type(engine.basic_optimizer).__name__,
+        "param_dtype": str(next(strategy.unwrap_model(engine).parameters()).dtype),
+        "losses": run["losses"],
+        "norms": run["norms"],
+    }
+
+
+# ------------------------------------------------------------------ runner
+CHECKS: dict[str, tuple[int, Callable[[DeepspeedStrategy], dict[str, Any]], dict[str, Any]]] = {
+    # First: transformers must not be imported yet (zero.Init's signature-mismatch trap).
+    "zero_init_load_model": (3, check_zero_init_load_model, {}),
+    "hf_save_zero0": (0, check_hf_save_model, {}),
+    "hf_save_zero2": (2, check_hf_save_model, {}),
+    "hf_save_zero3": (3, check_hf_save_model, {}),
+    "skip_state_zero0": (0, check_skip_keeps_optimizer_state, {}),
+    "skip_state_zero2": (2, check_skip_keeps_optimizer_state, {}),
+    "skip_state_zero3": (3, check_skip_keeps_optimizer_state, {}),
+    "zero3_buckets": (3, check_zero3_buckets_bounded, {}),
+    "parity_zero0": (0, check_parity, {}),
+    "parity_zero1": (1, check_parity, {}),
+    "parity_zero2": (2, check_parity, {}),
+    "parity_zero3": (3, check_parity, {}),
+    "fsdp_reference": (0, check_fsdp_reference, {}),
+    "gpu_training_zero2": (2, check_gpu_bf16_training, {}),
+    "gpu_training_zero3": (3, check_gpu_bf16_training, {}),
+}
+#: The checks of the CPU run (gloo, fp32).
+CPU_CHECKS = [name for name in CHECKS if not name.startswith("gpu_")]
+#: The checks of the GPU run (NCCL, bf16 where it applies).
+GPU_CHECKS = ["zero_init_load_model", "hf_save_zero2", "hf_save_zero3", "skip_state_zero2", "skip_state_zero3",
+              "zero3_buckets", "gpu_training_zero2", "gpu_training_zero3"]  # fmt: skip
+
+
+def run(names: list[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs the named checks (all by default) in this rank; ``{name: {"ok", "result"|"error"}}``."""
+    results: dict[str, Any] = {}
+    strategies = []
+    for name in names or CPU_CHECKS:
+        stage, fn, extra = CHECKS[name]
+        try:
+            strategy = make_strategy(stage, **extra, **(overrides or {}))
+            strategies.append(strategy)
+            results[name] = {"ok": True, "result": conf._plain(fn(strategy))}
+        except Exception:
+            results[name] = {"ok": False, "error": traceback.format_exc()}
+            if dist.is_initialized():
+                dist.barrier()
+    for strategy in reversed(strategies):  # the first one owns the process group
+        strategy.shutdown()
+    return results

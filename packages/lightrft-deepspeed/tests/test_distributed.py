@@ -1,0 +1,119 @@
+"""DeepSpeed-specific behaviour on 2 gloo ranks (CPU, fp32), all from one torchrun launch.
+
+The shared conformance suite (``test_conformance.py``) covers the common contract at ZeRO 1-3;
+these tests add ZeRO-0, Hugging Face round trips, zero.Init, the skip path's optimizer state,
+bounded ZeRO-3 gathering, parity with FSDPV2Strategy and a clean ZeRO-3 exit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from lightrft.testing import run_distributed
+
+pytest.importorskip("transformers")
+
+_RESULTS: list[dict[str, Any]] = []
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict[str, Any]]:
+    if not _RESULTS:
+        # run_distributed raises unless every rank (ZeRO-3 engines included) exits with code 0.
+        _RESULTS.extend(run_distributed("ds_checks:run", world_size=2, timeout=600))
+    return _RESULTS
+
+
+def result(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    per_rank = [r[name] for r in ranks]
+    errors = [f"rank {i}:\n{r['error']}" for i, r in enumerate(per_rank) if not r["ok"]]
+    if errors:
+        pytest.fail(f"check {name!r} failed:\n" + "\n".join(errors), pytrace=False)
+    return [r["result"] for r in per_rank]
+
+
+def fake_parity() -> dict[str, Any]:
+    from lightrft.testing.conformance import run_checks
+
+    out = run_checks("fake", {"bf16": False}, checks=["parity"])["parity"]
+    assert out["ok"], out.get("error")
+    return out["result"]
+
+
+def test_zero3_processes_exit_cleanly(ranks: list[dict[str, Any]]) -> None:
+    # The launch built ZeRO-3 engines (training and evaluation); reaching here means torchrun
+    # saw exit code 0 on both ranks (no "terminate called without an active exception").
+    assert len(ranks) == 2
+    assert all(r["skip_state_zero3"]["ok"] and r["zero3_buckets"]["ok"] for r in ranks)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_save_model_loads_in_transformers_with_identical_logits(
+    ranks: list[dict[str, Any]], stage: int
+) -> None:
+    for r in result(ranks, f"hf_save_zero{stage}"):
+        assert "model.safetensors" in r["files"] and "config.json" in r["files"]
+        assert r["max_diff"] == 0.0
+
+
+def test_zero_init_then_load_model(ranks: list[dict[str, Any]]) -> None:
+    for r in result(ranks, "zero_init_load_model"):
+        assert r["transformers_was_imported"] is False, "the check must import transformers inside zero.Init"
+        assert r["partitioned"] == r["num_params"] == 21  # every parameter partitioned by zero.Init
+        assert r["max_diff"] == 0.0
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_non_finite_norm_keeps_optimizer_state(ranks: list[dict[str, Any]], stage: int) -> None:
+    for r in result(ranks, f"skip_state_zero{stage}"):
+        assert not math.isfinite(r["bad_norm"])
+        assert r["state_tensors"] > 0 and r["unchanged"], (
+            "master weights / Adam state moved on a skipped step"
+        )
+        assert r["lr_after_bad"] == r["lr_before"] and r["epoch_after_bad"] == r["epoch_before"]
+        assert r["epoch_after_good"] == r["epoch_before"] + 1
+        assert r["skipped"] == 1 and r["engine_skipped"] == 1
+        assert math.isfinite(r["good_norm"])
+
+
+def test_zero3_weight_buckets_gather_one_bucket_at_a_time(ranks: list[dict[str, Any]]) -> None:
+    for r in result(ranks, "zero3_buckets"):
+        assert r["local_numel"] < r["total"] // 4, "parameters are not partitioned: the check is vacuous"
+        assert r["names"] == r["expected_names"]
+        assert r["num_buckets"] > 1 and r["num_gathers"] == r["num_buckets"]
+        assert r["max_gathered"] <= max(r["bucket_bytes"], r["largest"]) < r["total"]
+    assert result(ranks, "zero3_buckets")[0]["max_diff"] == 0.0
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_parity_with_fake(ranks: list[dict[str, Any]], stage: int) -> None:
+    fake = fake_parity()
+    for r in result(ranks, f"parity_zero{stage}"):
+        assert r["names"] == fake["names"]
+        torch.testing.assert_close(
+            torch.tensor(r["losses"]), torch.tensor(fake["losses"]), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            torch.tensor(r["norms"]), torch.tensor(fake["norms"]), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(r["params"], fake["params"], atol=1e-5, rtol=1e-5)
+        assert max(r["norms"]) > 0.5  # clipping (max_norm=0.5) bit
+        assert r["returned"][0::2] == [None] * 3  # None between boundaries
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightrft.fsdp") is None, reason="lightrft-fsdp is not installed"
+)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_parity_with_fsdp(ranks: list[dict[str, Any]], stage: int) -> None:
+    fsdp = result(ranks, "fsdp_reference")
+    for r, f in zip(result(ranks, f"parity_zero{stage}"), fsdp):
+        assert r["names"] == f["names"]
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(f["losses"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(f["norms"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r["params"], f["params"], atol=1e-5, rtol=1e-5)

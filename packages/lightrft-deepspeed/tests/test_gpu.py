@@ -1,0 +1,110 @@
+"""On 2 CUDA GPUs: the conformance suite with NCCL and bf16, and DeepSpeed-specific checks.
+
+Skipped, with the reason, where fewer than 2 GPUs are visible (the ``gpu`` marker of
+lightrft-testing's pytest plugin).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import pytest
+
+from lightrft.testing import run_distributed
+from lightrft.testing.conformance import StrategyConformanceSuite
+
+pytestmark = pytest.mark.gpu(2)
+
+#: NVLink multicast off (see the GPU machine's notes); children inherit the rest.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class _GpuBf16Suite(StrategyConformanceSuite):
+    strategy_name = "deepspeed"
+    world_size = 2
+    # bf16 against FakeStrategy in fp32: Adam turns bf16 rounding of near-zero gradients into
+    # steps of up to lr (1e-2) either way, so parameters may differ by a few lr after 3 steps.
+    atol = 5e-2
+    rtol = 5e-2
+    launch_env = NCCL_ENV
+
+
+class TestDeepspeedZero1ConformanceGPU(_GpuBf16Suite):
+    config_overrides = {"zero_stage": 1, "bf16": True}
+
+
+class TestDeepspeedZero2ConformanceGPU(_GpuBf16Suite):
+    config_overrides = {"zero_stage": 2, "bf16": True}
+
+
+class TestDeepspeedZero3ConformanceGPU(_GpuBf16Suite):
+    config_overrides = {
+        "zero_stage": 3,
+        "bf16": True,
+        "deepspeed_config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+    }
+
+
+_RESULTS: list[dict[str, Any]] = []
+
+
+@pytest.fixture(scope="module")
+def gpu_ranks() -> list[dict[str, Any]]:
+    if not _RESULTS:
+        import ds_checks
+
+        _RESULTS.extend(
+            run_distributed(
+                "ds_checks:run",
+                world_size=2,
+                kwargs={"names": ds_checks.GPU_CHECKS, "overrides": {"bf16": True}},
+                env={**NCCL_ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+                timeout=240,  # a hang fails with the ranks' stderr instead of stalling
+            )
+        )
+    return _RESULTS
+
+
+def result(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    per_rank = [r[name] for r in ranks]
+    errors = [f"rank {i}:\n{r['error']}" for i, r in enumerate(per_rank) if not r["ok"]]
+    if errors:
+        pytest.fail(f"check {name!r} failed:\n" + "\n".join(errors), pytrace=False)
+    return [r["result"] for r in per_rank]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gpu_training_uses_fused_adam_in_bf16(gpu_ranks: list[dict[str, Any]], stage: int) -> None:
+    for r in result(gpu_ranks, f"gpu_training_zero{stage}"):
+        assert r["basic_optimizer"] == "FusedAdam"
+        assert r["param_dtype"] == "torch.bfloat16"
+        assert all(math.isfinite(n) for n in r["norms"])
+        assert r["losses"][-1] < r["losses"][0] - 0.05  # the same batch six times: the loss falls
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gpu_save_model_round_trip(gpu_ranks: list[dict[str, Any]], stage: int) -> None:
+    r0 = result(gpu_ranks, f"hf_save_zero{stage}")[0]
+    assert "model.safetensors" in r0["files"]
+    assert r0["max_diff"] <= 1e-2  # same bf16 weights, same GPU; kernels may differ by a rounding
+
+
+def test_gpu_zero_init_load_model(gpu_ranks: list[dict[str, Any]]) -> None:
+    for r in result(gpu_ranks, "zero_init_load_model"):
+        assert r["partitioned"] == r["num_params"]
+        assert r["max_diff"] <= 5e-2  # bf16 model against the fp32 reference
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gpu_skip_keeps_optimizer_state(gpu_ranks: list[dict[str, Any]], stage: int) -> None:
+    for r in result(gpu_ranks, f"skip_state_zero{stage}"):
+        assert not math.isfinite(r["bad_norm"]) and r["unchanged"]
+        assert r["skipped"] == 1 and r["epoch_after_bad"] == r["epoch_before"]
+
+
+def test_gpu_zero3_buckets(gpu_ranks: list[dict[str, Any]]) -> None:
+    for r in result(gpu_ranks, "zero3_buckets"):
+        assert r["names"] == r["expected_names"]
+        assert r["max_gathered"] <= max(r["bucket_bytes"], r["largest"]) < r["total"]

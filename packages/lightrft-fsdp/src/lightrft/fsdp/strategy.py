@@ -1,0 +1,344 @@
+"""FSDPV2Strategy: the Strategy API on PyTorch FSDP2 (``fully_shard``), registered as ``"fsdp"``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+from lightrft.strategy.base import StrategyBase
+from lightrft.strategy.weights import clean_param_name
+
+from . import sharding
+from .offload import offload_optimizer_states, reload_optimizer_states
+
+DCP_DIR = "dcp"
+SCHEDULER_FILE = "lr_scheduler.pt"
+
+
+class FSDPV2Strategy(StrategyBase):
+    """Data-parallel training with FSDP2: parameters, gradients and optimizer states sharded.
+
+    - ``prepare_model`` shards each decoder layer (the model's ``_no_split_modules`` plus
+      ``config.no_split_modules``), the embeddings and the output head, then the root; over all
+      ranks, or hybrid (shard within ``fsdp_shard_size`` ranks, replicate across) on a 2-D mesh.
+    - bf16 compute with fp32 master weights and fp32 gradient reduction (``bf16=True``), or fp32.
+    - Gradient accumulation without gradient sync on non-boundary micro-steps, one global
+      gradient-norm clip (DTensor aware); a non-finite norm skips the step.
+    - Checkpoints through ``torch.distributed.checkpoint`` (reshardable between world sizes),
+      Hugging Face ``save_model`` / ``load_model``, EMA and bounded weight buckets for engines.
+    """
+
+    name = "fsdp"
+
+    def __init__(self, config: Any = None, *, args: Any = None, **overrides: Any) -> None:
+        super().__init__(config, args=args, **overrides)
+        self.mesh: DeviceMesh | None = None
+        self._grad_sync: dict[int, bool] = {}
+
+    # ------------------------------------------------------------------ distributed
+    def setup_distributed(self, timeout: timedelta | None = None) -> None:
+        self._init_process_group(timeout)
+        self.mesh = sharding.build_mesh(self.world_size, self.config.fsdp_shard_size)
+        self._set_accumulation()
+
+    def _require_mesh(self) -> DeviceMesh:
+        if self.mesh is None:
+            self.setup_distributed()
+        assert self.mesh is not None
+        return self.mesh
+
+    @property
+    def shard_mesh(self) -> DeviceMesh:
+        """The mesh parameters are sharded over (1-D), or ``(replicate, shard)`` for hybrid."""
+        return self._require_mesh()
+
+    # ---------------------------------------------------------------------- models
+    def init_model_context(self, meta_init: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """With ``meta_init``, parameters are created on the meta device (buffers stay real):
+        ``prepare_model`` then allocates only each rank's shard, and ``load_model`` fills it."""
+        return sharding.parameters_on_meta() if meta_init else contextlib.nullcontext()
+
+    def prepare_model(self, model: nn.Module, is_training: bool = True) -> nn.Module:
+        if isinstance(model, FSDPModule):
+            return model
+        mesh = self._require_mesh()
+        cfg = self.config
+        class_names = sharding.no_split_class_names(model, cfg.no_split_modules)
+        blocks = sharding.find_blocks(model, class_names)
+        if not blocks:
+            raise ValueError(
+                f"{type(model).__name__} has no module to shard as a unit: none of its submodules is of a class "
+                f"in {class_names or '[]'} (its _no_split_modules plus StrategyConfig.no_split_modules); set "
+                "no_split_modules to the decoder layer class name(s), e.g. ['LlamaDecoderLayer']"
+            )
+        meta = sharding.has_meta_parameters(model)
+        if is_training:
+            sharding.to_fp32_master(model)
+            if cfg.gradient_checkpointing:
+                sharding.enable_activation_checkpointing(model, blocks)
+        units = [*blocks, *sharding.edge_modules(model, blocks)]
+        sharding.apply_fully_shard(
+            model,
+            units,
+            mesh,
+            bf16=self.bf16,
+            reshard_after_forward=cfg.fsdp_reshard_after_forward,
+            cpu_offload=cfg.fsdp_cpu_offload,
+        )
+        if meta:
+            param_device = torch.device("cpu") if cfg.fsdp_cpu_offload else self.device
+            sharding.materialize_meta(model, param_device, self.device)
+        if hasattr(model, "generate"):
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(model, "generate")
+        return model
+
+    def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
+        weight_decay = kwargs.pop("weight_decay", self.config.l2)
+        kwargs.setdefault("lr", self.config.actor_learning_rate)
+        kwargs.setdefault("betas", tuple(self.config.adam_betas))
+        kwargs.setdefault("eps", self.config.adam_eps)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not any(isinstance(p, DTensor) for p in params) and self.world_size > 1:
+            raise ValueError(
+                "create_optimizer needs the sharded model: call strategy.prepare_model(model) first"
+            )
+        # The fused kernel exists for CUDA tensors; CPU (tests, CPU offload) uses the foreach path.
+        kwargs.setdefault("fused", bool(params) and all(p.device.type == "cuda" for p in params))
+        groups = self.optimizer_grouped_parameters(model, weight_decay)
+        if weight_decay == 0 and len(groups) > 1:
+            # Without decay the two groups are the same: one group means one fused kernel launch.
+            groups = [{"params": [p for g in groups for p in g["params"]], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, **kwargs)
+
+    def _prepare_train(self, model: nn.Module, optimizer: Optimizer, scheduler: Any) -> tuple[Any, Any, Any]:
+        if not isinstance(model, FSDPModule):
+            raise ValueError(
+                "prepare((model, optimizer, scheduler)) needs a sharded model: model = strategy.prepare_model(model), "
+                "then create the optimizer on it"
+            )
+        model.train()
+        return model, optimizer, scheduler
+
+    def _prepare_eval(self, model: nn.Module) -> Any:
+        model = self.prepare_model(model, is_training=False)
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def unwrap_model(self, model: Any) -> nn.Module:
+        # FSDP2 shards in place (the module's class becomes FSDP<Class>): nothing to unwrap.
+        return super().unwrap_model(model)
+
+    # -------------------------------------------------------------------- training
+    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> None:
+        sync = self.is_accumulation_boundary(model)
+        # Walking the FSDP units costs microseconds; skip it when nothing changes.
+        if self._grad_sync.get(id(model)) is not sync:
+            model.set_requires_gradient_sync(sync)
+            self._grad_sync[id(model)] = sync
+        self._native_backward(loss, model)
+
+    def optimizer_step(
+        self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any
+    ) -> float | None:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not _skips_on_device(optimizer):
+            return self._native_optimizer_step(
+                model, optimizer, scheduler, lambda max_norm: clip_grad_norm(params, max_norm)
+            )
+        # Fused optimizers take the skip decision on the device (``found_inf``), so the one host
+        # sync (reading the norm) comes after the update is queued: the GPU never waits for the
+        # CPU between backward and the optimizer step. Same counting as _native_optimizer_step.
+        st = self.train_state(model)
+        st.micro_step += 1
+        if st.micro_step % self.accumulated_gradient != 0:
+            return None
+        st.global_step += 1
+        total = total_grad_norm(params)
+        if self.max_norm > 0 and params:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, total)
+        optimizer.found_inf = (~torch.isfinite(total)).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        optimizer.zero_grad(set_to_none=True)
+        norm = float(total)
+        if not math.isfinite(norm):
+            st.skipped_steps += 1
+            return norm
+        if scheduler is not None:
+            scheduler.step()
+        return norm
+
+    @torch.no_grad()
+    def moving_average(self, model: Any, model_ema: Any, beta: float = 0.992, device: str = "cpu") -> None:
+        """``ema = beta * ema + (1 - beta) * model`` for every trainable parameter. Sharded with the
+        same placements: shard by shard, no communication; a plain (unsharded) EMA model gets each
+        full parameter (a collective: call it on every rank)."""
+        ema_params = dict(model_ema.named_parameters())
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            e = ema_params.get(name)
+            if e is None:
+                raise KeyError(f"moving_average: parameter {name!r} of the model is missing in model_ema")
+            if isinstance(e, DTensor):
+                if (
+                    not isinstance(p, DTensor)
+                    or tuple(p.placements) != tuple(e.placements)
+                    or p.shape != e.shape
+                ):
+                    raise ValueError(
+                        f"moving_average: {name!r} is sharded as {getattr(p, 'placements', 'a plain tensor')} in model "
+                        f"and as {e.placements} in model_ema; prepare both models with this strategy"
+                    )
+                src, dst = p.to_local(), e.to_local()
+            else:
+                src = p.full_tensor() if isinstance(p, DTensor) else p.data
+                dst = e.data
+            dst.copy_((beta * dst.to(src.device) + (1 - beta) * src).to(dst.device))
+
+    # ------------------------------------------------------------- optimizer offload
+    def offload_optimizer(self, optimizer: Optimizer) -> int:
+        """Moves the optimizer states to host memory now; returns the bytes freed on the device."""
+        return offload_optimizer_states(optimizer)
+
+    def reload_optimizer(self, optimizer: Optimizer) -> int:
+        """Moves the optimizer states back next to their parameters; returns the bytes moved."""
+        return reload_optimizer_states(optimizer)
+
+    def maybe_offload_optimizer(self, optimizer: Optimizer) -> bool:
+        """Offloads the optimizer states when ``adam_offload`` is set (with ``fsdp_cpu_offload`` they
+        live on the host already). Call it after ``optimizer_step`` so a colocated engine gets the
+        memory; returns whether it moved anything."""
+        if not self.config.adam_offload or self.config.fsdp_cpu_offload:
+            return False
+        return self.offload_optimizer(optimizer) > 0
+
+    def maybe_load_optimizer(self, optimizer: Optimizer) -> bool:
+        """Brings the states back (when ``adam_offload``) before the next ``optimizer_step``."""
+        if not self.config.adam_offload or self.config.fsdp_cpu_offload:
+            return False
+        return self.reload_optimizer(optimizer) > 0
+
+    # ----------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model: Any, path: Path) -> None:
+        st = self._train_states.get(id(model))
+        if st is not None:
+            model_sd, optim_sd = get_state_dict(model, st.optimizer)
+            state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
+        else:
+            state = {"model": get_model_state_dict(model)}
+        dcp_save(state, checkpoint_id=str(path / DCP_DIR))
+        if st is not None and st.scheduler is not None and self.is_rank_0():
+            torch.save(st.scheduler.state_dict(), path / SCHEDULER_FILE)
+
+    def _load_checkpoint(
+        self,
+        model: Any,
+        path: Path,
+        *,
+        load_module_strict: bool,
+        load_optimizer_states: bool,
+        load_lr_scheduler_states: bool,
+    ) -> None:
+        st = self._train_states.get(id(model))
+        options = StateDictOptions(strict=load_module_strict)
+        planner = DefaultLoadPlanner(allow_partial_load=not load_module_strict)
+        if st is not None and load_optimizer_states:
+            model_sd, optim_sd = get_state_dict(model, st.optimizer)
+            state = {"model": model_sd, "optimizer": optim_sd}
+            dcp_load(state, checkpoint_id=str(path / DCP_DIR), planner=planner)
+            set_state_dict(
+                model,
+                st.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=options,
+            )
+        else:
+            model_sd = get_model_state_dict(model)
+            state = {"model": model_sd}
+            dcp_load(state, checkpoint_id=str(path / DCP_DIR), planner=planner)
+            set_model_state_dict(model, state["model"], options=options)
+        sched_file = path / SCHEDULER_FILE
+        if st is not None and st.scheduler is not None and load_lr_scheduler_states and sched_file.exists():
+            st.scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
+
+    # ----------------------------------------------------------------- model files
+    def _full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_rank_0():
+            return None
+        return {clean_param_name(k): cast(torch.Tensor, v) for k, v in sd.items()}
+
+    def _load_full_state_dict(self, model: Any, state_dict: dict[str, torch.Tensor], strict: bool) -> None:
+        if not isinstance(model, FSDPModule):
+            model.load_state_dict(state_dict, strict=strict)
+            return
+        set_model_state_dict(
+            cast(nn.Module, model),
+            dict(state_dict),
+            options=StateDictOptions(full_state_dict=True, strict=strict),
+        )
+
+    def _iter_full_parameters(self, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in model.named_parameters():
+            # One parameter's full tensor at a time: the extra memory is the largest parameter
+            # plus the bucket being filled.
+            yield name, (p.full_tensor() if isinstance(p, DTensor) else p.detach())
+
+
+def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` (sharded or not), as a plain 0-d tensor with
+    the same value on every rank; no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total, DTensor):
+        # The local norms are partial; reducing them gives the global norm on every rank.
+        total = total.full_tensor()
+    return total
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clips the gradients of ``params`` to a global L2 norm of ``max_norm`` (``inf``: no clipping);
+    returns the norm before clipping, the same float on every rank."""
+    total = total_grad_norm(params)
+    if math.isfinite(max_norm) and params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+def _skips_on_device(optimizer: Any) -> bool:
+    """Fused torch optimizers (Adam, AdamW, SGD) skip their update when ``optimizer.found_inf`` is 1."""
+    return bool(
+        isinstance(optimizer, Optimizer)
+        and optimizer.defaults.get("fused")
+        and getattr(optimizer, "_step_supports_amp_scaling", False)
+    )

@@ -1,0 +1,253 @@
+"""FSDPV2Strategy on CPU (gloo). One torchrun launch of 2 ranks runs most checks; a group of one
+rank in this process writes and reads the checkpoints that move between 1 and 2 ranks; one launch
+runs hybrid sharding on 4 ranks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist_fns import hybrid_checks, load_checkpoint_and_train, main_checks, save_checkpoint_after_training
+
+from lightrft.strategy import get_fake_strategy
+from lightrft.testing import causal_lm_loss, make_batches, make_tiny_model, run_distributed
+
+CONFIG: dict[str, Any] = {
+    "strategy": "fsdp",
+    "seed": 3,
+    "bf16": False,
+    "train_batch_size": 16,
+    "micro_train_batch_size": 2,
+    "max_norm": 0.3,
+    "actor_learning_rate": 1e-2,
+    "l2": 0.01,
+    "lr_warmup_ratio": 0.2,
+}
+ATOL = 1e-5
+
+
+def fake_training(config: dict[str, Any], model_seed: int, data_seed: int, steps: int) -> dict[str, Any]:
+    """FakeStrategy on the whole global batch: the reference for the data-parallel run."""
+    cfg = {k: v for k, v in config.items() if k not in ("strategy", "fsdp_shard_size")}
+    fake = get_fake_strategy(cfg)
+    model = fake.prepare_model(make_tiny_model(model_seed))
+    optim = fake.create_optimizer(model, lr=cfg["actor_learning_rate"], weight_decay=cfg["l2"])
+    sched = fake.create_scheduler(optim, 10)
+    model, optim, sched = fake.prepare((model, optim, sched))
+    losses, norms = [], []
+    micro = cfg["micro_train_batch_size"]
+    for gb in make_batches(data_seed, steps, cfg["train_batch_size"]):
+        local = []
+        for i in range(0, gb.shape[0], micro):
+            loss = causal_lm_loss(model, gb[i : i + micro])
+            fake.backward(loss, model, optim)
+            norm = fake.optimizer_step(optim, model, sched)
+            local.append(loss.detach())
+        losses.append(float(torch.stack(local).mean()))
+        norms.append(norm)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return {
+        "losses": losses,
+        "norms": norms,
+        "params": params,
+        "accumulated_gradient": fake.accumulated_gradient,
+    }
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def solo_group() -> Any:
+    """A process group of one rank in this process (saves a launch); removed afterwards, with
+    the environment variables that setting it up wrote."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            mp.delenv(var, raising=False)
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_rank_saved(solo_group: Any, ckpt_root: Path) -> dict[str, Any]:
+    return save_checkpoint_after_training(CONFIG, str(ckpt_root / "ckpt1"))
+
+
+@pytest.fixture(scope="module")
+def main(ckpt_root: Path, one_rank_saved: dict[str, Any]) -> list[dict[str, Any]]:
+    return run_distributed(main_checks, world_size=2, kwargs={"config": CONFIG, "tmp": str(ckpt_root)})
+
+
+# ------------------------------------------------------------------------------ sharding
+def test_units_mesh_and_placements(main: list[dict[str, Any]]) -> None:
+    for r in main:
+        assert r["mesh_shape"] == [2]
+        # Each decoder layer, both embeddings, the head, and the root are FSDP units.
+        assert r["units"] == ["<root>", "embed", "layers.0", "layers.1", "lm_head", "pos"]
+        assert r["placements"] == ["Shard(0)"] and r["all_dtensor"]
+        assert (r["local_rows"], r["full_rows"]) == (32, 64)
+
+
+def test_optimizer_groups(main: list[dict[str, Any]]) -> None:
+    r = main[0]
+    assert r["fused"] is False  # CPU
+    # Decayed weights; biases and LayerNorm weights without decay.
+    assert r["groups_wd"] == [0.01, 0.0]
+    assert r["groups_sizes"] == [2 + 2 * 2 + 1, 2 * 4 + 2]
+
+
+# ------------------------------------------------------------------------------ training
+def test_loss_norm_and_param_parity_with_fake(main: list[dict[str, Any]]) -> None:
+    ref = fake_training(CONFIG, model_seed=11, data_seed=5, steps=3)
+    assert ref["accumulated_gradient"] == 8
+    for r in main:
+        assert r["accumulated_gradient"] == 4
+        assert r["parity_steps"] == [12, 3, 0]
+        assert r["parity_losses"] == pytest.approx(ref["losses"], abs=ATOL)
+        # The clip norm is the global norm over all parameters (the same float on every rank),
+        # and clipping bit (norm > max_norm) so the comparison covers the clipped update.
+        assert r["parity_norms"] == pytest.approx(ref["norms"], abs=ATOL)
+        assert min(r["parity_norms"]) > CONFIG["max_norm"]
+        assert max_diff(r["parity_params"], ref["params"]) < ATOL
+    assert main[0]["parity_norms"] == main[1]["parity_norms"]
+
+
+def test_no_gradient_sync_before_the_boundary(main: list[dict[str, Any]]) -> None:
+    for r in main:
+        steps = r["no_sync"]
+        assert [s["boundary"] for s in steps] == [False, False, False, True]
+        assert [s["reductions"] for s in steps[:3]] == [0, 0, 0]
+        assert steps[3]["reductions"] > 0
+        # Nothing was reduce-scattered into the sharded gradients before the boundary ...
+        assert [s["sharded_grads"] for s in steps[:3]] == [0, 0, 0]
+        assert steps[3]["sharded_grads"] == r["num_params"]
+        # ... and the local (unsharded) gradients differ between the ranks: each saw its own data.
+        assert steps[0]["local_grad_numel"] > 0
+        assert steps[0]["rank_grad_diff"] > 1e-4
+
+
+def test_non_finite_norm_skips_on_both_optimizer_paths(main: list[dict[str, Any]]) -> None:
+    for r in main:
+        assert r["fused_path"]["fused"] is True and r["foreach_path"]["fused"] is False
+        for path in (r["fused_path"], r["foreach_path"]):
+            assert not math.isfinite(path["bad_norm"])
+            assert path["unchanged"] == 0.0
+            assert path["skipped"] == 1
+            assert path["lr_unchanged"] is True
+            # Two real steps: the skipped one did not advance Adam's step counters.
+            assert path["adam_steps"] == [2.0]
+            assert path["grads_cleared"] is True
+        assert r["fused_vs_foreach_loss_diff"] < 1e-6
+        assert r["fused_vs_foreach_norm_diff"] < 1e-6
+        assert r["fused_vs_foreach_param_diff"] < 1e-6
+
+
+def test_activation_checkpointing_keeps_numbers(main: list[dict[str, Any]]) -> None:
+    for r in main:
+        assert r["ac_loss_diff"] < 1e-6
+        assert r["ac_param_diff"] < 1e-6
+        assert r["ac_llama_enabled"] is True
+        assert math.isfinite(r["ac_llama_loss"]) and r["ac_llama_loss"] > 1.0
+
+
+def test_ema_into_unsharded_model(main: list[dict[str, Any]]) -> None:
+    for r in main:
+        assert r["ema_moved"] > 1e-3
+        assert r["ema_plain_diff"] < 1e-6
+
+
+def test_weight_buckets_complete_equal_and_bounded(main: list[dict[str, Any]]) -> None:
+    for r in main:
+        assert r["bucket_names"] == r["bucket_expected"]
+        assert r["bucket_max_diff"] == 0.0
+        assert len(r["bucket_sizes"]) > 2
+        for sizes in r["bucket_sizes"]:
+            # A bucket stays within the budget unless one tensor alone is larger.
+            assert sum(sizes) <= r["bucket_budget"] or len(sizes) == 1
+            assert sum(sizes) <= max(r["bucket_budget"], r["bucket_largest"])
+
+
+def test_optimizer_offload_round_trip_keeps_training(main: list[dict[str, Any]]) -> None:
+    for r in main:
+        assert r["offload_param_diff"] == 0.0
+        assert r["offload_devices"] == ["cpu"]
+
+
+# ------------------------------------------------------------------------- model files
+def test_save_model_loads_in_transformers_with_identical_logits(main: list[dict[str, Any]]) -> None:
+    r = main[0]
+    assert r["hf_class"] == "LlamaForCausalLM"
+    assert r["hf_architectures"] == ["LlamaForCausalLM"]
+    assert "config.json" in r["hf_files"] and any(f.endswith(".safetensors") for f in r["hf_files"])
+    assert r["hf_logit_diff"] < 1e-5
+
+
+def test_meta_init_shards_then_loads_weights(main: list[dict[str, Any]]) -> None:
+    for r in main:
+        assert r["meta_built"] is True and r["meta_after_shard"] is False
+        # Each rank holds about half of the parameters.
+        assert r["meta_local_numel"] <= r["full_numel"] // 2 + 64
+        assert r["meta_logit_diff"] < 1e-5
+        first, second = r["meta_train_losses"]
+        assert second < first
+
+
+# -------------------------------------------------------------------------- checkpoints
+def test_one_rank_checkpoint_loads_on_two_ranks(
+    main: list[dict[str, Any]], one_rank_saved: dict[str, Any]
+) -> None:
+    for r in main:
+        two = r["from_one"]
+        assert two["world_size"] == 2
+        assert max_diff(two["loaded"], one_rank_saved["saved"]) == 0.0
+        assert two["client"] == {"note": "from 1 ranks"}
+        # (micro_step, global_step): 2 optimizer steps of 4 micro-steps each on 2 ranks (8 on 1 rank).
+        assert two["steps"] == [8, 2]
+        # The same global batches on two ranks train the same (up to summation order).
+        assert two["losses"] == pytest.approx(one_rank_saved["losses"], abs=ATOL)
+        assert two["lr"] == one_rank_saved["lr"]
+        assert max_diff(two["params"], one_rank_saved["params"]) < ATOL
+
+
+def test_two_rank_checkpoint_loads_on_one_rank(
+    main: list[dict[str, Any]], solo_group: Any, ckpt_root: Path
+) -> None:
+    from lightrft.strategy import get_strategy
+
+    one = load_checkpoint_and_train(get_strategy(CONFIG), str(ckpt_root / "ckpt2"))
+    two = main[0]
+    assert one["world_size"] == 1
+    assert max_diff(one["loaded"], two["xw_saved"]) == 0.0
+    assert one["client"] == {"note": "from 2 ranks"}
+    # (micro_step, global_step): 2 optimizer steps of 8 micro-steps each on 1 rank.
+    assert one["steps"] == [16, 2]
+    assert one["losses"] == pytest.approx(two["xw_losses"], abs=ATOL)
+    assert one["lr"] == two["xw_lr"]
+    assert max_diff(one["params"], two["xw_params"]) < ATOL
+
+
+# ------------------------------------------------------------------------ hybrid sharding
+@pytest.mark.slow
+def test_hybrid_sharding_on_four_ranks() -> None:
+    config = {**CONFIG, "fsdp_shard_size": 2}
+    results = run_distributed(hybrid_checks, world_size=4, kwargs={"config": config})
+    ref = fake_training(CONFIG, model_seed=11, data_seed=5, steps=2)
+    for r in results:
+        assert r["mesh_shape"] == [2, 2] and r["mesh_dims"] == ["replicate", "shard"]
+        assert r["placements"] == ["Replicate", "Shard(0)"]
+        assert r["local_rows"] == 32
+        assert r["losses"] == pytest.approx(ref["losses"], abs=ATOL)
+        assert r["norms"] == pytest.approx(ref["norms"], abs=ATOL)
+        assert max_diff(r["params"], ref["params"]) < ATOL

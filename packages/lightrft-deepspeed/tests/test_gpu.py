@@ -47,24 +47,23 @@ class TestDeepspeedZero3ConformanceGPU(_GpuBf16Suite):
     }
 
 
-_RESULTS: list[dict[str, Any]] = []
+_RESULTS: dict[str, list[dict[str, Any]]] = {}
 
 
-@pytest.fixture(scope="module")
-def gpu_ranks() -> list[dict[str, Any]]:
-    if not _RESULTS:
-        import ds_checks
-
-        _RESULTS.extend(
-            run_distributed(
-                "ds_checks:run",
-                world_size=2,
-                kwargs={"names": ds_checks.GPU_CHECKS, "overrides": {"bf16": True}},
-                env={**NCCL_ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
-                timeout=240,  # a hang fails with the ranks' stderr instead of stalling
-            )
+def gpu_check(name: str) -> list[dict[str, Any]]:
+    """Runs one check of ds_checks on 2 GPUs, in its own launch (cached): a hang or a crash fails
+    that check alone, named, with the ranks' stderr. One launch per check costs ~15 s of start-up
+    each, but one launch for all of them ran past its limit on 2 x H100 (the first also builds
+    FusedAdam), and then every check failed without saying which one was slow."""
+    if name not in _RESULTS:
+        _RESULTS[name] = run_distributed(
+            "ds_checks:run",
+            world_size=2,
+            kwargs={"names": [name], "overrides": {"bf16": True}},
+            env={**NCCL_ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+            timeout=180,
         )
-    return _RESULTS
+    return _RESULTS[name]
 
 
 def result(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -76,8 +75,8 @@ def result(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_gpu_training_uses_fused_adam_in_bf16(gpu_ranks: list[dict[str, Any]], stage: int) -> None:
-    for r in result(gpu_ranks, f"gpu_training_zero{stage}"):
+def test_gpu_training_uses_fused_adam_in_bf16(stage: int) -> None:
+    for r in result(gpu_check(f"gpu_training_zero{stage}"), f"gpu_training_zero{stage}"):
         assert r["basic_optimizer"] == "FusedAdam"
         assert r["param_dtype"] == "torch.bfloat16"
         assert all(math.isfinite(n) for n in r["norms"])
@@ -85,26 +84,26 @@ def test_gpu_training_uses_fused_adam_in_bf16(gpu_ranks: list[dict[str, Any]], s
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_gpu_save_model_round_trip(gpu_ranks: list[dict[str, Any]], stage: int) -> None:
-    r0 = result(gpu_ranks, f"hf_save_zero{stage}")[0]
+def test_gpu_save_model_round_trip(stage: int) -> None:
+    r0 = result(gpu_check(f"hf_save_zero{stage}"), f"hf_save_zero{stage}")[0]
     assert "model.safetensors" in r0["files"]
     assert r0["max_diff"] <= 1e-2  # same bf16 weights, same GPU; kernels may differ by a rounding
 
 
-def test_gpu_zero_init_load_model(gpu_ranks: list[dict[str, Any]]) -> None:
-    for r in result(gpu_ranks, "zero_init_load_model"):
+def test_gpu_zero_init_load_model() -> None:
+    for r in result(gpu_check("zero_init_load_model"), "zero_init_load_model"):
         assert r["partitioned"] == r["num_params"]
         assert r["max_diff"] <= 5e-2  # bf16 model against the fp32 reference
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_gpu_skip_keeps_optimizer_state(gpu_ranks: list[dict[str, Any]], stage: int) -> None:
-    for r in result(gpu_ranks, f"skip_state_zero{stage}"):
+def test_gpu_skip_keeps_optimizer_state(stage: int) -> None:
+    for r in result(gpu_check(f"skip_state_zero{stage}"), f"skip_state_zero{stage}"):
         assert not math.isfinite(r["bad_norm"]) and r["unchanged"]
         assert r["skipped"] == 1 and r["epoch_after_bad"] == r["epoch_before"]
 
 
-def test_gpu_zero3_buckets(gpu_ranks: list[dict[str, Any]]) -> None:
-    for r in result(gpu_ranks, "zero3_buckets"):
+def test_gpu_zero3_buckets() -> None:
+    for r in result(gpu_check("zero3_buckets"), "zero3_buckets"):
         assert r["names"] == r["expected_names"]
         assert r["max_gathered"] <= max(r["bucket_bytes"], r["largest"]) < r["total"]

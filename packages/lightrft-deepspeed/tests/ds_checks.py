@@ -93,6 +93,35 @@ def check_hf_save_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     return out
 
 
+def check_peft_save_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """A LoRA-wrapped tiny Llama trains one step; save_model writes the adapters only, and peft's
+    PeftModel.from_pretrained on a fresh base reproduces the trained logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    root = _shared_dir(strategy, "peft")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = get_peft_model(make_tiny_llama(seed=7, vocab_size=LLAMA_VOCAB), lora)
+    engine, _, _ = _train_llama(strategy, model)
+    ids = _llama_ids(strategy)
+    engine.eval()
+    with torch.no_grad():
+        trained_logits = engine(ids).logits.float()
+    strategy.save_model(engine, root / "adapter")
+    fresh = make_tiny_llama(seed=7, vocab_size=LLAMA_VOCAB)
+    with torch.no_grad():
+        base_logits = fresh.to(strategy.device)(ids).logits.float()
+    loaded = PeftModel.from_pretrained(fresh, str(root / "adapter")).to(strategy.device).eval()
+    with torch.no_grad():
+        logits = loaded(ids).logits.float()
+    out = {
+        "files": sorted(p.name for p in (root / "adapter").iterdir()),
+        "max_diff": float((logits - trained_logits).abs().max()),
+        "moved": float((trained_logits - base_logits).abs().max()),
+    }
+    _cleanup(strategy, root)
+    return out
+
+
 def check_zero_init_load_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     """zero.Init builds a partitioned tiny Llama (transformers imported for the first time inside
     the context); load_model fills it from a saved reference: its logits (gathered in forward)
@@ -238,6 +267,7 @@ CHECKS: dict[str, tuple[int, Callable[[DeepspeedStrategy], dict[str, Any]], dict
     "skip_state_zero2": (2, check_skip_keeps_optimizer_state, {}),
     "skip_state_zero3": (3, check_skip_keeps_optimizer_state, {}),
     "zero3_buckets": (3, check_zero3_buckets_bounded, {}),
+    "peft_save_zero3": (3, check_peft_save_model, {}),
     "parity_zero0": (0, check_parity, {}),
     "parity_zero1": (1, check_parity, {}),
     "parity_zero2": (2, check_parity, {}),

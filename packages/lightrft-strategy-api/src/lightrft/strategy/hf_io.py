@@ -44,6 +44,13 @@ def _contiguous_unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def is_peft_model(model: Any) -> bool:
+    """A ``peft.PeftModel`` (checked by duck typing: peft is not a dependency)."""
+    return (
+        hasattr(model, "peft_config") and hasattr(model, "base_model") and hasattr(model, "save_pretrained")
+    )
+
+
 def original_class_name(model: Any) -> str:
     """The user's class name: FSDP2 swaps a sharded module's class for a generated ``FSDP<Class>``."""
     for cls in type(model).__mro__:
@@ -72,6 +79,7 @@ def write_hf_directory(
 ) -> Path:
     """Writes ``state_dict`` (full, on CPU) as a Hugging Face directory, atomically.
 
+    PEFT models save their adapters (``adapter_model.safetensors``, ``adapter_config.json``);
     Hugging Face models go through ``save_pretrained`` (config, generation config, sharded
     safetensors); any other module gets ``model.safetensors`` and, when it has a ``config``
     (``to_dict()``, a dataclass or a dict), ``config.json``.
@@ -81,7 +89,10 @@ def write_hf_directory(
     staging = final.parent / f"{TMP_PREFIX}{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+    if is_peft_model(model):
+        # PEFT: adapter weights and adapter_config.json only (peft filters the full state dict).
+        cast(Any, model).save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
+    elif hasattr(model, "save_pretrained") and hasattr(model, "config"):
         cast(Any, model).save_pretrained(
             staging, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size
         )

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lightrft.testing import run_distributed
+from lightrft.testing.conformance import check_results as result
 
 pytest.importorskip("transformers")
 
@@ -27,14 +28,6 @@ def ranks() -> list[dict[str, Any]]:
         # run_distributed raises unless every rank (ZeRO-3 engines included) exits with code 0.
         _RESULTS.extend(run_distributed("ds_checks:run", world_size=2, timeout=600))
     return _RESULTS
-
-
-def result(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    per_rank = [r[name] for r in ranks]
-    errors = [f"rank {i}:\n{r['error']}" for i, r in enumerate(per_rank) if not r["ok"]]
-    if errors:
-        pytest.fail(f"check {name!r} failed:\n" + "\n".join(errors), pytrace=False)
-    return [r["result"] for r in per_rank]
 
 
 def fake_parity() -> dict[str, Any]:

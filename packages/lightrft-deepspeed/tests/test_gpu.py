@@ -14,6 +14,7 @@ import pytest
 
 from lightrft.testing import run_distributed
 from lightrft.testing.conformance import StrategyConformanceSuite
+from lightrft.testing.conformance import check_results as result
 
 pytestmark = pytest.mark.gpu(2)
 
@@ -64,14 +65,6 @@ def gpu_check(name: str) -> list[dict[str, Any]]:
             timeout=180,
         )
     return _RESULTS[name]
-
-
-def result(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    per_rank = [r[name] for r in ranks]
-    errors = [f"rank {i}:\n{r['error']}" for i, r in enumerate(per_rank) if not r["ok"]]
-    if errors:
-        pytest.fail(f"check {name!r} failed:\n" + "\n".join(errors), pytrace=False)
-    return [r["result"] for r in per_rank]
 
 
 @pytest.mark.parametrize("stage", [2, 3])

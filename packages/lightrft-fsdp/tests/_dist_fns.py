@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from lightrft.strategy import get_strategy
 from lightrft.testing import causal_lm_loss, make_batches, make_tiny_llama, make_tiny_model
+from lightrft.testing.conformance.checks import rank_share
 
 LLAMA_VOCAB = 128
 
@@ -25,14 +26,6 @@ def build(strategy: Any, model: torch.nn.Module, max_steps: int = 10) -> tuple[A
     )
     sched = strategy.create_scheduler(optim, max_steps)
     return strategy.prepare((model, optim, sched))
-
-
-def rank_share(strategy: Any, global_batch: torch.Tensor) -> list[torch.Tensor]:
-    dp = strategy.world_size
-    per = global_batch.shape[0] // dp
-    mine = global_batch[strategy.get_rank() * per : (strategy.get_rank() + 1) * per]
-    micro = strategy.config.micro_train_batch_size
-    return [mine[i : i + micro] for i in range(0, per, micro)]
 
 
 def train(

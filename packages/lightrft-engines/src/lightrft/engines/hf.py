@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
+from lightrft.strategy.weights import copy_bucket_into
 
 
 class HFEngine:
@@ -63,15 +64,7 @@ class HFEngine:
             self._params = dict(self.model.named_parameters())
             self._discarded = False
         for bucket in buckets:
-            for name, tensor in bucket:
-                target = self._params.get(name)
-                if target is None:
-                    raise KeyError(f"weight {name!r} is not a parameter of the engine's model")
-                if tuple(target.shape) != tuple(tensor.shape):
-                    raise ValueError(
-                        f"weight {name!r} has shape {tuple(tensor.shape)}; the engine expects {tuple(target.shape)}"
-                    )
-                target.copy_(tensor.to(target.device, target.dtype), non_blocking=True)
+            copy_bucket_into(self._params, bucket)
 
     @torch.no_grad()
     def generate(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -67,3 +67,21 @@ def bucket_named_tensors(
         used += nbytes
     if bucket:
         yield bucket
+
+
+@torch.no_grad()
+def copy_bucket_into(params: Mapping[str, torch.Tensor], bucket: WeightBucket) -> list[str]:
+    """Copies a bucket into an engine's own tensors by name (casting to their dtype and device).
+    An unknown name or a shape mismatch raises, naming the weight. Returns the names copied."""
+    for name, tensor in bucket:
+        target = params.get(name)
+        if target is None:
+            raise KeyError(
+                f"weight {name!r} is not a parameter of the engine's model; known: {sorted(params)[:8]}..."
+            )
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"weight {name!r} has shape {tuple(tensor.shape)}; the engine expects {tuple(target.shape)}"
+            )
+        target.copy_(tensor.detach().to(target.device, target.dtype))
+    return [name for name, _ in bucket]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
-from lightrft.strategy.weights import tensor_nbytes
+from lightrft.strategy.weights import copy_bucket_into, tensor_nbytes
 
 from .models import logits_of
 
@@ -55,18 +55,7 @@ class FakeEngine:
         for bucket in buckets:
             self.buckets_received += 1
             self.max_bucket_bytes = max(self.max_bucket_bytes, sum(tensor_nbytes(t) for _, t in bucket))
-            for name, tensor in bucket:
-                if name not in params:
-                    raise KeyError(
-                        f"weight {name!r} is not a parameter of the engine's model; known: {sorted(params)[:8]}..."
-                    )
-                target = params[name]
-                if tuple(target.shape) != tuple(tensor.shape):
-                    raise ValueError(
-                        f"weight {name!r} has shape {tuple(tensor.shape)}; the engine expects {tuple(target.shape)}"
-                    )
-                target.copy_(tensor.detach().to(target.device, target.dtype))
-                self.names_received.add(name)
+            self.names_received.update(copy_bucket_into(params, bucket))
         self.updates += 1
         self.weights_valid = True
 

@@ -2,6 +2,13 @@
 
 from .checks import BASE_CONFIG, CHECKS, run_checks
 from .reference import reference_training
-from .suite import StrategyConformanceSuite
+from .suite import StrategyConformanceSuite, check_results
 
-__all__ = ["BASE_CONFIG", "CHECKS", "StrategyConformanceSuite", "reference_training", "run_checks"]
+__all__ = [
+    "BASE_CONFIG",
+    "CHECKS",
+    "StrategyConformanceSuite",
+    "check_results",
+    "reference_training",
+    "run_checks",
+]

@@ -22,6 +22,17 @@ from .reference import reference_training
 _CACHE: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
+def check_results(ranks: list[dict[str, Any]], check: str, where: str = "") -> list[Any]:
+    """Every rank's result of ``check`` from ``{check: {"ok", "result" | "error"}}`` per rank;
+    fails the test with every failing rank's traceback."""
+    per_rank = [r[check] for r in ranks]
+    errors = [f"rank {i}:\n{r['error']}" for i, r in enumerate(per_rank) if not r["ok"]]
+    if errors:
+        on = f" on {where}" if where else ""
+        pytest.fail(f"check {check!r} failed{on}:\n" + "\n".join(errors), pytrace=False)
+    return [r["result"] for r in per_rank]
+
+
 class StrategyConformanceSuite:
     """Set ``strategy_name``, ``world_size`` and ``config_overrides`` in a subclass."""
 
@@ -79,13 +90,7 @@ class StrategyConformanceSuite:
 
     def results(self, check: str) -> list[dict[str, Any]]:
         """The per-rank results of ``check``; fails with every rank's traceback if one failed."""
-        per_rank = [r[check] for r in self.all_results()]
-        errors = [f"rank {i}:\n{r['error']}" for i, r in enumerate(per_rank) if not r["ok"]]
-        if errors:
-            pytest.fail(
-                f"check {check!r} failed on {self.strategy_name}:\n" + "\n".join(errors), pytrace=False
-            )
-        return [r["result"] for r in per_rank]
+        return check_results(self.all_results(), check, self.strategy_name)
 
     @pytest.fixture(autouse=True)
     def _declared_xfail(self, request: pytest.FixtureRequest) -> None:

@@ -93,6 +93,24 @@ def check_hf_save_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     return out
 
 
+def check_gradient_checkpointing(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """gradient_checkpointing=True turns on the model's activation checkpointing and trains to
+    the same numbers as without it."""
+    plain = make_strategy(strategy.stage)
+    runs = {}
+    for name, s in (("checkpointed", strategy), ("plain", plain)):
+        engine, _, _ = _train_llama(s, make_tiny_llama(seed=9, vocab_size=LLAMA_VOCAB), steps=2)
+        runs[name] = {
+            "enabled": bool(s.unwrap_model(engine).is_gradient_checkpointing),
+            "params": conf.flat(conf.full_params(s, engine)),
+        }
+    return {
+        "enabled": runs["checkpointed"]["enabled"],
+        "plain_enabled": runs["plain"]["enabled"],
+        "max_diff": float((runs["checkpointed"]["params"] - runs["plain"]["params"]).abs().max()),
+    }
+
+
 def check_peft_save_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     """A LoRA-wrapped tiny Llama trains one step; save_model writes the adapters only, and peft's
     PeftModel.from_pretrained on a fresh base reproduces the trained logits."""
@@ -268,6 +286,7 @@ CHECKS: dict[str, tuple[int, Callable[[DeepspeedStrategy], dict[str, Any]], dict
     "skip_state_zero3": (3, check_skip_keeps_optimizer_state, {}),
     "zero3_buckets": (3, check_zero3_buckets_bounded, {}),
     "peft_save_zero3": (3, check_peft_save_model, {}),
+    "grad_ckpt_zero2": (2, check_gradient_checkpointing, {"gradient_checkpointing": True}),
     "parity_zero0": (0, check_parity, {}),
     "parity_zero1": (1, check_parity, {}),
     "parity_zero2": (2, check_parity, {}),

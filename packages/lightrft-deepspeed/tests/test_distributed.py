@@ -119,3 +119,9 @@ def test_zero3_save_model_writes_peft_adapters(ranks: list[dict[str, Any]]) -> N
         assert "model.safetensors" not in r["files"]  # adapters only, not the base model
         assert r["moved"] > 1e-4  # training moved the LoRA weights: the round trip is not vacuous
         assert r["max_diff"] < 1e-5
+
+
+def test_gradient_checkpointing_trains_identically(ranks: list[dict[str, Any]]) -> None:
+    for r in result(ranks, "grad_ckpt_zero2"):
+        assert r["enabled"] and not r["plain_enabled"]
+        assert r["max_diff"] < 1e-6

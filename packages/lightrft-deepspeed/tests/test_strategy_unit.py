@@ -52,3 +52,23 @@ def test_misuse_is_reported() -> None:
         s.backward(torch.zeros(()), model, None)
     with pytest.raises(ValueError, match="not a DeepSpeed engine"):
         s._engine_of(model)
+
+
+class _NotAllowlisted:
+    """Any class outside DeepSpeed's allowlist: a checkpoint holding one must not load."""
+
+
+def test_deepspeed_files_load_weights_only(tmp_path) -> None:
+    import pickle
+
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from lightrft.deepspeed.strategy import _weights_only_load
+
+    torch.save({"zero_stage": ZeroStageEnum(2), "w": torch.ones(2)}, tmp_path / "ok.pt")
+    loaded = _weights_only_load(str(tmp_path / "ok.pt"))
+    assert loaded["zero_stage"] == ZeroStageEnum(2) and torch.equal(loaded["w"], torch.ones(2))
+    torch.save({"obj": _NotAllowlisted()}, tmp_path / "bad.pt")
+    with pytest.raises(pickle.UnpicklingError, match="_NotAllowlisted"):
+        _weights_only_load(str(tmp_path / "bad.pt"))

@@ -262,13 +262,21 @@ class DeepspeedStrategy(StrategyBase):
         load_lr_scheduler_states: bool,
     ) -> None:
         engine = self._engine_of(model)
-        loaded, _ = engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_module_strict=load_module_strict,
-            load_optimizer_states=load_optimizer_states,
-            load_lr_scheduler_states=load_lr_scheduler_states,
-        )
+        # DeepSpeed reads its files with torch.load(weights_only=False); route them through
+        # weights_only loading with DeepSpeed's own classes allowlisted, so that loading a
+        # checkpoint never runs arbitrary pickled code.
+        ckpt_engine = engine.checkpoint_engine
+        ckpt_engine.load = _weights_only_load
+        try:
+            loaded, _ = engine.load_checkpoint(
+                str(path.parent),
+                tag=path.name,
+                load_module_strict=load_module_strict,
+                load_optimizer_states=load_optimizer_states,
+                load_lr_scheduler_states=load_lr_scheduler_states,
+            )
+        finally:
+            del ckpt_engine.load  # back to the class's method
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(path)!r}")
 
@@ -370,6 +378,20 @@ class DeepspeedStrategy(StrategyBase):
             with _gathered(params):
                 out = [(clean_param_name(n), p.detach().clone()) for n, p in zip(bucket, params)]
             yield out
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The DeepSpeed classes its optimizer-state files pickle (besides tensors and containers)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_load(path: str, map_location: Any = None) -> Any:
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _is_deepspeed_engine(model: Any) -> bool:

@@ -178,18 +178,9 @@ def train_config(config: StrategyConfig, world_size: int, *, param_offload: bool
     else:
         locks.append(_Lock(("zero_optimization", "zero_hpz_partition_size"), 1, f"zpg={config.zpg}"))
 
-    batch, batch_locks = _batch_keys(config, world_size)
-    precision, precision_locks = _precision(config)
-    out: dict[str, Any] = {
-        **batch,
-        "steps_per_print": _STEPS_PER_PRINT,
-        "wall_clock_breakdown": False,
-        "prescale_gradients": False,
-        "gradient_clipping": config.max_norm,
-        **precision,
-        "zero_optimization": zero,
-    }
-    locks += batch_locks + precision_locks
+    out, base_locks = _base_config(config, world_size, zero)
+    out["gradient_clipping"] = config.max_norm
+    locks += base_locks
     locks.append(_Lock(("gradient_clipping",), config.max_norm, f"max_norm={config.max_norm}"))
     if config.grad_accum_dtype is not None:
         out["data_types"] = {"grad_accum_dtype": config.grad_accum_dtype}
@@ -214,16 +205,7 @@ def eval_config(
     if stage == 3:
         zero["offload_param"] = {"device": "cpu" if param_offload else "none"}
         zero["zero_hpz_partition_size"] = config.zpg
-    batch, locks = _batch_keys(config, world_size)
-    precision, precision_locks = _precision(config)
-    out: dict[str, Any] = {
-        **batch,
-        "steps_per_print": _STEPS_PER_PRINT,
-        "wall_clock_breakdown": False,
-        "prescale_gradients": False,
-        **precision,
-        "zero_optimization": zero,
-    }
+    out, locks = _base_config(config, world_size, zero)
     user = copy.deepcopy(config.deepspeed_config) if config.deepspeed_config else None
     if user is not None:
         user.pop("optimizer", None)
@@ -234,7 +216,24 @@ def eval_config(
             for key in ("stage", "offload_optimizer", "offload_param", "overlap_comm", "compute_grad_norm",
                         "zero_hpz_partition_size"):  # fmt: skip
                 user["zero_optimization"].pop(key, None)
-    return _apply_user(out, user, locks + precision_locks)
+    return _apply_user(out, user, locks)
+
+
+def _base_config(
+    config: StrategyConfig, world_size: int, zero: dict[str, Any]
+) -> tuple[dict[str, Any], list[_Lock]]:
+    """What train and eval configs share: batch sizes, logging, precision and the ZeRO section."""
+    batch, batch_locks = _batch_keys(config, world_size)
+    precision, precision_locks = _precision(config)
+    out: dict[str, Any] = {
+        **batch,
+        "steps_per_print": _STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+        "prescale_gradients": False,
+        **precision,
+        "zero_optimization": zero,
+    }
+    return out, batch_locks + precision_locks
 
 
 # --------------------------------------------------------------------------- merging

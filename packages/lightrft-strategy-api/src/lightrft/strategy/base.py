@@ -160,28 +160,21 @@ class StrategyBase(ABC):
         if self.is_rank_0():
             print(*msg, flush=True)
 
+    # Collectives run on the strategy's device: CUDA under NCCL, CPU with gloo (the process group
+    # is "cpu:gloo,cuda:nccl" when CUDA exists, so either device is served).
     def all_reduce(self, data: Any, op: str = "mean") -> Any:
         """Mean / sum / max / min over ranks of a tensor, a python number or a dict of them."""
-        return comm.all_reduce(data, op, device=self._comm_device())
+        return comm.all_reduce(data, op, device=self.device)
 
     def all_gather(self, data: Any) -> Any:
         """Every rank's ``data``: tensors concatenated on dim 0, numbers as a list, dicts per key."""
-        return comm.all_gather(data, device=self._comm_device())
+        return comm.all_gather(data, device=self.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return comm.all_gather_object(obj)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         return comm.broadcast_object(obj, src)
-
-    def _comm_device(self) -> torch.device:
-        if (
-            comm.is_distributed()
-            and "nccl" in str(dist.get_backend())
-            and "gloo" not in str(dist.get_backend())
-        ):
-            return self.device
-        return torch.device("cpu") if not torch.cuda.is_available() else self.device
 
     def shutdown(self) -> None:
         """Shuts the engine down and destroys the process group this strategy created."""

@@ -8,6 +8,8 @@ matters, and each step says why):
 2. ``enable_activation_checkpointing``: wraps the decoder layers *before* sharding, so that the
    recomputed forward runs inside the FSDP unit and re-gathers its parameters.
 3. ``apply_fully_shard``: decoder layers, embeddings and the output head bottom-up, then the root.
+   A model without known decoder layers (``fallback_blocks``) has its large direct children
+   sharded as units instead, and the root takes the rest.
 4. ``materialize_meta``: a model built on the meta device gets real (sharded) storage; only this
    rank's shard is ever allocated.
 """
@@ -15,6 +17,7 @@ matters, and each step says why):
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -100,6 +103,42 @@ def find_blocks(model: nn.Module, class_names: Sequence[str]) -> list[nn.Module]
         if type(module).__name__ in wanted:
             blocks.append(module)
             inside.update(id(m) for m in module.modules())
+    return blocks
+
+
+#: A direct child with at least this many parameters (2**20, 4 MiB in fp32) becomes its own FSDP
+#: unit when the model has no known decoder layers. Why this size: a unit costs a fixed number of
+#: collectives per step (all-gather in forward and backward, reduce-scatter in backward); below a
+#: few MiB those are latency-bound, so a unit buys nothing in memory and costs time, and small
+#: children (norms, activations, biases) are better gathered with the root. Above it, one unit per
+#: child bounds what is gathered at once to that child, which is what per-layer sharding of an
+#: ``nn.Sequential`` of big layers is for. An absolute size, not a fraction of the model: a
+#: fraction would turn a Sequential of 200 equal layers into one root-only unit.
+MIN_UNIT_PARAMS = 2**20
+_warned_fallback: set[str] = set()
+
+
+def fallback_blocks(model: nn.Module, class_names: Sequence[str]) -> list[nn.Module]:
+    """For a model without a submodule of a class in ``class_names``: its direct children with
+    at least :data:`MIN_UNIT_PARAMS` parameters, each to be its own unit (the root takes the rest).
+
+    Warns once per model class, naming the children chosen and how to get one unit per layer."""
+    blocks = [
+        child for child in model.children() if sum(p.numel() for p in child.parameters()) >= MIN_UNIT_PARAMS
+    ]
+    cls = type(model).__name__
+    if cls not in _warned_fallback:
+        _warned_fallback.add(cls)
+        names = [name for name, child in model.named_children() if any(child is b for b in blocks)]
+        units = f"its children {names} (>= {MIN_UNIT_PARAMS} parameters each) as units, " if names else ""
+        warnings.warn(
+            f"FSDP: {cls} has no submodule of a class in {list(class_names)} (the model's _no_split_modules "
+            f"plus StrategyConfig.no_split_modules), so it is sharded with {units}any nn.Embedding as units and "
+            "the root holding the rest. For one FSDP unit per layer, set no_split_modules to the layer class "
+            "name(s), e.g. no_split_modules=['LlamaDecoderLayer'] (or ['Linear'] for a Sequential of Linear).",
+            UserWarning,
+            stacklevel=3,
+        )
     return blocks
 
 

@@ -80,6 +80,10 @@ class FSDPV2Strategy(StrategyBase):
         return sharding.parameters_on_meta() if meta_init else contextlib.nullcontext()
 
     def prepare_model(self, model: nn.Module, is_training: bool = True) -> nn.Module:
+        """Shards ``model`` in place: each decoder layer (``_no_split_modules`` plus
+        ``config.no_split_modules``), the embeddings and the output head as units, then the root.
+        A model without such layers (e.g. a plain ``nn.Sequential``) is sharded at the root with
+        its large direct children as units (``sharding.fallback_blocks``, which warns once)."""
         if isinstance(model, FSDPModule):
             return model
         mesh = self._require_mesh()
@@ -87,11 +91,8 @@ class FSDPV2Strategy(StrategyBase):
         class_names = sharding.no_split_class_names(model, cfg.no_split_modules)
         blocks = sharding.find_blocks(model, class_names)
         if not blocks:
-            raise ValueError(
-                f"{type(model).__name__} has no module to shard as a unit: none of its submodules is of a class "
-                f"in {class_names or '[]'} (its _no_split_modules plus StrategyConfig.no_split_modules); set "
-                "no_split_modules to the decoder layer class name(s), e.g. ['LlamaDecoderLayer']"
-            )
+            # Raw FSDP2 shards any model at the root; so do we, plus its large children (warns once).
+            blocks = sharding.fallback_blocks(model, class_names)
         meta = sharding.has_meta_parameters(model)
         if is_training:
             sharding.to_fp32_master(model)

@@ -4,9 +4,12 @@
 - :class:`FakeEngine`: an InferenceEngine generating greedily from pushed weights.
 - :mod:`lightrft.testing.conformance`: the behavioural suite every strategy passes.
 - :func:`run_distributed`: run a function on N gloo ranks under torchrun and collect results.
+- :mod:`lightrft.testing.harness`: build, train, full parameters, shared temp dirs, reduction
+  counts and an isolating check runner: the pieces of every multi-rank strategy test.
 """
 
-from .distributed import DistributedRunError, run_distributed
+from . import harness
+from .distributed import DistributedRunError, call, run_distributed
 from .engine import FakeEngine
 from .fake import FakeStrategy, clone_model
 from .models import TinyCausalLM, TinyConfig, causal_lm_loss, make_batches, make_tiny_llama, make_tiny_model
@@ -25,9 +28,11 @@ __all__ = [
     "FakeStrategy",
     "TinyCausalLM",
     "TinyConfig",
+    "call",
     "causal_lm_loss",
     "clone_model",
     "get_fake_strategy",
+    "harness",
     "make_batches",
     "make_tiny_llama",
     "make_tiny_model",

@@ -1,6 +1,7 @@
 """Run a function on N ranks under ``torchrun`` (gloo on CPU, NCCL on GPUs) and collect results.
 
-The function is named by import path (``"package.module:function"``, or a module-level callable);
+The function is named by import path (``"package.module:function"``, found through ``pythonpath``),
+or given as a module-level callable;
 it receives ``**kwargs`` on every rank and returns tensors, numbers, strings, lists, tuples and
 dicts of them. Results travel back through ``torch.save`` / ``torch.load(weights_only=True)``.
 """
@@ -11,26 +12,55 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._worker import resolve
 
 
 class DistributedRunError(RuntimeError):
     """A rank failed (its traceback is in the message) or the launch itself failed."""
 
 
-def _fn_path(fn: str | Callable[..., Any]) -> str:
+PythonPath = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
+
+
+def _target(fn: str | Callable[..., Any]) -> tuple[str, str | None]:
+    """``("module:qualname", source file or None)``; the file lets a rank load a function whose
+    module pytest imported by path (``--import-mode=importlib``), which no name would import."""
     if isinstance(fn, str):
         if ":" not in fn:
             raise ValueError(f"fn={fn!r} is invalid: use 'package.module:function'")
-        return fn
+        return fn, None
     module, qualname = fn.__module__, fn.__qualname__
     if module == "__main__" or "<locals>" in qualname:
         raise ValueError(f"fn={qualname!r} must be a module-level function of an importable module")
-    return f"{module}:{qualname}"
+    source = getattr(sys.modules.get(module), "__file__", None)
+    return f"{module}:{qualname}", source
+
+
+def _paths(pythonpath: PythonPath) -> list[str]:
+    if pythonpath is None:
+        return []
+    items = [pythonpath] if isinstance(pythonpath, (str, os.PathLike)) else list(pythonpath)
+    return [str(Path(p).resolve()) for p in items]
+
+
+def call(fn: str, kwargs: dict[str, Any] | None = None, pythonpath: PythonPath = None) -> Any:
+    """Calls ``fn(**kwargs)`` in this process, ``fn`` named as for :func:`run_distributed`: its
+    module is looked up in ``pythonpath`` first, without changing ``sys.path``. For a test that runs
+    a rank-side function both here (one rank) and under torchrun (several)."""
+    target, _ = _target(fn)
+    module_name = target.split(":", 1)[0]
+    for directory in _paths(pythonpath):
+        top = Path(directory, *module_name.split("."))
+        source = top.with_suffix(".py") if top.with_suffix(".py").exists() else top / "__init__.py"
+        if source.exists():
+            return resolve(target, str(source))(**(kwargs or {}))
+    return resolve(target)(**(kwargs or {}))
 
 
 def run_distributed(
@@ -39,19 +69,28 @@ def run_distributed(
     kwargs: dict[str, Any] | None = None,
     timeout: float = 600.0,
     env: dict[str, str] | None = None,
+    pythonpath: PythonPath = None,
 ) -> list[Any]:
     """Runs ``fn(**kwargs)`` on ``world_size`` processes launched by ``torchrun --standalone``
-    and returns the per-rank results, rank 0 first. Raises DistributedRunError on failure."""
-    target = _fn_path(fn)
+    and returns the per-rank results, rank 0 first. Raises DistributedRunError on failure.
+
+    ``fn``: a module-level function, or ``"package.module:function"``. ``pythonpath``: directories
+    put first on the ranks' ``PYTHONPATH`` (e.g. a test directory holding the rank-side module),
+    so that no ``conftest.py`` has to patch ``sys.path``."""
+    target, source = _target(fn)
     with tempfile.TemporaryDirectory(prefix="lightrft-dist-") as tmp:
         tmpdir = Path(tmp)
         torch.save(kwargs or {}, tmpdir / "kwargs.pt")
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-            "--max-restarts=0", "-m", "lightrft.testing._worker", target, str(tmpdir),
+            "--max-restarts=0", "-m", "lightrft.testing._worker", target, str(tmpdir), *([source] if source else []),
         ]  # fmt: skip
         child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         child_env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+        extra = _paths(pythonpath)
+        if extra:
+            inherited = [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            child_env["PYTHONPATH"] = os.pathsep.join([*extra, *inherited])
         try:
             proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:

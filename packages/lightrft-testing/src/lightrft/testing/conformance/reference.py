@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..models import causal_lm_loss, make_batches, make_tiny_model
-from .checks import DATA_SEED, MODEL_SEED, STEPS
+from .spec import DATA_SEED, MODEL_SEED, STEPS
 
 
 def reference_training(cfg: dict[str, Any], max_steps: int = 10) -> dict[str, Any]:

@@ -7,12 +7,13 @@ DeepSpeedCPUAdam JIT-builds its op for about 100 s on CPU, so this test is opt-i
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from lightrft.testing import run_distributed
-from lightrft.testing.conformance import run_checks
+from lightrft.testing.conformance import check_results, run_checks
 
 pytestmark = [
     pytest.mark.slow,
@@ -24,9 +25,15 @@ pytestmark = [
 
 
 def test_adam_offload_uses_cpu_adam_and_matches_fake() -> None:
-    ranks = run_distributed("_cpuadam_fns:run", 2, env={"PYTHONPATH": os.path.dirname(__file__)}, timeout=900)
+    out = run_distributed(
+        "deepspeed_rank_checks:run",
+        2,
+        {"names": ["adam_offload_zero2"]},
+        timeout=900,
+        pythonpath=Path(__file__).parent,
+    )
     fake = run_checks("fake", {}, checks=["parity"])["parity"]["result"]
-    for r in ranks:
+    for r in check_results(out, "adam_offload_zero2"):
         assert r["optimizer"] == "DeepSpeedCPUAdam"
         assert r["losses"] == pytest.approx(fake["losses"], abs=1e-5)
         assert r["norms"] == pytest.approx(fake["norms"], abs=1e-5)

@@ -5,16 +5,20 @@ runs hybrid sharding on 4 ranks."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import torch.distributed as dist
-from _dist_fns import hybrid_checks, load_checkpoint_and_train, main_checks, save_checkpoint_after_training
+from torch import nn
 
 from lightrft.strategy import get_fake_strategy
-from lightrft.testing import causal_lm_loss, make_batches, make_tiny_model, run_distributed
+from lightrft.testing import call, make_batches, make_sequential_lm, make_tiny_model, run_distributed
+from lightrft.testing.harness import build, max_diff, train
+
+#: Where the rank-side functions (``fsdp_rank_checks``) live, for run_distributed and call.
+HERE = Path(__file__).resolve().parent
 
 CONFIG: dict[str, Any] = {
     "strategy": "fsdp",
@@ -30,37 +34,20 @@ CONFIG: dict[str, Any] = {
 ATOL = 1e-5
 
 
-def fake_training(config: dict[str, Any], model_seed: int, data_seed: int, steps: int) -> dict[str, Any]:
+def fake_training(
+    config: dict[str, Any],
+    model_seed: int,
+    data_seed: int,
+    steps: int,
+    make_model: Callable[[int], nn.Module] = make_tiny_model,
+) -> dict[str, Any]:
     """FakeStrategy on the whole global batch: the reference for the data-parallel run."""
     cfg = {k: v for k, v in config.items() if k not in ("strategy", "fsdp_shard_size")}
     fake = get_fake_strategy(cfg)
-    model = fake.prepare_model(make_tiny_model(model_seed))
-    optim = fake.create_optimizer(model, lr=cfg["actor_learning_rate"], weight_decay=cfg["l2"])
-    sched = fake.create_scheduler(optim, 10)
-    model, optim, sched = fake.prepare((model, optim, sched))
-    losses, norms = [], []
-    micro = cfg["micro_train_batch_size"]
-    for gb in make_batches(data_seed, steps, cfg["train_batch_size"]):
-        local = []
-        for i in range(0, gb.shape[0], micro):
-            loss = causal_lm_loss(model, gb[i : i + micro])
-            fake.backward(loss, model, optim)
-            norm = fake.optimizer_step(optim, model, sched)
-            local.append(loss.detach())
-        losses.append(float(torch.stack(local).mean()))
-        norms.append(norm)
+    model, optim, sched = build(fake, make_model(model_seed))
+    run = train(fake, model, optim, sched, make_batches(data_seed, steps, cfg["train_batch_size"]))
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return {
-        "losses": losses,
-        "norms": norms,
-        "params": params,
-        "accumulated_gradient": fake.accumulated_gradient,
-    }
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert sorted(a) == sorted(b)
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return {**run, "params": params, "accumulated_gradient": fake.accumulated_gradient}
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +69,18 @@ def solo_group() -> Any:
 
 @pytest.fixture(scope="module")
 def one_rank_saved(solo_group: Any, ckpt_root: Path) -> dict[str, Any]:
-    return save_checkpoint_after_training(CONFIG, str(ckpt_root / "ckpt1"))
+    return call(
+        "fsdp_rank_checks:save_checkpoint_after_training",
+        {"config": CONFIG, "save_dir": str(ckpt_root / "ckpt1")},
+        pythonpath=HERE,
+    )
 
 
 @pytest.fixture(scope="module")
 def main(ckpt_root: Path, one_rank_saved: dict[str, Any]) -> list[dict[str, Any]]:
-    return run_distributed(main_checks, world_size=2, kwargs={"config": CONFIG, "tmp": str(ckpt_root)})
+    return run_distributed(
+        "fsdp_rank_checks:main_checks", 2, {"config": CONFIG, "tmp": str(ckpt_root)}, pythonpath=HERE
+    )
 
 
 # ------------------------------------------------------------------------------ sharding
@@ -122,6 +115,20 @@ def test_loss_norm_and_param_parity_with_fake(main: list[dict[str, Any]]) -> Non
         assert min(r["parity_norms"]) > CONFIG["max_norm"]
         assert max_diff(r["parity_params"], ref["params"]) < ATOL
     assert main[0]["parity_norms"] == main[1]["parity_norms"]
+
+
+def test_sequential_without_decoder_layers_shards_and_matches_fake(main: list[dict[str, Any]]) -> None:
+    """Issue 7 item 2: a plain nn.Sequential is sharded (root, the embedding, the large Linear),
+    warns once how to get per-layer units, and trains like FakeStrategy."""
+    ref = fake_training(CONFIG, model_seed=31, data_seed=32, steps=3, make_model=make_sequential_lm)
+    for r in main:
+        assert r["seq_units"] == ["0", "1", "<root>"]
+        assert len(r["seq_warnings"]) == 1 and "Sequential has no submodule" in r["seq_warnings"][0]
+        assert r["seq_all_dtensor"] is True
+        assert r["seq_losses"] == pytest.approx(ref["losses"], abs=1e-6)
+        assert r["seq_norms"] == pytest.approx(ref["norms"], abs=1e-6)
+        assert min(r["seq_norms"]) > CONFIG["max_norm"]  # clipping bit
+        assert max_diff(r["seq_params"], ref["params"]) < 1e-6
 
 
 def test_no_gradient_sync_before_the_boundary(main: list[dict[str, Any]]) -> None:
@@ -226,7 +233,11 @@ def test_two_rank_checkpoint_loads_on_one_rank(
 ) -> None:
     from lightrft.strategy import get_strategy
 
-    one = load_checkpoint_and_train(get_strategy(CONFIG), str(ckpt_root / "ckpt2"))
+    one = call(
+        "fsdp_rank_checks:load_checkpoint_and_train",
+        {"strategy": get_strategy(CONFIG), "load_dir": str(ckpt_root / "ckpt2")},
+        pythonpath=HERE,
+    )
     two = main[0]
     assert one["world_size"] == 1
     assert max_diff(one["loaded"], two["xw_saved"]) == 0.0
@@ -242,7 +253,7 @@ def test_two_rank_checkpoint_loads_on_one_rank(
 @pytest.mark.slow
 def test_hybrid_sharding_on_four_ranks() -> None:
     config = {**CONFIG, "fsdp_shard_size": 2}
-    results = run_distributed(hybrid_checks, world_size=4, kwargs={"config": config})
+    results = run_distributed("fsdp_rank_checks:hybrid_checks", 4, {"config": config}, pythonpath=HERE)
     ref = fake_training(CONFIG, model_seed=11, data_seed=5, steps=2)
     for r in results:
         assert r["mesh_shape"] == [2, 2] and r["mesh_dims"] == ["replicate", "shard"]

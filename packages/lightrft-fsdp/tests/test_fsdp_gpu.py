@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _dist_fns import gpu_checks
 
 from lightrft.testing import run_distributed
+
+HERE = Path(__file__).resolve().parent
 
 GPU_CONFIG: dict[str, Any] = {
     "strategy": "fsdp",
@@ -25,7 +26,9 @@ GPU_CONFIG: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def gpu(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp: Path = tmp_path_factory.mktemp("gpu")
-    return run_distributed(gpu_checks, world_size=2, kwargs={"config": GPU_CONFIG, "tmp": str(tmp)})
+    return run_distributed(
+        "fsdp_rank_checks:gpu_checks", 2, {"config": GPU_CONFIG, "tmp": str(tmp)}, pythonpath=HERE
+    )
 
 
 @pytest.mark.gpu(2)

@@ -12,7 +12,15 @@ from . import harness
 from .distributed import DistributedRunError, call, run_distributed
 from .engine import FakeEngine
 from .fake import FakeStrategy, clone_model
-from .models import TinyCausalLM, TinyConfig, causal_lm_loss, make_batches, make_tiny_llama, make_tiny_model
+from .models import (
+    TinyCausalLM,
+    TinyConfig,
+    causal_lm_loss,
+    make_batches,
+    make_sequential_lm,
+    make_tiny_llama,
+    make_tiny_model,
+)
 
 
 def get_fake_strategy(args=None, **overrides):  # noqa: ANN001, ANN201 - mirrors lightrft.strategy
@@ -34,6 +42,7 @@ __all__ = [
     "get_fake_strategy",
     "harness",
     "make_batches",
+    "make_sequential_lm",
     "make_tiny_llama",
     "make_tiny_model",
     "run_distributed",

@@ -76,6 +76,20 @@ def make_tiny_model(seed: int = 0, config: TinyConfig | None = None) -> TinyCaus
         return TinyCausalLM(config)
 
 
+def make_sequential_lm(seed: int = 0, hidden_size: int = 1024, vocab_size: int = 64) -> nn.Sequential:
+    """A causal LM as a plain ``nn.Sequential`` (embedding, Linear, GELU, head): no decoder-layer
+    class for a backend to find. At the default size its middle Linear (1,049,600 parameters) is
+    large enough to be an FSDP unit of its own; ``model(input_ids)`` returns logits."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Embedding(vocab_size, hidden_size),
+            nn.Linear(hidden_size, hidden_size),
+            nn.GELU(),
+            nn.Linear(hidden_size, vocab_size),
+        )
+
+
 def make_tiny_llama(
     seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, num_layers: int = 2, **kw: Any
 ) -> Any:

@@ -1,28 +1,29 @@
-"""DeepSpeed-specific checks, run inside every rank of one torchrun launch.
+"""DeepSpeed-specific checks, run inside every rank of one torchrun launch (named
+``"deepspeed_rank_checks:run"``, found through ``run_distributed(..., pythonpath=)`` this directory).
 
-Each check measures and returns numbers; the assertions are in ``test_distributed.py``. One launch
-runs them all (DeepSpeed's import and engine set-up dominate a launch), each on a strategy of its
-own ZeRO stage; a failing check reports its traceback without hiding the others.
+Each check measures and returns numbers with the pieces of ``lightrft.testing.harness``; the
+assertions are in ``test_deepspeed_distributed.py`` / ``test_deepspeed_gpu.py``. One launch runs
+them all (DeepSpeed's import and engine set-up dominate a launch), each on a strategy of its own
+ZeRO stage, isolated by ``harness.run_isolated``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import shutil
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from lightrft.deepspeed import DeepspeedStrategy
 from lightrft.deepspeed import strategy as ds_strategy
-from lightrft.testing.conformance import checks as conf
-from lightrft.testing.models import make_batches, make_tiny_llama
+from lightrft.testing.conformance import BASE_CONFIG, DATA_SEED, MODEL_SEED
+from lightrft.testing.conformance import CHECKS as CONFORMANCE_CHECKS
+from lightrft.testing.harness import build, flat, full_params, run_isolated, shared_tmpdir, train
+from lightrft.testing.models import make_batches, make_sequential_lm, make_tiny_llama, make_tiny_model
 
-CONFIG: dict[str, Any] = {**conf.BASE_CONFIG, "bf16": False}
+CONFIG: dict[str, Any] = {**BASE_CONFIG, "bf16": False}
 #: Partition every parameter under ZeRO-3 (DeepSpeed keeps small ones whole by default).
 ZERO3_ALL_PARTITIONED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 LLAMA_VOCAB = 128
@@ -41,27 +42,15 @@ def _llama_ids(strategy: DeepspeedStrategy) -> torch.Tensor:
     return make_batches(5, 1, 2, seq_len=12, vocab_size=LLAMA_VOCAB)[0].to(strategy.device)
 
 
+def _hf_loss(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, labels=ids).loss
+
+
 def _train_llama(strategy: DeepspeedStrategy, model: Any, steps: int = 1) -> tuple[Any, Any, Any]:
-    optim = strategy.create_optimizer(model, lr=1e-2, weight_decay=0.01)
-    sched = strategy.create_scheduler(optim, 10)
-    engine, optim, sched = strategy.prepare((model, optim, sched))
-    for gb in make_batches(11, steps, strategy.config.train_batch_size, seq_len=12, vocab_size=LLAMA_VOCAB):
-        for mb in conf.rank_share(strategy, gb):
-            mb = mb.to(strategy.device)
-            loss = engine(mb, labels=mb).loss
-            strategy.backward(loss, engine, optim)
-            strategy.optimizer_step(optim, engine, sched)
+    engine, optim, sched = build(strategy, model, lr=1e-2, weight_decay=0.01)
+    batches = make_batches(11, steps, strategy.config.train_batch_size, seq_len=12, vocab_size=LLAMA_VOCAB)
+    train(strategy, engine, optim, sched, batches, loss_fn=_hf_loss)
     return engine, optim, sched
-
-
-def _shared_dir(strategy: DeepspeedStrategy, name: str) -> Path:
-    return conf.shared_tmpdir(strategy, name)
-
-
-def _cleanup(strategy: DeepspeedStrategy, root: Path) -> None:
-    strategy.barrier()
-    if strategy.is_rank_0():
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ checks
@@ -70,7 +59,6 @@ def check_hf_save_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     the logits must equal the trained model's."""
     from transformers import AutoModelForCausalLM
 
-    root = _shared_dir(strategy, "hf-save")
     with strategy.init_model_context():
         model = make_tiny_llama(seed=3, vocab_size=LLAMA_VOCAB)
     engine, _, _ = _train_llama(strategy, model)
@@ -78,19 +66,15 @@ def check_hf_save_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     engine.eval()
     with torch.no_grad():
         trained_logits = engine(ids).logits.float()
-    strategy.save_model(engine, root / "hf")
-    # Every rank loads (transformers may run collectives of its own when a process group exists).
-    loaded = AutoModelForCausalLM.from_pretrained(str(root / "hf"))
-    loaded.to(device=strategy.device, dtype=strategy.param_dtype).eval()
-    with torch.no_grad():
-        logits = loaded(ids).logits.float()
-    out: dict[str, Any] = {
-        "stage": strategy.stage,
-        "files": sorted(p.name for p in (root / "hf").iterdir()),
-        "max_diff": float((logits - trained_logits).abs().max()),
-    }
-    _cleanup(strategy, root)
-    return out
+    with shared_tmpdir(strategy, "hf-save") as root:
+        strategy.save_model(engine, root / "hf")
+        # Every rank loads (transformers may run collectives of its own when a process group exists).
+        loaded = AutoModelForCausalLM.from_pretrained(str(root / "hf"))
+        loaded.to(device=strategy.device, dtype=strategy.param_dtype).eval()
+        with torch.no_grad():
+            logits = loaded(ids).logits.float()
+        files = sorted(p.name for p in (root / "hf").iterdir())
+    return {"stage": strategy.stage, "files": files, "max_diff": float((logits - trained_logits).abs().max())}
 
 
 def check_gradient_checkpointing(strategy: DeepspeedStrategy) -> dict[str, Any]:
@@ -102,7 +86,7 @@ def check_gradient_checkpointing(strategy: DeepspeedStrategy) -> dict[str, Any]:
         engine, _, _ = _train_llama(s, make_tiny_llama(seed=9, vocab_size=LLAMA_VOCAB), steps=2)
         runs[name] = {
             "enabled": bool(s.unwrap_model(engine).is_gradient_checkpointing),
-            "params": conf.flat(conf.full_params(s, engine)),
+            "params": flat(full_params(s, engine)),
         }
     return {
         "enabled": runs["checkpointed"]["enabled"],
@@ -116,7 +100,6 @@ def check_peft_save_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     PeftModel.from_pretrained on a fresh base reproduces the trained logits."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    root = _shared_dir(strategy, "peft")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     model = get_peft_model(make_tiny_llama(seed=7, vocab_size=LLAMA_VOCAB), lora)
     engine, _, _ = _train_llama(strategy, model)
@@ -124,20 +107,20 @@ def check_peft_save_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     engine.eval()
     with torch.no_grad():
         trained_logits = engine(ids).logits.float()
-    strategy.save_model(engine, root / "adapter")
-    fresh = make_tiny_llama(seed=7, vocab_size=LLAMA_VOCAB)
-    with torch.no_grad():
-        base_logits = fresh.to(strategy.device)(ids).logits.float()
-    loaded = PeftModel.from_pretrained(fresh, str(root / "adapter")).to(strategy.device).eval()
-    with torch.no_grad():
-        logits = loaded(ids).logits.float()
-    out = {
-        "files": sorted(p.name for p in (root / "adapter").iterdir()),
+    with shared_tmpdir(strategy, "peft") as root:
+        strategy.save_model(engine, root / "adapter")
+        fresh = make_tiny_llama(seed=7, vocab_size=LLAMA_VOCAB)
+        with torch.no_grad():
+            base_logits = fresh.to(strategy.device)(ids).logits.float()
+        loaded = PeftModel.from_pretrained(fresh, str(root / "adapter")).to(strategy.device).eval()
+        with torch.no_grad():
+            logits = loaded(ids).logits.float()
+        files = sorted(p.name for p in (root / "adapter").iterdir())
+    return {
+        "files": files,
         "max_diff": float((logits - trained_logits).abs().max()),
         "moved": float((trained_logits - base_logits).abs().max()),
     }
-    _cleanup(strategy, root)
-    return out
 
 
 def check_zero_init_load_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
@@ -150,18 +133,17 @@ def check_zero_init_load_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     with strategy.init_model_context():
         model = make_tiny_llama(seed=22, vocab_size=LLAMA_VOCAB)
     partitioned = [n for n, p in model.named_parameters() if hasattr(p, "ds_id") and p.numel() == 0]
-    root = _shared_dir(strategy, "hf-load")
     reference = make_tiny_llama(seed=21, vocab_size=LLAMA_VOCAB)
-    own = root / f"ref{strategy.get_rank()}"  # every rank saves (symmetric), each its own copy
-    reference.save_pretrained(str(own))
-    strategy.barrier()
-    strategy.load_model(model, root / "ref0")
-    ids = _llama_ids(strategy)
-    engine = strategy.prepare(model)  # frozen: evaluation engine (ZeRO-3 under ZeRO-3 training)
-    with torch.no_grad():
-        got = engine(ids).logits.float()
-        want = reference.to(strategy.device)(ids).logits.float()
-    _cleanup(strategy, root)
+    with shared_tmpdir(strategy, "hf-load") as root:
+        own = root / f"ref{strategy.get_rank()}"  # every rank saves (symmetric), each its own copy
+        reference.save_pretrained(str(own))
+        strategy.barrier()
+        strategy.load_model(model, root / "ref0")
+        ids = _llama_ids(strategy)
+        engine = strategy.prepare(model)  # frozen: evaluation engine (ZeRO-3 under ZeRO-3 training)
+        with torch.no_grad():
+            got = engine(ids).logits.float()
+            want = reference.to(strategy.device)(ids).logits.float()
     return {
         "transformers_was_imported": transformers_was_imported,
         "partitioned": len(partitioned),
@@ -173,9 +155,9 @@ def check_zero_init_load_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
 def check_skip_keeps_optimizer_state(strategy: DeepspeedStrategy) -> dict[str, Any]:
     """A non-finite norm leaves parameters, optimizer state (master weights, Adam moments, step)
     and the learning-rate schedule untouched; the step is counted in skipped_steps."""
-    engine, optim, sched = conf.build(strategy)
-    batches = make_batches(conf.DATA_SEED, 3, strategy.config.train_batch_size)
-    conf.train_steps(strategy, engine, optim, sched, batches[:1])
+    engine, optim, sched = build(strategy, make_tiny_model(MODEL_SEED))
+    batches = make_batches(DATA_SEED, 3, strategy.config.train_batch_size)
+    train(strategy, engine, optim, sched, batches[:1])
 
     def snapshot() -> list[torch.Tensor]:
         inner = engine.basic_optimizer
@@ -184,15 +166,13 @@ def check_skip_keeps_optimizer_state(strategy: DeepspeedStrategy) -> dict[str, A
             out += [
                 v.detach().clone() if torch.is_tensor(v) else torch.tensor(float(v)) for v in state.values()
             ]
-        return out + [conf.flat(conf.full_params(strategy, engine))]
+        return out + [flat(full_params(strategy, engine))]
 
     before, lr_before, epoch_before = snapshot(), sched.get_last_lr(), sched.last_epoch
-    bad = conf.train_steps(
-        strategy, engine, optim, sched, batches[1:2], loss_hook=lambda loss: loss * math.inf
-    )
+    bad = train(strategy, engine, optim, sched, batches[1:2], loss_hook=lambda loss: loss * math.inf)
     after = snapshot()
     lr_after_bad, epoch_after_bad = sched.get_last_lr(), sched.last_epoch
-    good = conf.train_steps(strategy, engine, optim, sched, batches[2:3])
+    good = train(strategy, engine, optim, sched, batches[2:3])
     return {
         "stage": strategy.stage,
         "bad_norm": bad["norms"][0],
@@ -212,8 +192,8 @@ def check_skip_keeps_optimizer_state(strategy: DeepspeedStrategy) -> dict[str, A
 def check_zero3_buckets_bounded(strategy: DeepspeedStrategy) -> dict[str, Any]:
     """Weight sync under ZeRO-3 gathers one planned bucket at a time: the bytes gathered at once
     never exceed max(bucket_bytes, largest tensor), and the buckets hold every full parameter."""
-    engine, optim, sched = conf.build(strategy)
-    conf.train_steps(strategy, engine, optim, sched, make_batches(conf.DATA_SEED, 1, 8))
+    engine, optim, sched = build(strategy, make_tiny_model(MODEL_SEED))
+    train(strategy, engine, optim, sched, make_batches(DATA_SEED, 1, 8))
     gathered: list[int] = []
     original = ds_strategy._gathered
 
@@ -249,7 +229,7 @@ def check_zero3_buckets_bounded(strategy: DeepspeedStrategy) -> dict[str, Any]:
 
 def check_parity(strategy: DeepspeedStrategy) -> dict[str, Any]:
     """The conformance suite's parity run (3 optimizer steps with accumulation and clipping)."""
-    return {"stage": strategy.stage, **conf.check_parity(strategy)}
+    return {"stage": strategy.stage, **CONFORMANCE_CHECKS["parity"](strategy)}
 
 
 def check_fsdp_reference(strategy: DeepspeedStrategy) -> dict[str, Any]:
@@ -258,19 +238,49 @@ def check_fsdp_reference(strategy: DeepspeedStrategy) -> dict[str, Any]:
 
     fsdp = FSDPV2Strategy({**CONFIG, "strategy": "fsdp"})
     fsdp.setup_distributed()
-    return conf.check_parity(fsdp)
+    return CONFORMANCE_CHECKS["parity"](fsdp)
 
 
 def check_gpu_bf16_training(strategy: DeepspeedStrategy) -> dict[str, Any]:
     """bf16 on CUDA: the optimizer is FusedAdam and losses fall over a few steps."""
-    engine, optim, sched = conf.build(strategy)
-    batch = make_batches(conf.DATA_SEED, 1, strategy.config.train_batch_size)[0]
-    run = conf.train_steps(strategy, engine, optim, sched, [batch] * 6)
+    engine, optim, sched = build(strategy, make_tiny_model(MODEL_SEED))
+    batch = make_batches(DATA_SEED, 1, strategy.config.train_batch_size)[0]
+    run = train(strategy, engine, optim, sched, [batch] * 6)
     return {
         "basic_optimizer": type(engine.basic_optimizer).__name__,
         "param_dtype": str(next(strategy.unwrap_model(engine).parameters()).dtype),
         "losses": run["losses"],
         "norms": run["norms"],
+    }
+
+
+def sequential_parity_run(strategy: Any) -> dict[str, Any]:
+    """A plain nn.Sequential (no decoder-layer class), 3 optimizer steps with accumulation and
+    clipping: the run every backend must match (issue 7 item 2: FSDP must not refuse it)."""
+    model, optim, sched = build(strategy, make_sequential_lm(31))
+    run = train(strategy, model, optim, sched, make_batches(32, 3, strategy.config.train_batch_size))
+    params = full_params(strategy, model)
+    return {**run, "params": flat(params), "names": sorted(params)}
+
+
+def check_fsdp_sequential(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """The nn.Sequential run on FSDPV2Strategy, in the same process group."""
+    from lightrft.fsdp.strategy import FSDPV2Strategy
+
+    fsdp = FSDPV2Strategy({**CONFIG, "strategy": "fsdp"})
+    fsdp.setup_distributed()
+    return sequential_parity_run(fsdp)
+
+
+def check_adam_offload(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """adam_offload at ZeRO-2: DeepSpeedCPUAdam trains the conformance model 3 steps."""
+    model, optim, sched = build(strategy, make_tiny_model(MODEL_SEED))
+    run = train(strategy, model, optim, sched, make_batches(DATA_SEED, 3, strategy.config.train_batch_size))
+    return {
+        "optimizer": type(getattr(optim, "optimizer", optim)).__name__,
+        "losses": run["losses"],
+        "norms": run["norms"],
+        "params": flat(full_params(strategy, model)),
     }
 
 
@@ -292,30 +302,39 @@ CHECKS: dict[str, tuple[int, Callable[[DeepspeedStrategy], dict[str, Any]], dict
     "parity_zero2": (2, check_parity, {}),
     "parity_zero3": (3, check_parity, {}),
     "fsdp_reference": (0, check_fsdp_reference, {}),
+    "sequential_zero1": (1, sequential_parity_run, {}),
+    "sequential_zero2": (2, sequential_parity_run, {}),
+    "sequential_zero3": (3, sequential_parity_run, {}),
+    "fsdp_sequential": (0, check_fsdp_sequential, {}),
+    # Opt-in (builds DeepSpeedCPUAdam, ~100 s on CPU): test_adam_offload_slow.py.
+    "adam_offload_zero2": (2, check_adam_offload, {"adam_offload": True}),
     "gpu_training_zero2": (2, check_gpu_bf16_training, {}),
     "gpu_training_zero3": (3, check_gpu_bf16_training, {}),
 }
 #: The checks of the CPU run (gloo, fp32).
-CPU_CHECKS = [name for name in CHECKS if not name.startswith("gpu_")]
+CPU_CHECKS = [name for name in CHECKS if not name.startswith(("gpu_", "adam_offload"))]
 #: The checks of the GPU run (NCCL, bf16 where it applies).
 GPU_CHECKS = ["zero_init_load_model", "hf_save_zero2", "hf_save_zero3", "skip_state_zero2", "skip_state_zero3",
               "zero3_buckets", "gpu_training_zero2", "gpu_training_zero3"]  # fmt: skip
 
 
 def run(names: list[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Runs the named checks (all by default) in this rank; ``{name: {"ok", "result"|"error"}}``."""
-    results: dict[str, Any] = {}
-    strategies = []
-    for name in names or CPU_CHECKS:
+    """Runs the named checks (default: CPU_CHECKS) in this rank, each on a fresh strategy of its
+    stage; ``{name: {"ok", "result"|"error"}}`` (``harness.run_isolated``)."""
+    strategies: list[DeepspeedStrategy] = []
+
+    def check(name: str) -> Callable[[], dict[str, Any]]:
         stage, fn, extra = CHECKS[name]
-        try:
+
+        def measure() -> dict[str, Any]:
             strategy = make_strategy(stage, **extra, **(overrides or {}))
             strategies.append(strategy)
-            results[name] = {"ok": True, "result": conf._plain(fn(strategy))}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-            if dist.is_initialized():
-                dist.barrier()
+            return fn(strategy)
+
+        return measure
+
+    results = run_isolated([(name, check(name)) for name in names or CPU_CHECKS])
     for strategy in reversed(strategies):  # the first one owns the process group
-        strategy.shutdown()
+        with contextlib.suppress(Exception):
+            strategy.shutdown()
     return results

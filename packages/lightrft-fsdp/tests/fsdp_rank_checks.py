@@ -1,5 +1,6 @@
-"""Functions run on every rank by ``lightrft.testing.run_distributed`` (module-level, importable
-through the PYTHONPATH that conftest.py sets). They measure; the tests assert."""
+"""Functions run on every rank by ``lightrft.testing.run_distributed`` (named
+``"fsdp_rank_checks:<function>"``, found through ``pythonpath=`` this directory). They measure with
+the pieces of ``lightrft.testing.harness``; the tests assert."""
 
 from __future__ import annotations
 
@@ -12,44 +13,19 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from lightrft.strategy import get_strategy
-from lightrft.testing import causal_lm_loss, make_batches, make_tiny_llama, make_tiny_model
-from lightrft.testing.conformance.checks import rank_share
+from lightrft.testing import (
+    causal_lm_loss,
+    make_batches,
+    make_sequential_lm,
+    make_tiny_llama,
+    make_tiny_model,
+)
+from lightrft.testing.harness import build, count_reductions, full_params, rank_share, shared_tmpdir, train
 
 LLAMA_VOCAB = 128
 
 
 # ------------------------------------------------------------------------------------ helpers
-def build(strategy: Any, model: torch.nn.Module, max_steps: int = 10) -> tuple[Any, Any, Any]:
-    model = strategy.prepare_model(model, is_training=True)
-    optim = strategy.create_optimizer(
-        model, lr=strategy.config.actor_learning_rate, weight_decay=strategy.config.l2
-    )
-    sched = strategy.create_scheduler(optim, max_steps)
-    return strategy.prepare((model, optim, sched))
-
-
-def train(
-    strategy: Any, model: Any, optim: Any, sched: Any, global_batches: list[torch.Tensor]
-) -> dict[str, Any]:
-    """One optimizer step per global batch: global mean losses and returned norms."""
-    losses, norms = [], []
-    for gb in global_batches:
-        local = []
-        norm = None
-        for mb in rank_share(strategy, gb):
-            loss = causal_lm_loss(model, mb.to(strategy.device))
-            strategy.backward(loss, model, optim)
-            norm = strategy.optimizer_step(optim, model, sched)
-            local.append(loss.detach().float().cpu())
-        losses.append(float(strategy.all_reduce(torch.stack(local).mean(), "mean")))
-        norms.append(norm)
-    return {"losses": losses, "norms": norms}
-
-
-def full_params(strategy: Any, model: Any) -> dict[str, torch.Tensor]:
-    return {n: t.detach().float().cpu().clone() for b in strategy.iter_weight_buckets(model) for n, t in b}
-
-
 def placement_names(p: DTensor) -> list[str]:
     """Placements as ``Shard(0)`` / ``Replicate`` (their str() differs between torch versions)."""
     return [f"Shard({pl.dim})" if pl.is_shard() else type(pl).__name__ for pl in p.placements]
@@ -65,14 +41,6 @@ def state_storage_devices(optim: Any) -> list[str]:
             if torch.is_tensor(v)
         }
     )
-
-
-def shared_dir(strategy: Any, root: str, name: str) -> Path:
-    path = Path(root) / name
-    if strategy.is_rank_0():
-        path.mkdir(parents=True, exist_ok=True)
-    strategy.barrier()
-    return path
 
 
 def unsharded_grads(model: Any) -> list[torch.Tensor]:
@@ -96,38 +64,6 @@ def unsharded_grads(model: Any) -> list[torch.Tensor]:
     return out
 
 
-class ReductionCounter:
-    """Counts gradient-reduction collectives (every name torch has used for them)."""
-
-    NAMES = (
-        "all_reduce",
-        "reduce_scatter",
-        "reduce_scatter_tensor",
-        "reduce_scatter_single",
-        "_reduce_scatter_base",
-    )
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.originals = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
-
-    def __enter__(self) -> ReductionCounter:
-        def counting(fn: Any) -> Any:
-            def wrapper(*a: Any, **k: Any) -> Any:
-                self.n += 1
-                return fn(*a, **k)
-
-            return wrapper
-
-        for n, fn in self.originals.items():
-            setattr(dist, n, counting(fn))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for n, fn in self.originals.items():
-            setattr(dist, n, fn)
-
-
 # ------------------------------------------------------------------------ 2-rank main launch
 def main_checks(config: dict[str, Any], tmp: str) -> dict[str, Any]:
     """Everything that needs two ranks and no other launch, each measured on fresh models."""
@@ -137,6 +73,7 @@ def main_checks(config: dict[str, Any], tmp: str) -> dict[str, Any]:
     out["mesh_shape"] = list(strategy.mesh.shape)
     out.update(_units_and_dtypes(strategy))
     out.update(_parity(strategy, config))
+    out.update(_sequential(strategy, config))
     out.update(_no_sync(strategy))
     out.update(_fused_skip_on_device(strategy))
     out.update(_activation_checkpointing(strategy, config))
@@ -177,6 +114,28 @@ def _parity(strategy: Any, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _sequential(strategy: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """A plain nn.Sequential (no decoder-layer class): sharded at the root with its large Linear as
+    a unit of its own (and the embedding), then trained like any model."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = strategy.prepare_model(make_sequential_lm(31))
+        strategy.prepare_model(make_sequential_lm(31))  # a second model of the class: no second warning
+    units = sorted(name or "<root>" for name, m in model.named_modules() if isinstance(m, FSDPModule))
+    model, optim, sched = build(strategy, model)
+    run = train(strategy, model, optim, sched, make_batches(32, 3, config["train_batch_size"]))
+    return {
+        "seq_units": units,
+        "seq_warnings": [str(w.message) for w in caught if "no_split_modules" in str(w.message)],
+        "seq_all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
+        "seq_losses": run["losses"],
+        "seq_norms": run["norms"],
+        "seq_params": full_params(strategy, model),
+    }
+
+
 def _no_sync(strategy: Any) -> dict[str, Any]:
     """Before the boundary: no reduction, no sharded gradient, local gradients that differ per rank."""
     model, optim, sched = build(strategy, make_tiny_model(11))
@@ -186,7 +145,7 @@ def _no_sync(strategy: Any) -> dict[str, Any]:
     for i, mb in enumerate(micro):
         boundary = strategy.is_accumulation_boundary(model)
         loss = causal_lm_loss(model, mb)
-        with ReductionCounter() as counter:
+        with count_reductions() as counter:
             strategy.backward(loss, model, optim)
         entry = {
             "boundary": boundary,
@@ -335,7 +294,11 @@ def _optimizer_offload(strategy: Any) -> dict[str, Any]:
 def _hf_save_and_meta_load(strategy: Any, tmp: str) -> dict[str, Any]:
     """save_model -> transformers.from_pretrained gives the same logits; a meta-initialised
     model sharded first and then filled with load_model gives them too."""
-    out_dir = shared_dir(strategy, tmp, "hf")
+    with shared_tmpdir(strategy, "hf", root=tmp) as out_dir:
+        return _hf_round_trips(strategy, out_dir)
+
+
+def _hf_round_trips(strategy: Any, out_dir: Path) -> dict[str, Any]:
     model, optim, sched = build(strategy, make_tiny_llama(5, vocab_size=LLAMA_VOCAB))
     train(
         strategy,
@@ -389,7 +352,9 @@ def _cross_world_save(strategy: Any, tmp: str) -> dict[str, Any]:
     """Loads the 1-rank checkpoint (written in the pytest process), trains 2 steps; then trains
     its own model 2 steps and saves a checkpoint for the 1-rank load; records 2 more steps."""
     one = load_checkpoint_and_train(strategy, str(Path(tmp) / "ckpt1"))
-    root = shared_dir(strategy, tmp, "ckpt2")
+    root = (
+        Path(tmp) / "ckpt2"
+    )  # a fixed place: the 1-rank test in the pytest process loads it (save_ckpt makes it)
     model, optim, sched = build(strategy, make_tiny_model(15))
     batches = make_batches(16, 4, strategy.config.train_batch_size)
     train(strategy, model, optim, sched, batches[:2])

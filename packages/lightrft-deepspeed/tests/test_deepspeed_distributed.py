@@ -1,21 +1,27 @@
 """DeepSpeed-specific behaviour on 2 gloo ranks (CPU, fp32), all from one torchrun launch.
 
-The shared conformance suite (``test_conformance.py``) covers the common contract at ZeRO 1-3;
-these tests add ZeRO-0, Hugging Face round trips, zero.Init, the skip path's optimizer state,
-bounded ZeRO-3 gathering, parity with FSDPV2Strategy and a clean ZeRO-3 exit.
+The shared conformance suite (``test_deepspeed_conformance.py``) covers the common contract at
+ZeRO 1-3; these tests add ZeRO-0, Hugging Face round trips, zero.Init, the skip path's optimizer
+state, bounded ZeRO-3 gathering, parity with FSDPV2Strategy (the tiny LM and a plain
+``nn.Sequential``) and a clean ZeRO-3 exit. The rank side is ``deepspeed_rank_checks.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from lightrft.testing import run_distributed
+from lightrft.strategy import get_fake_strategy
+from lightrft.testing import call, run_distributed
+from lightrft.testing.conformance import BASE_CONFIG
 from lightrft.testing.conformance import check_results as result
+
+HERE = Path(__file__).resolve().parent
 
 pytest.importorskip("transformers")
 
@@ -26,7 +32,7 @@ _RESULTS: list[dict[str, Any]] = []
 def ranks() -> list[dict[str, Any]]:
     if not _RESULTS:
         # run_distributed raises unless every rank (ZeRO-3 engines included) exits with code 0.
-        _RESULTS.extend(run_distributed("ds_checks:run", world_size=2, timeout=600))
+        _RESULTS.extend(run_distributed("deepspeed_rank_checks:run", 2, timeout=900, pythonpath=HERE))
     return _RESULTS
 
 
@@ -110,6 +116,33 @@ def test_parity_with_fsdp(ranks: list[dict[str, Any]], stage: int) -> None:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(f["losses"]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(f["norms"]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(r["params"], f["params"], atol=1e-5, rtol=1e-5)
+
+
+def fake_sequential() -> dict[str, Any]:
+    fake = get_fake_strategy({**BASE_CONFIG, "bf16": False})
+    return call("deepspeed_rank_checks:sequential_parity_run", {"strategy": fake}, pythonpath=HERE)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightrft.fsdp") is None, reason="lightrft-fsdp is not installed"
+)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sequential_parity_fake_fsdp_deepspeed(ranks: list[dict[str, Any]], stage: int) -> None:
+    """A plain nn.Sequential trains to the same numbers on FakeStrategy, FSDP (which shards it at
+    the root and its large Linear) and DeepSpeed ZeRO 1-3 (issue 7 item 2)."""
+    fake = fake_sequential()
+    fsdp = result(ranks, "fsdp_sequential")
+    assert max(fake["norms"]) > BASE_CONFIG["max_norm"]  # clipping bit: the comparison covers it
+    for r, f in zip(result(ranks, f"sequential_zero{stage}"), fsdp):
+        for other in (fake, f):
+            assert r["names"] == other["names"]
+            torch.testing.assert_close(
+                torch.tensor(r["losses"]), torch.tensor(other["losses"]), atol=1e-6, rtol=0
+            )
+            torch.testing.assert_close(
+                torch.tensor(r["norms"]), torch.tensor(other["norms"]), atol=1e-6, rtol=0
+            )
+            torch.testing.assert_close(r["params"], other["params"], atol=1e-6, rtol=0)
 
 
 def test_zero3_save_model_writes_peft_adapters(ranks: list[dict[str, Any]]) -> None:

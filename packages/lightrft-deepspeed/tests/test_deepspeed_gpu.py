@@ -7,7 +7,7 @@ lightrft-testing's pytest plugin).
 from __future__ import annotations
 
 import math
-import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ from lightrft.testing.conformance import StrategyConformanceSuite
 from lightrft.testing.conformance import check_results as result
 
 pytestmark = pytest.mark.gpu(2)
+HERE = Path(__file__).resolve().parent
 
 #: NVLink multicast off (see the GPU machine's notes); children inherit the rest.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -52,17 +53,18 @@ _RESULTS: dict[str, list[dict[str, Any]]] = {}
 
 
 def gpu_check(name: str) -> list[dict[str, Any]]:
-    """Runs one check of ds_checks on 2 GPUs, in its own launch (cached): a hang or a crash fails
+    """Runs one check of deepspeed_rank_checks on 2 GPUs, in its own launch (cached): a hang or a crash fails
     that check alone, named, with the ranks' stderr. One launch per check costs ~15 s of start-up
     each, but one launch for all of them ran past its limit on 2 x H100 (the first also builds
     FusedAdam), and then every check failed without saying which one was slow."""
     if name not in _RESULTS:
         _RESULTS[name] = run_distributed(
-            "ds_checks:run",
+            "deepspeed_rank_checks:run",
             world_size=2,
             kwargs={"names": [name], "overrides": {"bf16": True}},
-            env={**NCCL_ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+            env=NCCL_ENV,
             timeout=180,
+            pythonpath=HERE,
         )
     return _RESULTS[name]
 

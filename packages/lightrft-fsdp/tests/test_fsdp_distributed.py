@@ -126,9 +126,11 @@ def test_sequential_without_decoder_layers_shards_and_matches_fake(main: list[di
         assert len(r["seq_warnings"]) == 1 and "Sequential has no submodule" in r["seq_warnings"][0]
         assert r["seq_all_dtensor"] is True
         assert r["seq_losses"] == pytest.approx(ref["losses"], abs=1e-6)
-        assert r["seq_norms"] == pytest.approx(ref["norms"], abs=1e-6)
+        # The norm sums 1.2M squared gradients in another order (per shard, then across ranks):
+        # fp32 rounding of that sum is a few 1e-6 relative (measured: 3.3e-6).
+        assert r["seq_norms"] == pytest.approx(ref["norms"], rel=1e-5)
         assert min(r["seq_norms"]) > CONFIG["max_norm"]  # clipping bit
-        assert max_diff(r["seq_params"], ref["params"]) < 1e-6
+        assert max_diff(r["seq_params"], ref["params"]) < ATOL
 
 
 def test_no_gradient_sync_before_the_boundary(main: list[dict[str, Any]]) -> None:

@@ -139,10 +139,11 @@ def test_sequential_parity_fake_fsdp_deepspeed(ranks: list[dict[str, Any]], stag
             torch.testing.assert_close(
                 torch.tensor(r["losses"]), torch.tensor(other["losses"]), atol=1e-6, rtol=0
             )
+            # The norm sums 1.2M squared gradients in another order: a few 1e-6 relative in fp32.
             torch.testing.assert_close(
-                torch.tensor(r["norms"]), torch.tensor(other["norms"]), atol=1e-6, rtol=0
+                torch.tensor(r["norms"]), torch.tensor(other["norms"]), atol=0, rtol=1e-5
             )
-            torch.testing.assert_close(r["params"], other["params"], atol=1e-6, rtol=0)
+            torch.testing.assert_close(r["params"], other["params"], atol=1e-5, rtol=0)
 
 
 def test_zero3_save_model_writes_peft_adapters(ranks: list[dict[str, Any]]) -> None:

@@ -2,43 +2,27 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import faulthandler
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-
-def resolve(target: str, source_file: str | None = None) -> Any:
-    """The object named by ``"package.module:qualname"``: imported by name; where the name does not
-    import (a test module that pytest imported by path), loaded from ``source_file``."""
-    module_name, qualname = target.split(":", 1)
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        missing = e.name or ""
-        if not source_file or not (module_name == missing or module_name.startswith(missing + ".")):
-            raise
-        spec = importlib.util.spec_from_file_location(module_name, source_file)
-        if spec is None or spec.loader is None:
-            raise
-        obj = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = obj
-        spec.loader.exec_module(obj)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+from lightrft.testing._resolve import resolve
 
 
 def main() -> int:
     target, tmp = sys.argv[1], Path(sys.argv[2])
     source_file = sys.argv[3] if len(sys.argv) > 3 else None
     rank = int(os.environ.get("RANK", "0"))
+    # On a timeout, run_distributed sends SIGUSR1: every rank writes where each thread is.
+    (tmp / f"rank{rank}.pid").write_text(str(os.getpid()))  # torchrun starts ranks in their own sessions
+    stacks = open(tmp / f"rank{rank}.stack", "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         obj = resolve(target, source_file)
         kwargs = torch.load(tmp / "kwargs.pt", weights_only=True)

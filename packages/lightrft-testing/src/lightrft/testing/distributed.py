@@ -8,17 +8,20 @@ dicts of them. Results travel back through ``torch.save`` / ``torch.load(weights
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._worker import resolve
+from ._resolve import resolve
 
 
 class DistributedRunError(RuntimeError):
@@ -91,12 +94,21 @@ def run_distributed(
         if extra:
             inherited = [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]
             child_env["PYTHONPATH"] = os.pathsep.join([*extra, *inherited])
+        proc = subprocess.Popen(
+            cmd,
+            env=child_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
-            proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
             raise DistributedRunError(
-                f"{target} on {world_size} ranks timed out after {timeout}s\n{_tail(e.stderr)}"
-            ) from e
+                f"{target} on {world_size} ranks timed out after {timeout}s; where each rank was:\n"
+                + _stop_hung_launch(proc, tmpdir, world_size)
+            ) from None
         results: list[Any] = []
         errors: list[str] = []
         for rank in range(world_size):
@@ -112,9 +124,32 @@ def run_distributed(
             raise DistributedRunError(
                 f"{target} on {world_size} ranks failed (exit code {proc.returncode}):\n"
                 + "\n".join(errors)
-                + f"\n--- stderr tail ---\n{_tail(proc.stderr)}"
+                + f"\n--- stderr tail ---\n{_tail(stderr)}"
             )
         return results
+
+
+def _stop_hung_launch(proc: subprocess.Popen[str], tmpdir: Path, world_size: int) -> str:
+    """Asks every rank for its Python stacks (SIGUSR1, see ``_worker``), then kills the whole launch
+    (torchrun starts each rank in a session of its own: they are found by their pid files), so
+    that no rank outlives the test."""
+    ranks = [int(p.read_text()) for p in sorted(tmpdir.glob("rank*.pid")) if p.read_text().strip().isdigit()]
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    time.sleep(2.0)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate()
+    out = []
+    for rank in range(world_size):
+        stack = tmpdir / f"rank{rank}.stack"
+        text = stack.read_text() if stack.exists() else ""
+        out.append(f"--- rank {rank} ---\n{_tail(text, 3000) or '(no stack written)'}")
+    return "\n".join(out) + f"\n--- stderr tail ---\n{_tail(stderr)}"
 
 
 def _tail(text: str | bytes | None, n: int = 6000) -> str:

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from _stats import paired_ratio_summary, step_time_summary
 
 CUDA = torch.cuda.is_available()

@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from typing import Any
 
+import _harness as H
 import torch
 import torch.distributed as dist
-
-import _harness as H
 
 VARIANTS = ("raw", "raw_norm", "strategy")
 LR, BETAS, EPS, MAX_NORM = 1e-4, (0.9, 0.95), 1e-8, 1.0
@@ -168,13 +168,9 @@ def main() -> None:
         batches = H.make_batches(preset, args.micro_batch, args.seq)
         for stage in stages:
             builders = {
-                n: (
-                    lambda n=n: (
-                        strategy_variant(preset, stage, args)
-                        if n == "strategy"
-                        else raw_variant(preset, stage, args, n == "raw_norm")
-                    )
-                )
+                n: partial(strategy_variant, preset, stage, args)
+                if n == "strategy"
+                else partial(raw_variant, preset, stage, args, n == "raw_norm")
                 for n in names
             }
             variants = H.setup_variants(builders, batches, args.warmup)

@@ -156,7 +156,7 @@ def before_after_table(root: Path) -> str:
         rows.extend(_rows(path))
     if not rows:
         return f"no *_bench*.json under {root}"
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    impls = sorted(dict.fromkeys(r["impl"] for r in rows), key=lambda i: (i != "before", i != "after", i))
     keys = list(dict.fromkeys((r["bench"], r["config"], r["variant"]) for r in rows))
     head = "| benchmark | config | compared | " + " | ".join(
         f"{i}: time median [95% CI] | {i}: verdict | {i}: steps for 1% | {i}: memory" for i in impls

@@ -288,7 +288,8 @@ class StrategyBase(ABC):
 
     def prepare(self, *items: Any, is_rlhf: bool = False) -> Any:
         """Step 3 of 3. Each item is a ``(model, optimizer, scheduler)`` triple (training) or a
-        model (frozen, evaluation mode). Returns them in the same shape; one item comes back alone."""
+        model (frozen, evaluation mode). Returns them in the same shape; one item comes back alone.
+        ``is_rlhf`` is accepted for LightRFT call sites and changes nothing."""
         if not items:
             raise ValueError("prepare() needs at least one model or (model, optimizer, scheduler) triple")
         out: list[Any] = []
@@ -473,7 +474,8 @@ class StrategyBase(ABC):
 
     @abstractmethod
     def moving_average(self, model: Any, model_ema: Any, beta: float = 0.992, device: str = "cpu") -> None:
-        """EMA: ``ema = beta * ema + (1 - beta) * model`` over every parameter."""
+        """EMA: ``ema = beta * ema + (1 - beta) * model`` over every parameter. ``device`` is
+        accepted for LightRFT call sites: the EMA stays where ``model_ema`` lives."""
 
     # ----------------------------------------------------------- checkpoints
     def save_ckpt(

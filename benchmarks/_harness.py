@@ -105,7 +105,9 @@ def check_args(args: Any, known_variants: tuple[str, ...]) -> None:
             f"--warmup={args.warmup} is invalid: at least 1 step (allocator, lazy optimizer state)"
         )
     if args.rounds and args.rounds < 4:
-        raise SystemExit(f"--rounds={args.rounds} is invalid: at least 4 rounds for an interval (0: by --seconds)")
+        raise SystemExit(
+            f"--rounds={args.rounds} is invalid: at least 4 rounds for an interval (0: by --seconds)"
+        )
     if args.min_rounds < 4:
         raise SystemExit(f"--min-rounds={args.min_rounds} is invalid: at least 4 rounds for an interval")
 

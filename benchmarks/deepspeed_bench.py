@@ -131,14 +131,28 @@ def _engine_info(engine: Any) -> dict[str, Any]:
     }
 
 
+def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
+    if hasattr(value, "model_dump"):  # DeepSpeed's pydantic config sections
+        value = value.model_dump()
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}", out)
+    else:
+        out[prefix] = repr(value)
+
+
 def config_diff(a: Any, b: Any) -> dict[str, list[str]]:
-    """The parsed DeepSpeed settings (``engine._config``) that differ between two engines."""
-    va, vb = vars(a._config), vars(b._config)
+    """The parsed DeepSpeed settings (``engine._config``, sections flattened to dotted keys) that
+    differ between two engines: ``{key: [repr in a, repr in b]}``."""
+    fa: dict[str, str] = {}
+    fb: dict[str, str] = {}
+    for src, flat in ((a, fa), (b, fb)):
+        for key, value in vars(src._config).items():
+            if not key.startswith("_"):
+                _flatten(value, key, flat)
     out = {}
-    for key in sorted(set(va) | set(vb)):
-        if key.startswith("_"):
-            continue
-        ra, rb = repr(va.get(key)), repr(vb.get(key))
+    for key in sorted(set(fa) | set(fb)):
+        ra, rb = fa.get(key, "<absent>"), fb.get(key, "<absent>")
         if ra != rb and " at 0x" not in ra + rb:
             out[key] = [ra, rb]
     return out

@@ -1,6 +1,6 @@
 """Unit tests of the benchmarks' statistics (CPU, no torch):
 
-    uv run pytest benchmarks/test_stats.py -q -p no:cacheprovider
+uv run pytest benchmarks/test_stats.py -q -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from _stats import (  # noqa: E402
 
 @pytest.mark.parametrize(
     ("df", "exact", "tol"),
-    [(3, 3.182446, 4e-3), (4, 2.776445, 1e-3), (10, 2.228139, 1e-4), (30, 2.042272, 1e-5), (1, 12.706205, 1e-5)],
+    [
+        (3, 3.182446, 4e-3),
+        (4, 2.776445, 1e-3),
+        (10, 2.228139, 1e-4),
+        (30, 2.042272, 1e-5),
+        (1, 12.706205, 1e-5),
+    ],
 )
 def test_t_quantile_matches_tables(df: int, exact: float, tol: float) -> None:
     assert abs(t_quantile(0.975, df) - exact) < tol

@@ -17,7 +17,9 @@
 # Knobs (environment): NPROC (2), SECONDS_PER_CONFIG (18: timed seconds per model/stage), BLOCK (3
 # steps per variant per round), MODELS (small,1b), STAGES (2,3), BENCHES ("fsdp deepspeed"),
 # IMPLS ("before after"), VARIANTS (raw,strategy; add raw_norm to see what a host read of the
-# norm costs), EXTRA_ARGS (passed to both scripts).
+# norm costs), EXTRA_ARGS (passed to both scripts), BUDGET_S (540: a launch that would end past
+# it gets fewer timed seconds per configuration, at least 6, so the device call's 600 s limit
+# does not cut off the last launch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,27 +40,48 @@ prepare)
   ;;
 run)
   [ -f .before/REVISION ] || { echo "run: .before/ is missing: run 'scripts/gpu-bench-overhead.sh prepare' here and carry .before" >&2; exit 2; }
-  python3 -c "import torch, sys; sys.exit(0 if torch.cuda.device_count() >= ${NPROC:-2} else 1)" \
+  # ALLOW_CPU=1: a plumbing test on a machine without GPUs (tiny model over gloo; MODELS=tiny).
+  [ "${ALLOW_CPU:-0}" = 1 ] || python3 -c "import torch, sys; sys.exit(0 if torch.cuda.device_count() >= ${NPROC:-2} else 1)" \
     || { echo "run: needs ${NPROC:-2} CUDA GPUs" >&2; exit 2; }
   [ "${NCCL_NVLS_ENABLE:-}" = 0 ] || echo "warning: NCCL_NVLS_ENABLE is not 0: source scripts/gpu-env.sh first" >&2
   out=${OUT:-$PWD/bench-out}
   mkdir -p "$out/logs"
-  { echo "before: $(cat .before/REVISION)"; echo "after: working tree of"; cat .before/AFTER; nvidia-smi -L; } | tee "$out/revisions.txt"
-  common=(--seconds "${SECONDS_PER_CONFIG:-18}" --block "${BLOCK:-3}" --models "${MODELS:-small,1b}"
+  { echo "before: $(cat .before/REVISION)"; echo "after: working tree of"; cat .before/AFTER; nvidia-smi -L 2>/dev/null || true; } | tee "$out/revisions.txt"
+  common=(--block "${BLOCK:-3}" --models "${MODELS:-small,1b}"
     --variants "${VARIANTS:-raw,strategy}")
   # shellcheck disable=SC2206
   extra=(${EXTRA_ARGS:-})
   status=0
   t_all=$SECONDS
+  nimpl=$(echo ${IMPLS:-before after} | wc -w)
+  launches_left=0; configs_left=0
+  for bench in ${BENCHES:-fsdp deepspeed}; do
+    n=$(echo "${MODELS:-small,1b}" | tr ',' '\n' | wc -l)
+    [ "$bench" = deepspeed ] && n=$((n * $(echo "${STAGES:-2,3}" | tr ',' '\n' | wc -l)))
+    launches_left=$((launches_left + nimpl)); configs_left=$((configs_left + n * nimpl))
+  done
   for bench in ${BENCHES:-fsdp deepspeed}; do
     args=("${common[@]}")
     [ "$bench" = deepspeed ] && args+=(--stages "${STAGES:-2,3}")
+    nmodels=$(echo "${MODELS:-small,1b}" | tr ',' '\n' | wc -l)
+    nstages=1; [ "$bench" = deepspeed ] && nstages=$(echo "${STAGES:-2,3}" | tr ',' '\n' | wc -l)
     for impl in ${IMPLS:-before after}; do
+      # Launches still to come (this one included) share what is left of BUDGET_S; each
+      # configuration also costs ~15 s of setup and each launch ~25 s of start-up.
+      left=$(( ${BUDGET_S:-540} - (SECONDS - t_all) ))
+      ncfg=$((nmodels * nstages))
+      secs=${SECONDS_PER_CONFIG:-18}
+      fits=$(( (left - 25 * launches_left) / configs_left - 15 ))
+      if [ "$fits" -lt "$secs" ]; then
+        secs=$(( fits < 6 ? 6 : fits ))
+        echo "note: $left s left of BUDGET_S for $launches_left launches: $secs timed s per configuration"
+      fi
+      launches_left=$((launches_left - 1)); configs_left=$((configs_left - ncfg))
       path=.before; [ "$impl" = after ] && path=.
       t0=$SECONDS
       echo "=== $bench / $impl ($path) ==="
       if torchrun --nproc-per-node="${NPROC:-2}" "benchmarks/${bench}_bench.py" --impl-path "$path" --label "$impl" \
-        --out "$out/$impl" "${args[@]}" "${extra[@]}" > "$out/logs/$bench-$impl.log" 2>&1; then
+        --out "$out/$impl" --seconds "$secs" "${args[@]}" "${extra[@]}" > "$out/logs/$bench-$impl.log" 2>&1; then
         sed -n '/^# /,$p' "$out/logs/$bench-$impl.log" | grep -v '^wrote ' || true
       else
         status=1

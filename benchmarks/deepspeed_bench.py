@@ -52,7 +52,10 @@ def raw_config(stage: int, micro_batch: int, world: int) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": MAX_NORM,
         "bf16": {"enabled": BF16},
-        "zero_optimization": {"stage": stage},
+        # Offload "none" spelled out, as in DeepSpeed's config templates (and the strategy's):
+        # the parsed config then equals the strategy's, which the run checks (config_diff).
+        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "none"}}
+        | ({"offload_param": {"device": "none"}} if stage == 3 else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -8,6 +8,8 @@
   counts and an isolating check runner: the pieces of every multi-rank strategy test.
 """
 
+from importlib.metadata import version as _distribution_version
+
 from . import harness
 from .distributed import DistributedRunError, call, run_distributed
 from .engine import FakeEngine
@@ -47,4 +49,4 @@ __all__ = [
     "make_tiny_model",
     "run_distributed",
 ]
-__version__ = "0.1.0"
+__version__ = _distribution_version("lightrft-testing")  # the version is written once: pyproject.toml

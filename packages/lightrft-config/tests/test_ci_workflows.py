@@ -62,7 +62,10 @@ def test_release_publishes_each_package_with_trusted_publishing():
     assert publish["permissions"] == {"id-token": "write"}  # OIDC only, no token secret
     assert set(publish["needs"]) == {"plan", "check"}  # nothing is published before the wheel check
     steps = " ".join(s.get("run", "") for s in publish["steps"])
-    assert "uv build --package ${{ matrix.package }}" in steps and "uv publish --trusted-publishing always" in steps
+    assert (
+        "uv build --package ${{ matrix.package }}" in steps
+        and "uv publish --trusted-publishing always" in steps
+    )
     assert "secrets." not in (WORKFLOWS / "release.yml").read_text()
     assert "scripts/check-wheels" in " ".join(s.get("run", "") for s in jobs["check"]["steps"])
     # The plan step selects packages from the packages/ directory (all of them for a `v*` tag).

@@ -15,14 +15,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
 
-_CONFTEST = '''
+_CONFTEST = """
 import sys
 from pathlib import Path
 
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-'''
+"""
 
 
 def _fake_package(root: Path, name: str) -> None:

@@ -1,9 +1,9 @@
 """SGLangEngine with real SGLang on 2 GPUs (skipped, with the reason, without 2 GPUs and SGLang).
 
-One ``torchrun`` job per tensor-parallel size runs :func:`sglang_gpu_checks` on 2 ranks: one
-engine (TP 2: one for both ranks; TP 1: one per rank), colocated with FSDP2 and then with
-DeepSpeed ZeRO-3 training in the same processes, so each engine starts once (SGLang takes about a
-minute to start). ``scripts/gpu-sglang.sh`` runs this file on the GPU machine.
+One ``torchrun`` job runs :func:`sglang_gpu_checks` on 2 ranks: a tensor-parallel-2 engine (one
+for both ranks), then a tensor-parallel-1 engine per rank, each colocated with FSDP2 and DeepSpeed
+ZeRO-3 training in the same processes, so each engine starts once (SGLang takes about a minute to
+start). ``scripts/gpu-sglang.sh`` runs this file on the GPU machine.
 """
 
 from __future__ import annotations
@@ -126,13 +126,12 @@ def _fast_start() -> dict[str, Any]:
     return {}
 
 
-def sglang_gpu_checks(tp: int) -> dict[str, Any]:
-    """Runs on 2 ranks with 2 GPUs: generation, perturb-then-restore, release / resume, FSDP2 and
-    ZeRO-3 pushes into one SGLang engine (per TP group). Returns numbers for the test to assert."""
+def _phase(tp: int, trained: dict[str, Any]) -> dict[str, Any]:
+    """One engine of tensor-parallel size ``tp`` (per group), colocated with FSDP2 and ZeRO-3."""
     from lightrft.strategy import get_strategy
 
     out: dict[str, Any] = {"tp": tp}
-    fsdp = get_strategy(_config(tp, "fsdp"))
+    fsdp = get_strategy(_config(tp, "fsdp"))  # the process group exists: only the config is new
     rank = fsdp.get_rank()
     model = _model(0)
     sp = SamplingParams(max_new_tokens=12, temperature=0.0, n=2, logprobs=True)
@@ -143,8 +142,7 @@ def sglang_gpu_checks(tp: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     engine = fsdp.setup_inference_engine(model=model, **_fast_start())
     out["start_s"] = time.perf_counter() - t0
-    free1 = _free()
-    out["engine_bytes"] = free0 - free1  # this GPU's share of the engine (its scheduler)
+    out["engine_bytes"] = free0 - _free()  # this GPU's share of the engine (its scheduler)
     out["version"] = list(engine.version)
     out["leader"] = engine.is_leader
     out["group"] = engine.group_ranks
@@ -157,7 +155,7 @@ def sglang_gpu_checks(tp: int) -> dict[str, Any]:
         engine, {n: p.detach() for n, p in model.named_parameters()}
     )
 
-    # ---- generation: counts, log-probs, determinism, stop tokens
+    # ---- generation: counts, log-probs, determinism, stop tokens, sampling
     first = fsdp.gather_and_generate(sp, all_prompt_token_ids=prompts, sleep_engine=False)
     again = fsdp.gather_and_generate(sp, all_prompt_token_ids=prompts, sleep_engine=False)
     out["n_outputs"] = len(first)
@@ -191,9 +189,7 @@ def sglang_gpu_checks(tp: int) -> dict[str, Any]:
     engine.update_weights(noisy)
     perturbed = fsdp.gather_and_generate(sp, all_prompt_token_ids=prompts, sleep_engine=False)
     out["perturbed_differs"] = [o.output_token_ids for o in perturbed] != [o.output_token_ids for o in first]
-    t0 = time.perf_counter()
     engine.update_weights([list(model.named_parameters())])
-    out["push_whole_model_s"] = time.perf_counter() - t0
     restored = fsdp.gather_and_generate(sp, all_prompt_token_ids=prompts, sleep_engine=False)
     out["restored_identical"] = [o.output_token_ids for o in restored] == [o.output_token_ids for o in first]
     out["restored_logprobs_identical"] = [o.logprobs for o in restored] == [o.logprobs for o in first]
@@ -203,8 +199,7 @@ def sglang_gpu_checks(tp: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     fsdp.maybe_sleep_inference_engine()
     out["release_s"] = time.perf_counter() - t0
-    after = _free()
-    out["released_bytes"] = after - before
+    out["released_bytes"] = _free() - before
     out["needs_push_after_release"] = engine.needs_weight_push
     try:
         fsdp.engine_generate_local(sp, prompt_token_ids=prompts)
@@ -218,15 +213,19 @@ def sglang_gpu_checks(tp: int) -> dict[str, Any]:
     out["resumed_identical"] = [o.output_token_ids for o in resumed] == [o.output_token_ids for o in first]
     out["awake_after_push"] = not engine.is_sleeping and not engine.needs_weight_push
 
-    # ---- FSDP2 training colocated: sleep, train, push, generate
+    # ---- FSDP2 training colocated: sleep, train, push, generate (sleeps again afterwards)
     fsdp.maybe_sleep_inference_engine()
-    losses, actor = _train(fsdp, _model(0), 6)
-    out["fsdp_losses"] = [losses[0], losses[-1]]
-    fsdp.update_engine_weights(actor)
-    trained = _full(fsdp, actor)
-    out["fsdp_weights_match"] = _weights_match(engine, trained)
+    if "fsdp" not in trained:
+        trained["fsdp_losses"], trained["fsdp"] = _train(fsdp, _model(0), 6)
+        trained["zero3_strategy"] = get_strategy(_config(tp, "deepspeed", zero_stage=3))
+        trained["zero3_losses"], trained["zero3"] = _train(trained["zero3_strategy"], _model(1), 6)
+    out["fsdp_losses"] = trained["fsdp_losses"][:: len(trained["fsdp_losses"]) - 1]
+    out["zero3_losses"] = trained["zero3_losses"][:: len(trained["zero3_losses"]) - 1]
+    fsdp.update_engine_weights(trained["fsdp"])
+    full = _full(fsdp, trained["fsdp"])
+    out["fsdp_weights_match"] = _weights_match(engine, full)
     out["fsdp_weights_changed"] = any(
-        not torch.equal(trained[n], p.detach().float()) for n, p in model.named_parameters()
+        not torch.equal(full[n], p.detach().float()) for n, p in model.named_parameters()
     )
     after_fsdp = fsdp.gather_and_generate(sp, all_prompt_token_ids=prompts, sleep_engine=True)
     out["fsdp_outputs_changed"] = [o.output_token_ids for o in after_fsdp] != [
@@ -234,32 +233,44 @@ def sglang_gpu_checks(tp: int) -> dict[str, Any]:
     ]
     out["asleep_after_generate"] = engine.is_sleeping
 
-    # ---- ZeRO-3 training in the same processes, pushing into the same engine
-    ds = get_strategy(_config(tp, "deepspeed", zero_stage=3))
+    # ---- ZeRO-3 (trained in the same processes): push into the same engine
+    ds = trained["zero3_strategy"]
     fsdp.inference_engine = None  # hand the engine over without shutting it down
     ds.inference_engine = engine
-    losses, ds_actor = _train(ds, _model(1), 6)
-    out["zero3_losses"] = [losses[0], losses[-1]]
-    ds.update_engine_weights(ds_actor)
-    z3 = _full(ds, ds_actor)
+    t0 = time.perf_counter()
+    ds.update_engine_weights(trained["zero3"])
+    out["zero3_resume_push_s"] = time.perf_counter() - t0
+    z3 = _full(ds, trained["zero3"])
     out["zero3_weights_match"] = _weights_match(engine, z3)
-    out["zero3_differs_from_fsdp"] = not torch.equal(z3["model.norm.weight"], trained["model.norm.weight"])
-    after_z3 = ds.gather_and_generate(sp, all_prompt_token_ids=prompts, sleep_engine=False)
-    out["zero3_outputs"] = len(after_z3)
-    ds.engine_lifecycle.shutdown()
+    out["zero3_differs_from_fsdp"] = not torch.equal(z3["model.norm.weight"], full["model.norm.weight"])
+    out["zero3_outputs"] = len(ds.gather_and_generate(sp, all_prompt_token_ids=prompts, sleep_engine=False))
+    ds.inference_engine = None
+    engine.shutdown()
     return out
+
+
+def sglang_gpu_checks() -> dict[str, Any]:
+    """Runs on 2 ranks with 2 GPUs: a tensor-parallel-2 engine, then one engine per rank. The
+    training models (FSDP2 and ZeRO-3) are trained once and pushed into both."""
+    trained: dict[str, Any] = {}
+    return {"tp2": _phase(2, trained), "tp1": _phase(1, trained)}
 
 
 def _has_sglang() -> bool:
     return importlib.util.find_spec("sglang") is not None
 
 
-@pytest.fixture(scope="module", params=[2, 1], ids=["tp2", "tp1"])
-def checks(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+@pytest.fixture(scope="module")
+def ranks() -> list[dict[str, Any]]:
     if not _has_sglang():
         pytest.skip("SGLang is not installed (GPU machine: PYTHONPATH=/tmp/ssite, see scripts/gpu-sglang.sh)")
     env = {"PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    return run_distributed(sglang_gpu_checks, 2, kwargs={"tp": request.param}, env=env, timeout=420)
+    return run_distributed(sglang_gpu_checks, 2, env=env, timeout=330)
+
+
+@pytest.fixture(params=["tp2", "tp1"])
+def checks(ranks: list[dict[str, Any]], request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return [r[request.param] for r in ranks]
 
 
 @pytest.mark.gpu(2)

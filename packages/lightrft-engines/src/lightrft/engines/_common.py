@@ -40,12 +40,15 @@ def say_once(key: str, message: str, level: int = logging.WARNING) -> bool:
 
 
 # ------------------------------------------------------------------ tensor-parallel groups
-def engine_tp_groups(tp_size: int, field: str = "engine_tp_size") -> tuple[Any, list[int]]:
+def engine_tp_groups(
+    tp_size: int, field: str = "engine_tp_size", backend: str | None = None
+) -> tuple[Any, list[int]]:
     """The group of ``tp_size`` consecutive ranks that shares one engine with this rank.
 
     Every rank must call this (``new_group`` is collective). Returns ``(group, ranks)``; the group
     is None when ``tp_size`` is 1 (each rank has its own engine). Raises when ``tp_size`` does not
-    divide the world size, naming both.
+    divide the world size, naming both. ``backend``: the group's backend (None: the default
+    group's; "gloo" for a group that only carries Python objects, as SGLang's does).
     """
     if not isinstance(tp_size, int) or tp_size < 1:
         raise ValueError(f"StrategyConfig.{field}={tp_size!r} is invalid: it must be an integer >= 1")
@@ -63,7 +66,7 @@ def engine_tp_groups(tp_size: int, field: str = "engine_tp_size") -> tuple[Any, 
     ranks: list[int] = []
     for start in range(0, world, tp_size):
         group_ranks = list(range(start, start + tp_size))
-        group = dist.new_group(group_ranks)
+        group = dist.new_group(group_ranks, backend=backend)
         if rank in group_ranks:
             mine, ranks = group, group_ranks
     return mine, ranks

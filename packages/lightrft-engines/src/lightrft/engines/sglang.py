@@ -110,7 +110,9 @@ class SGLangEngine:
 
             self.config = StrategyConfig()
         cfg = self.config
-        self.tp_group, self.group_ranks = engine_tp_groups(cfg.engine_tp_size)
+        # Gloo: the group carries only Python objects (prompts, outputs, IPC handles, status), and a
+        # rank waiting for the engine to start must not spin a kernel on a GPU SGLang is using.
+        self.tp_group, self.group_ranks = engine_tp_groups(cfg.engine_tp_size, backend="gloo")
         self.tp_size = cfg.engine_tp_size
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.leader = self.group_ranks[0]
@@ -142,14 +144,7 @@ class SGLangEngine:
         self.engine: Any = None
         self._config_dir = None
         sharded = model is not None and _is_sharded(model)
-        if self.is_leader:
-            self.server_args = self._server_args(model, model_path, engine_kwargs)
-            try:
-                self.engine = self.runtime.create_engine(**self.server_args)
-            except BaseException:
-                remove_dir(self._config_dir)
-                raise
-        self._barrier()
+        self._leader_step("Engine start", lambda: self._start(model, model_path, engine_kwargs))
         if model_path is None:
             # Dummy weights until the first push: from the model itself when it is whole, from the
             # strategy's buckets (update_engine_weights) when it is a shard.
@@ -368,6 +363,14 @@ class SGLangEngine:
                 remove_dir(self._config_dir)
 
     # -------------------------------------------------------------- internals
+    def _start(self, model: Any, model_path: str | None, engine_kwargs: dict[str, Any]) -> None:
+        self.server_args = self._server_args(model, model_path, engine_kwargs)
+        try:
+            self.engine = self.runtime.create_engine(**self.server_args)
+        except BaseException:
+            remove_dir(self._config_dir)
+            raise
+
     def _server_args(
         self, model: Any, model_path: str | None, engine_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
@@ -421,10 +424,6 @@ class SGLangEngine:
                 "(strategy.wakeup_inference_engine()) first"
             )
 
-    def _barrier(self) -> None:
-        if self.tp_group is not None:
-            dist.barrier(group=self.tp_group)
-
     def _gather_to_leader(self, payload: Any) -> list[Any] | None:
         """Every rank's payload, in group order, on the first rank (None elsewhere)."""
         if self.tp_group is None:
@@ -444,14 +443,17 @@ class SGLangEngine:
         """Runs ``call`` on the first rank, then tells every rank of the group whether SGLang
         reported success; raises on every rank when it did not."""
         status: tuple[bool, str] = (True, "")
+        error: Exception | None = None
         if self.is_leader:
             try:
                 status = compat.result_ok(call())
-            except Exception as e:
-                status = (False, f"{type(e).__name__}: {e}")
+            except Exception as e:  # every rank must learn of it: nobody waits for a broadcast
+                error, status = e, (False, f"{type(e).__name__}: {e}")
         ok, message = self._from_leader(status)
         if not ok:
-            raise RuntimeError(f"SGLang {what} failed on rank {self.leader}: {message or 'no message'}")
+            raise RuntimeError(
+                f"SGLang {what} failed on rank {self.leader}: {message or 'no message'}"
+            ) from error
 
 
 def sampling_dict(sp: SamplingParams) -> dict[str, Any]:

@@ -98,7 +98,9 @@ def to_token_id_lists(
     return [list(tokenizer.encode(p)) for p in prompts]
 
 
-def check_prompt_lengths(ids: Sequence[Sequence[int]], max_model_len: int | None, max_new_tokens: int) -> None:
+def check_prompt_lengths(
+    ids: Sequence[Sequence[int]], max_model_len: int | None, max_new_tokens: int
+) -> None:
     """Raises for the first prompt that leaves no room to generate within ``max_model_len``,
     naming its index and length."""
     if max_model_len is None:

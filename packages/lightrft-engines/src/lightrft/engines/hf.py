@@ -101,7 +101,9 @@ class HFEngine:
         multi_modal_inputs: Sequence[Any] | None = None,
     ) -> list[GenerationOutput]:
         if self.closed:
-            raise RuntimeError("HFEngine was shut down: set up a new engine (strategy.setup_inference_engine)")
+            raise RuntimeError(
+                "HFEngine was shut down: set up a new engine (strategy.setup_inference_engine)"
+            )
         if self.sleeping_level:
             raise RuntimeError(
                 "HFEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first"

@@ -160,6 +160,14 @@ def base_hf_model(model: Any) -> Any:
             return model
 
 
+def is_sharded(model: Any) -> bool:
+    """Whether ``model``'s parameters are shards (FSDP2 DTensors, ZeRO-3 partitions)."""
+    for p in model.parameters():
+        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" or hasattr(p, "ds_id"):
+            return True
+    return False
+
+
 def write_config_dir(model: Any, tokenizer: Any = None, directory: str | os.PathLike | None = None) -> Path:
     """A directory with the model's ``config.json`` (and ``generation_config.json`` and the
     tokenizer files when there are), no weights: engines load dummy weights from it and then

@@ -155,7 +155,10 @@ def main() -> None:
     res["per_param_over_bucketed"] = res["per_param_s"] / res["bucketed_s"]
 
     def gen(sp: SamplingParams = greedy, ps: list[list[int]] = prompts) -> list[list[int]]:
-        return [o.output_token_ids for o in strategy.gather_and_generate(prompt_token_ids=ps, sampling_params=sp, sleep_engine=False)]
+        return [
+            o.output_token_ids
+            for o in strategy.gather_and_generate(prompt_token_ids=ps, sampling_params=sp, sleep_engine=False)
+        ]
 
     awake = gen()
     t = _timed(lambda: gen())
@@ -212,11 +215,7 @@ def main() -> None:
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(all_res, f, indent=2)
-    ok = (
-        res["identical_after_wake1"]
-        and res["identical_after_wake2"]
-        and res["sleep_fraction_freed"] >= 0.9
-    )
+    ok = res["identical_after_wake1"] and res["identical_after_wake2"] and res["sleep_fraction_freed"] >= 0.9
     strategy.shutdown()
     if not ok:
         raise SystemExit(f"rank {rank}: check failed: {json.dumps(res)}")

@@ -47,10 +47,14 @@ def trained_setup():
     actor, optim, _ = strategy.prepare((actor, optim, None))
     engine = strategy.setup_inference_engine(model=engine_model, tokenizer=tiny_tokenizer())
     prompts = prompts_for(0)
-    before = _ids(strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False))
+    before = _ids(
+        strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
+    )
     train_one_step(strategy, actor, optim)
     strategy.update_engine_weights(actor)
-    after = _ids(strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False))
+    after = _ids(
+        strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
+    )
     yield strategy, engine, actor, prompts, before, after
     strategy.engine_lifecycle.shutdown()
 
@@ -81,7 +85,10 @@ def test_perturb_then_restore_round_trip(trained_setup):
     engine = strategy.inference_engine
     good = engine.param_checksum()
     g = torch.Generator().manual_seed(0)
-    noisy = [[(n, t + 0.5 * torch.randn(t.shape, generator=g)) for n, t in b] for b in strategy.iter_weight_buckets(actor)]
+    noisy = [
+        [(n, t + 0.5 * torch.randn(t.shape, generator=g)) for n, t in b]
+        for b in strategy.iter_weight_buckets(actor)
+    ]
     engine.update_weights(iter(noisy))
     perturbed = _ids(engine.generate(prompt_token_ids=prompts, sampling_params=GREEDY))
     assert perturbed != after and abs(engine.param_checksum() - good) > 1e-3
@@ -142,7 +149,10 @@ def test_two_gloo_ranks_push_equals_fresh_engine(backend, stage):
         world_size=2,
         kwargs={"backend": backend, "zero_stage": stage},
         timeout=900,
-        env={"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), "VLLM_CPU_KVCACHE_SPACE": "1"},
+        env={
+            "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+        },
     )
     for rank, r in enumerate(results):
         assert r["after"] == r["fresh"], f"rank {rank}: pushed weights generate unlike a fresh engine"

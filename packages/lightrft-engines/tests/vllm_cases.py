@@ -17,7 +17,11 @@ MAX_LEN = 96
 
 def tiny_llama(seed: int = 0, tie: bool = False) -> Any:
     """Llama with 4 heads of size 32 (vLLM's CPU attention supports 32, not 16)."""
-    return make_tiny_llama(seed=seed, vocab_size=VOCAB, hidden_size=128, tie_word_embeddings=tie)
+    model = make_tiny_llama(seed=seed, vocab_size=VOCAB, hidden_size=128)
+    if tie:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    return model
 
 
 def tiny_tokenizer() -> Any:
@@ -79,7 +83,9 @@ def sync_case(backend: str, zero_stage: int = 3, tie: bool = False) -> dict[str,
     actor, optim, _ = strategy.prepare((strategy.prepare_model(actor), optim, None))
     prompts = prompts_for(strategy.get_rank())
     strategy.setup_inference_engine(model=engine_model)
-    before = strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
+    before = strategy.gather_and_generate(
+        prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False
+    )
     train_one_step(strategy, actor, optim)
     strategy.update_engine_weights(actor)
     after = strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)

@@ -79,13 +79,21 @@ def filter_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in known}
 
 
-def load_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Loads full HF-named tensors into the worker's model (inside the worker process)."""
-    runner = worker.model_runner
+def load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Loads full HF-named tensors into the worker's model (inside the worker process). On CPU the
+    tensors are kept until :func:`finish_update` (the CPU backend reloads and repacks all at once)."""
     if on_cpu():
-        runner.reload_weights(weights_iterator=iter(list(weights)))
+        worker.__dict__.setdefault("_lrft_pending", []).extend(weights)
         return
-    runner.model.load_weights(weights=weights)
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+def finish_update(worker: Any) -> None:
+    """Ends one update: on CPU, ``reload_weights`` with everything received (the CPU backend's
+    ``process_weights_after_loading`` repacks linear weights, so they cannot be loaded in place)."""
+    pending = worker.__dict__.pop("_lrft_pending", None)
+    if pending:
+        worker.model_runner.reload_weights(weights_iterator=iter(pending))
 
 
 def model_of(worker: Any) -> torch.nn.Module:

@@ -24,6 +24,10 @@ class LightRFTWorkerExtension:
         compat.load_weights(self, cast)
         return len(cast)
 
+    def lrft_finish_update(self) -> None:
+        """Ends one update (the CPU backend reloads and repacks here)."""
+        compat.finish_update(self)
+
     def lrft_param_checksum(self) -> float:
         """A float sum over every parameter of this worker's shard (tests: did weights change)."""
         model: Any = compat.model_of(self)

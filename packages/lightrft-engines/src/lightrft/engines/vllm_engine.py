@@ -156,6 +156,7 @@ class VLLMEngine:
             if bucket:
                 self.llm.collective_rpc("lrft_load_weights", args=(bucket,))
                 seen.update(n for n, _ in bucket)
+        self.llm.collective_rpc("lrft_finish_update")
         if self._needs_push and self._expected_names:
             missing = self._expected_names - seen
             if missing:

@@ -130,7 +130,7 @@ def main() -> None:
     actor, optim, _ = strategy.prepare((strategy.prepare_model(actor), optim, None))
 
     t0 = time.perf_counter()
-    engine = strategy.setup_inference_engine(model=engine_model)
+    strategy.setup_inference_engine(model=engine_model)
     res["engine_start_s"] = time.perf_counter() - t0
     hf_ref_model = engine_model  # kept for the hf comparison below
     g = torch.Generator().manual_seed(7 + rank // a.engine_tp_size)

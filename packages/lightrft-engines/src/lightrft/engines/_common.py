@@ -101,7 +101,9 @@ def to_token_id_lists(
     return [list(tokenizer.encode(p)) for p in prompts]
 
 
-def check_prompt_lengths(ids: Sequence[Sequence[int]], max_model_len: int | None, max_new_tokens: int) -> None:
+def check_prompt_lengths(
+    ids: Sequence[Sequence[int]], max_model_len: int | None, max_new_tokens: int
+) -> None:
     """Raises for the first prompt that leaves no room to generate within ``max_model_len``,
     naming its index and length."""
     if max_model_len is None:
@@ -159,6 +161,14 @@ def base_hf_model(model: Any) -> Any:
             model = model.get_base_model()
         else:
             return model
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether ``model``'s parameters are shards (FSDP2 DTensors, ZeRO-3 partitions)."""
+    for p in model.parameters():
+        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" or hasattr(p, "ds_id"):
+            return True
+    return False
 
 
 def write_config_dir(model: Any, tokenizer: Any = None, directory: str | os.PathLike | None = None) -> Path:

@@ -18,6 +18,8 @@ from torch import nn
 from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
 from lightrft.strategy.weights import copy_bucket_into
 
+from ._common import is_sharded
+
 
 class HFEngine:
     """An InferenceEngine over ``transformers`` ``generate`` (greedy or sampled)."""
@@ -53,7 +55,7 @@ class HFEngine:
             else (strategy.device if strategy else torch.device("cpu"))
         )
         self.dtype = dtype or (strategy.param_dtype if strategy is not None else None)
-        sharded = _is_sharded(model)
+        sharded = is_sharded(model)
         if sharded:
             # A prepared (FSDP2 / ZeRO-3) actor: build the same architecture from its config; the
             # weights arrive with the first update_weights (needs_weight_push until then).
@@ -101,7 +103,9 @@ class HFEngine:
         multi_modal_inputs: Sequence[Any] | None = None,
     ) -> list[GenerationOutput]:
         if self.closed:
-            raise RuntimeError("HFEngine was shut down: set up a new engine (strategy.setup_inference_engine)")
+            raise RuntimeError(
+                "HFEngine was shut down: set up a new engine (strategy.setup_inference_engine)"
+            )
         if self.sleeping_level:
             raise RuntimeError(
                 "HFEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first"
@@ -189,11 +193,3 @@ class HFEngine:
         self._params = {}
         self._discarded = True
         self.closed = True
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s parameters are shards (FSDP2 DTensors, ZeRO-3 partitions)."""
-    for p in model.parameters():
-        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" or hasattr(p, "ds_id"):
-            return True
-    return False

@@ -29,9 +29,14 @@ from lightrft.config import StrategyConfig
 from . import checkpoint as ckpt
 from . import comm
 from .data import ResumableDataLoader, ResumableDistributedSampler
-from .engine import EngineLifecycle, GenerationOutput, InferenceEngine, WeightBucket, lightrft_multi_modal_inputs
+from .engine import (
+    EngineLifecycle,
+    GenerationOutput,
+    InferenceEngine,
+    WeightBucket,
+    lightrft_multi_modal_inputs,
+)
 from .hf_io import read_hf_state_dict, write_hf_directory
-from .registry import load_engine_class
 from .schedulers import create_scheduler
 from .utils import get_rng_state, set_rng_state, set_seed
 from .weights import bucket_named_tensors, clean_param_name
@@ -588,7 +593,9 @@ class StrategyBase(ABC):
             model, args = args, None
         if args is not None and model is None and actor is None and getattr(args, "pretrain", None):
             kwargs.setdefault("model_path", args.pretrain)
-        return self.engine_lifecycle.setup(engine_type, model=model, tokenizer=tokenizer, actor=actor, **kwargs)
+        return self.engine_lifecycle.setup(
+            engine_type, model=model, tokenizer=tokenizer, actor=actor, **kwargs
+        )
 
     def update_engine_weights(self, model: Any, bucket_bytes: int | None = None) -> None:
         """Pushes the trained weights into the engine, one bounded bucket at a time, and leaves it
@@ -642,7 +649,11 @@ class StrategyBase(ABC):
             else:
                 texts = None
         return self.engine_lifecycle.gather_and_generate(
-            sampling_params, prompts=texts, prompt_token_ids=ids, multi_modal_inputs=mm, sleep_engine=sleep_engine
+            sampling_params,
+            prompts=texts,
+            prompt_token_ids=ids,
+            multi_modal_inputs=mm,
+            sleep_engine=sleep_engine,
         )
 
     def engine_generate_local(
@@ -658,8 +669,10 @@ class StrategyBase(ABC):
         {...}}`` per prompt) or one ``multi_modal_data`` dict per prompt with ``prompts=``."""
         if prompt_token_ids is not None and multi_modal_inputs is not None and prompts is None:
             raise ValueError("engine_generate_local: pass prompt_token_ids or multi_modal_inputs, not both")
-        if multi_modal_inputs is not None and prompts is None and all(
-            isinstance(x, dict) and "prompt" in x for x in multi_modal_inputs
+        if (
+            multi_modal_inputs is not None
+            and prompts is None
+            and all(isinstance(x, dict) and "prompt" in x for x in multi_modal_inputs)
         ):
             prompts = [x["prompt"] for x in multi_modal_inputs]
             multi_modal_inputs = [x.get("multi_modal_data") for x in multi_modal_inputs]

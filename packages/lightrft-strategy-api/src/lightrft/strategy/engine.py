@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -192,9 +192,7 @@ class EngineLifecycle:
     def require(self) -> InferenceEngine:
         """The engine, or a RuntimeError naming ``setup_inference_engine``."""
         if self.engine is None:
-            raise RuntimeError(
-                "no inference engine: call strategy.setup_inference_engine(model=...) first"
-            )
+            raise RuntimeError("no inference engine: call strategy.setup_inference_engine(model=...) first")
         return self.engine
 
     @property

@@ -262,6 +262,12 @@ def test_compat_version_rules() -> None:
     assert compat.prefill_graph_args(FIELDS_0_5_12, True, {}) == {"disable_piecewise_cuda_graph": True}
     assert compat.prefill_graph_args(FIELDS_0_5_16, False, {}) == {}
     assert compat.prefill_graph_args(FIELDS_0_5_16, True, {"cuda_graph_backend_prefill": "breakable"}) == {}
+    assert compat.decode_graph_batch_args(FIELDS_0_5_16 | {"cuda_graph_max_bs_decode"}, 8) == {
+        "cuda_graph_max_bs_decode": 8
+    }
+    assert compat.decode_graph_batch_args(FIELDS_0_5_12 | {"cuda_graph_max_bs"}, 8) == {
+        "cuda_graph_max_bs": 8
+    }
     assert compat.eager_args(FIELDS_0_5_12) == {
         "disable_cuda_graph": True,
         "disable_piecewise_cuda_graph": True,

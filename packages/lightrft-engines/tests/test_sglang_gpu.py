@@ -117,13 +117,9 @@ def _train(strategy: Any, model: Any, steps: int) -> tuple[list[float], Any]:
 def _fast_start() -> dict[str, Any]:
     """Capture decode CUDA graphs for batch sizes up to 8 only (these checks never run more
     requests at once): the engine starts sooner."""
-    from lightrft.engines._sglang_compat import load_runtime
+    from lightrft.engines._sglang_compat import decode_graph_batch_args, load_runtime
 
-    fields = load_runtime().server_fields
-    for name in ("cuda_graph_max_bs_decode", "cuda_graph_max_bs"):
-        if name in fields:
-            return {name: 8}
-    return {}
+    return decode_graph_batch_args(load_runtime().server_fields, 8)
 
 
 def _phase(tp: int, trained: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,16 @@ def eager_args(server_fields: frozenset[str]) -> dict[str, Any]:
     return out
 
 
+def decode_graph_batch_args(server_fields: frozenset[str], max_bs: int) -> dict[str, Any]:
+    """The ``Engine`` argument that caps the decode CUDA-graph batch sizes captured at start
+    (fewer graphs: a faster start): ``cuda_graph_max_bs_decode`` from 0.5.16, ``cuda_graph_max_bs``
+    before."""
+    for name in ("cuda_graph_max_bs_decode", "cuda_graph_max_bs"):
+        if name in server_fields:
+            return {name: max_bs}
+    return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class BucketEntry:
     """Where one tensor lies in a flattened bucket (bytes ``start:end`` of a uint8 buffer)."""

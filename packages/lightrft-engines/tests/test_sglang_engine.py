@@ -311,6 +311,14 @@ def test_tp_size_must_divide_world_size() -> None:
         strategy.setup_inference_engine(model=make_tiny_llama(seed=0), engine_type="sglang-recording-tp")
 
 
+def test_expandable_segments_refused_with_the_memory_saver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    with pytest.raises(RuntimeError, match="expandable_segments.*enable_engine_sleep=False"):
+        engine_class()(strategy=_strategy(enable_engine_sleep=True), model=make_tiny_llama(seed=0))
+    engine = engine_class()(strategy=_strategy(enable_engine_sleep=False), model=make_tiny_llama(seed=0))
+    assert engine.server_args["enable_memory_saver"] is False
+
+
 def test_needs_a_model_or_path() -> None:
     with pytest.raises(ValueError, match="model= .*model_path="):
         engine_class()(strategy=_strategy())
@@ -576,6 +584,8 @@ def tp2_checks() -> dict[str, Any]:
     engine = strategy.setup_inference_engine(model=model, engine_type="sglang-recording-tp2")
     runtime = cls.recording_runtime
     result: dict[str, Any] = {"engines_here": len(runtime.engines), "group": engine.group_ranks}
+    if runtime.engines:
+        result["seed"] = runtime.engines[0].server_args["random_seed"]
     mine = [[1, 2, 3]] if rank == 0 else [[4, 5], [6]]
     outs = strategy.gather_and_generate(SamplingParams(4, 0.0), all_prompt_token_ids=mine, sleep_engine=False)
     result["own_outputs_ok"] = [o.output_token_ids == _greedy(model, p, 4)[0] for o, p in zip(outs, mine)]
@@ -620,6 +630,7 @@ def test_tensor_parallel_group_of_two_ranks() -> None:
     r0, r1 = results
     assert r0["engines_here"] == 1 and r1["engines_here"] == 0  # one sglang.Engine, on the first rank
     assert r0["group"] == r1["group"] == [0, 1]
+    assert r0["seed"] == CONFIG["seed"]  # group 0
     assert r0["own_outputs_ok"] == [True] and r1["own_outputs_ok"] == [True, True]
     assert (r0["n_outputs"], r1["n_outputs"]) == (1, 2)
     assert r0["needs_push_after_release"] and r1["needs_push_after_release"]

@@ -261,7 +261,7 @@ def ranks() -> list[dict[str, Any]]:
     if not _has_sglang():
         pytest.skip("SGLang is not installed (GPU machine: PYTHONPATH=/tmp/ssite, see scripts/gpu-sglang.sh)")
     env = {"PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    return run_distributed(sglang_gpu_checks, 2, env=env, timeout=330)
+    return run_distributed(sglang_gpu_checks, 2, env=env, timeout=300)
 
 
 @pytest.fixture(params=["tp2", "tp1"])

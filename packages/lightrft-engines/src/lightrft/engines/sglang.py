@@ -38,7 +38,9 @@ from ._common import (
     check_prompt_lengths,
     empty_device_cache,
     engine_tp_groups,
+    expandable_segments_enabled,
     hf_model_state_names,
+    is_sharded,
     lora_scalings,
     make_output,
     merge_peft_stream,
@@ -139,11 +141,17 @@ class SGLangEngine:
                 "enable_weights_cpu_backup", cfg.enable_engine_sleep and cfg.engine_sleep_level == 1
             )
         )
+        if self.memory_saver and expandable_segments_enabled():
+            raise RuntimeError(
+                "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which SGLang's memory saver "
+                "(torch_memory_saver) refuses: its schedulers inherit the variable and would fail to start. "
+                "Unset it for this run, or set enable_engine_sleep=False."
+            )
         self.skip_tokenizer_init = bool(engine_kwargs.get("skip_tokenizer_init", True))
         self.tags = compat.memory_tags(self.runtime.version)
         self.engine: Any = None
         self._config_dir = None
-        sharded = model is not None and _is_sharded(model)
+        sharded = model is not None and is_sharded(model)
         self._leader_step("Engine start", lambda: self._start(model, model_path, engine_kwargs))
         if model_path is None:
             # Dummy weights until the first push: from the model itself when it is whole, from the
@@ -388,7 +396,8 @@ class SGLangEngine:
             "base_gpu_id": self.device.index or 0,
             "skip_tokenizer_init": self.skip_tokenizer_init,
             "mem_fraction_static": cfg.engine_mem_util,
-            "random_seed": cfg.seed,
+            # One seed per engine group, as the vllm engine does: data-parallel engines sample differently.
+            "random_seed": cfg.seed + self.leader // self.tp_size,
             "dtype": self.dtype_name,
             "context_length": self.context_length,
             "enable_memory_saver": self.memory_saver,
@@ -534,13 +543,6 @@ def _context_length(cfg: Any, strategy: Any, model: Any, engine_kwargs: dict[str
     config = getattr(base_hf_model(model), "config", None) if model is not None else None
     value = getattr(config, "max_position_embeddings", None)
     return int(value) if value is not None else None
-
-
-def _is_sharded(model: Any) -> bool:
-    """Whether ``model``'s parameters are shards (FSDP2 DTensors, ZeRO-3 partitions)."""
-    from .hf import _is_sharded as sharded
-
-    return sharded(model)
 
 
 def _engine_names(model: Any, lora: dict[str, float]) -> set[str]:

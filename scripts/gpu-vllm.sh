@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# vLLM engine on 2 GPUs, in one go (about 5-6 minutes): weight-sync benchmark + checks from FSDP2
-# and from ZeRO-3 (engine TP 1), and FSDP2 with a tensor-parallel-2 engine (external_launcher).
-# Writes $OUT/engine_sync_{fsdp,deepspeed,fsdp_tp2}.json and .log; exits non-zero if a check failed.
+# vLLM engine on 2 GPUs, in one go (about 5 minutes): weight-sync benchmark + checks (sleep frees
+# >= 90 % of the engine's memory, identical outputs after wake) from FSDP2 training with a
+# tensor-parallel-2 engine (external_launcher, one engine over both GPUs) and from ZeRO-3 training
+# with one TP-1 engine per GPU. Writes $OUT/engine_sync_{fsdp_tp2,deepspeed_tp1}.json and .log;
+# exits non-zero if a check failed.
 #
 # On the GPU machine, after the vLLM 0.26.0 bundle is installed in /tmp/vsite (see
 # ../shared/device/bundle/README.md) and the workspace wheels are carried in .whl (scripts/gpu-prepare):
@@ -22,7 +24,6 @@ run() {  # name, timeout, args...
   echo "== $name: rc=$rc in $((SECONDS - t0)) s"; grep -A40 '^metric' "$OUT/engine_sync_$name.log" || tail -40 "$OUT/engine_sync_$name.log"
   [ $rc -eq 0 ] || status=1
 }
-run fsdp 150 --strategy fsdp
-run deepspeed 150 --strategy deepspeed
-run fsdp_tp2 170 --strategy fsdp --engine_tp_size 2 --prompts 16
+run fsdp_tp2 175 --strategy fsdp --engine_tp_size 2
+run deepspeed_tp1 175 --strategy deepspeed --engine_tp_size 1
 exit $status

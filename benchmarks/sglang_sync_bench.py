@@ -136,12 +136,12 @@ def main() -> None:
 
     owner = first
     for name, strategy in strategies.items():
-        actor = build_llama(a.layers, a.hidden, a.vocab, seed=1)
+        actor = strategy.prepare_model(build_llama(a.layers, a.hidden, a.vocab, seed=1))  # FSDP2 shards here
         if name == "deepspeed":  # torch AdamW: DeepSpeed's FusedAdam would JIT-compile first
             optim = torch.optim.AdamW(actor.parameters(), lr=1e-4)
         else:
             optim = strategy.create_optimizer(actor, lr=1e-4)
-        actor, optim, _ = strategy.prepare((strategy.prepare_model(actor), optim, None))
+        actor, optim, _ = strategy.prepare((actor, optim, None))
         train_step(strategy, actor, optim, a.vocab, seed=3)
         if strategy is not owner:  # hand the engine over without shutting it down
             owner.inference_engine = None

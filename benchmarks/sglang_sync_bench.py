@@ -167,6 +167,7 @@ def main() -> None:
         awake = gen()
         res[f"{name}_tok_s"] = len(prompts) * a.new_tokens / _timed(gen)
         # Release (weights discarded) and resume + push, as an RL step does.
+        torch.cuda.empty_cache()  # this process's cached blocks are not the engine's
         used = _used()
         res[f"{name}_release_s"] = _timed(lambda s=strategy: s.maybe_sleep_inference_engine())
         res[f"{name}_released_gib"] = (used - _used()) / 2**30
@@ -178,6 +179,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     # Everything the engine holds: what shutting it down returns (released first: the same base).
+    torch.cuda.empty_cache()
     used = _used()
     owner.maybe_sleep_inference_engine()
     asleep = _used()

@@ -130,7 +130,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(7 + rank // a.engine_tp_size)
     prompts = [torch.randint(10, a.vocab, (64,), generator=g).tolist() for _ in range(a.prompts)]
-    greedy = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0)
+    greedy = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0, extra={"ignore_eos": True})
     ag_bw, cp_bw = allgather_bandwidth(), copy_bandwidth()
     res["allgather_gbps"], res["copy_gbps"] = ag_bw / 1e9, cp_bw / 1e9
 

@@ -151,16 +151,22 @@ def test_engine_tp_size_not_dividing_the_world_is_refused():
         strategy.setup_inference_engine(model=tiny_llama(seed=1))
 
 
-@pytest.mark.parametrize("backend,stage", [("fsdp", 0), ("deepspeed", 3)])
-def test_two_gloo_ranks_push_equals_fresh_engine(backend, stage):
+@pytest.mark.parametrize(
+    "backend,stage,tp,tie", [("fsdp", 0, 1, False), ("deepspeed", 3, 1, True), ("fsdp", 0, 2, False)]
+)
+def test_two_gloo_ranks_push_equals_fresh_engine(backend, stage, tp, tie):
+    """FSDP2 and ZeRO-3 (tied embeddings) with one engine per rank, and FSDP2 with one
+    tensor-parallel-2 engine over both ranks (prompts gathered, each rank gets its own)."""
     results = run_distributed(
         "vllm_cases:sync_case",
         world_size=2,
-        kwargs={"backend": backend, "zero_stage": stage},
+        kwargs={"backend": backend, "zero_stage": stage, "tp": tp, "tie": tie},
         timeout=900,
         env={
             "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
             "VLLM_CPU_KVCACHE_SPACE": "1",
+            # This venv's torch differs from the workspace's: its own JIT extension cache (shm_comm).
+            "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
         },
     )
     for rank, r in enumerate(results):

@@ -59,7 +59,7 @@ def full_weights(strategy: Any, model: Any) -> dict[str, torch.Tensor]:
     return {n: t.detach().cpu().clone() for b in strategy.iter_weight_buckets(model) for n, t in b}
 
 
-def sync_case(backend: str, zero_stage: int = 3, tie: bool = False) -> dict[str, Any]:
+def sync_case(backend: str, zero_stage: int = 3, tie: bool = False, tp: int = 1) -> dict[str, Any]:
     """One rank: build the engine from the initial model, train a step, push, and generate; then a
     fresh engine from the trained weights generates the same prompts."""
     from lightrft.strategy import get_strategy
@@ -75,6 +75,7 @@ def sync_case(backend: str, zero_stage: int = 3, tie: bool = False) -> dict[str,
         "engine_max_model_len": MAX_LEN,
         "engine_enforce_eager": True,
         "weight_sync_bucket_mb": 1,
+        "engine_tp_size": tp,
     }
     strategy = get_strategy(cfg)
     actor = tiny_llama(seed=1, tie=tie)

@@ -83,8 +83,9 @@ def result_ok(result: Any) -> tuple[bool, str]:
         return True, ""
     if isinstance(result, tuple) and result and isinstance(result[0], bool):
         return result[0], str(result[1]) if len(result) > 1 else ""
-    if hasattr(result, "success"):
-        return bool(result.success), str(getattr(result, "message", "") or "")
+    success = getattr(result, "success", None)
+    if success is not None:  # FlushCacheReqOutput and the like
+        return bool(success), str(getattr(result, "message", "") or "")
     if isinstance(result, bool):
         return result, ""
     return True, ""

@@ -93,7 +93,7 @@ class SGLangEngine:
 
     #: Returns the SGLang runtime (``_sglang_compat.load_runtime``). The seam tests use to put a
     #: recording double of ``sglang.Engine`` behind the engine.
-    runtime_factory: ClassVar[Callable[[], Any]] = staticmethod(compat.load_runtime)
+    runtime_factory: ClassVar[Any] = staticmethod(compat.load_runtime)
 
     def __init__(
         self,

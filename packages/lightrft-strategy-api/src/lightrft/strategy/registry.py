@@ -37,7 +37,7 @@ ENGINE_EXTRAS: dict[str, tuple[str, str]] = {
 #: The extras that lightrft-engines declares (``[project.optional-dependencies]`` in its
 #: pyproject.toml; a test keeps the two equal). Used for the hint when lightrft-engines is not
 #: installed; an installed lightrft-engines is asked directly.
-ENGINE_DISTRIBUTION_EXTRAS: frozenset[str] = frozenset({"hf"})
+ENGINE_DISTRIBUTION_EXTRAS: frozenset[str] = frozenset({"hf", "vllm", "sglang"})
 
 _PLURAL = {"strategy": "strategies", "engine": "engines"}
 

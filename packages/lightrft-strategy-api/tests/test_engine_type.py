@@ -80,11 +80,11 @@ def test_missing_engine_distribution_names_an_installable_requirement(monkeypatc
     with pytest.raises(ImportError) as e:
         registry.load_engine_class("hf")
     assert "`uv add 'lightrft-engines[hf]'`" in str(e.value) and "not installed" in str(e.value)
-    # lightrft-engines declares no vllm / sglang extra: the hint names the engine's own package.
+    # lightrft-engines declares the vllm and sglang extras: the hint names them.
     for name in ("vllm", "sglang"):
         with pytest.raises(ImportError) as e:
             registry.load_engine_class(name)
-        assert f"`uv add lightrft-engines {name}`" in str(e.value) and "[" not in str(e.value)
+        assert f"`uv add 'lightrft-engines[{name}]'`" in str(e.value)
     with pytest.raises(ImportError, match=r"`uv add lightrft-testing`"):
         registry.load_engine_class("fake")
 

@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from lightrft.strategy import SamplingParams
 from lightrft.testing import make_tiny_llama
@@ -93,6 +94,8 @@ def sync_case(backend: str, zero_stage: int = 3, tie: bool = False, tp: int = 1)
     after = strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
     trained = full_weights(strategy, actor)
     strategy.engine_lifecycle.shutdown()
+    # The training job's process group outlives the engine (vLLM's shutdown would destroy it).
+    assert dist.is_initialized() and dist.get_world_size() == 2, "engine shutdown broke the process group"
     fresh_model = tiny_llama(seed=99, tie=tie)
     fresh_model.load_state_dict(trained, strict=False)
     strategy.setup_inference_engine(model=fresh_model)

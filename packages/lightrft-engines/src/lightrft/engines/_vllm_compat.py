@@ -97,3 +97,31 @@ def finish_update(worker: Any) -> None:
 
 def model_of(worker: Any) -> torch.nn.Module:
     return worker.model_runner.model
+
+
+def shutdown(llm: Any, keep_default_group: bool) -> None:
+    """Shuts an in-process engine down. vLLM's ``EngineCore.shutdown`` ends with
+    ``cleanup_dist_env_and_memory()``, which destroys torch's default process group: the training
+    job's, when the engine joined it (``external_launcher``, or a group made before the engine).
+    With ``keep_default_group`` only vLLM's own groups are destroyed."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is None or not hasattr(core, "shutdown"):
+        return
+    from vllm.distributed import parallel_state as ps
+
+    original = ps.destroy_distributed_environment
+
+    def destroy_vllm_groups_only() -> None:
+        world = getattr(ps, "_WORLD", None)
+        if world is not None:
+            world.destroy()  # vLLM's world coordinator owns its own subgroups
+        ps._WORLD = None
+        if hasattr(ps, "_NODE_COUNT"):
+            ps._NODE_COUNT = None
+
+    if keep_default_group:
+        ps.destroy_distributed_environment = destroy_vllm_groups_only
+    try:
+        core.shutdown()
+    finally:
+        ps.destroy_distributed_environment = original

@@ -101,6 +101,7 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(llm_kwargs)
         kwargs = {k: v for k, v in compat.filter_llm_kwargs(kwargs).items() if v is not None}
+        self._had_group = dist.is_initialized()  # the training job's group survives shutdown()
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception:
@@ -281,9 +282,7 @@ class VLLMEngine:
         if self.closed:
             return
         self.closed = True
-        core = getattr(self.llm.llm_engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        compat.shutdown(self.llm, keep_default_group=self._had_group)
         del self.llm
         gc.collect()
         _common.empty_device_cache()

@@ -79,7 +79,7 @@ class Display(NullDisplay):
             )
 
     def message(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(text, soft_wrap=True)
 
     def finish(self, rows: Sequence[tuple[str, str]]) -> None:
         from rich.table import Table

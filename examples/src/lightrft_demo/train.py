@@ -206,7 +206,7 @@ def _grpo_step(
         loss = -(adv[start : start + len(mb)].to(logp.device) * logp).mean() + args.kl_coef * (kl**2).mean()
         strategy.backward(loss, actor, optim)
         norm = strategy.optimizer_step(optim, actor, sched) or norm
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         kls.append(float(kl.detach().mean()) / (seqs.shape[1] - PROMPT_LEN))
     t_train = time.perf_counter() - t1
 

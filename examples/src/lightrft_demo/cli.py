@@ -12,6 +12,7 @@ Precedence: built-in defaults < ``--config`` document < command line.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -75,10 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output-dir", "--output_dir", dest="output_dir", default="lightrft-demo-output",
                       help="checkpoints, metrics.jsonl, reward_curve.png, model/ (default: %(default)s)")  # fmt: skip
-    demo.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    demo.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --output-dir"
+    )
     demo.add_argument("--overwrite", action="store_true", help="delete a previous run in --output-dir first")
     demo.add_argument("--iterations", type=int, default=25, help="optimizer steps (default: %(default)s)")
-    demo.add_argument("--prompts-per-rank", "--prompts_per_rank", dest="prompts_per_rank", type=int, default=4)
+    demo.add_argument(
+        "--prompts-per-rank", "--prompts_per_rank", dest="prompts_per_rank", type=int, default=4
+    )
     demo.add_argument("--group-size", "--group_size", dest="group_size", type=int, default=8,
                       help="samples per prompt, the GRPO group (default: %(default)s)")  # fmt: skip
     demo.add_argument("--new-tokens", "--new_tokens", dest="new_tokens", type=int, default=6)
@@ -165,8 +170,14 @@ def check_options(args: argparse.Namespace) -> None:
         )
 
 
-def torchrun_command(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
-    """The torchrun command that starts ``--nproc`` ranks of this program on this node."""
+#: The ranks torchrun starts read the launcher's arguments from here: passed on torchrun's command
+#: line, options such as --nproc would be taken (as abbreviations) by torchrun's own parser.
+ARGV_ENV = "LIGHTRFT_DEMO_ARGV"
+
+
+def torchrun_command(args: argparse.Namespace) -> list[str]:
+    """The torchrun command that starts ``--nproc`` ranks of this program on this node (they read
+    the options from the ``LIGHTRFT_DEMO_ARGV`` environment variable)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
     if args.nnodes == 1 and not args.rdzv_endpoint:
         cmd.append("--standalone")
@@ -175,7 +186,7 @@ def torchrun_command(args: argparse.Namespace, argv: Sequence[str]) -> list[str]
         cmd += ["--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
         if args.node_rank is not None:
             cmd += ["--node-rank", str(args.node_rank)]
-    return cmd + ["-m", "lightrft_demo", *argv]
+    return cmd + ["-m", "lightrft_demo"]
 
 
 def _under_launcher() -> bool:
@@ -184,16 +195,24 @@ def _under_launcher() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightrft-demo``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        argv = (
+            json.loads(os.environ[ARGV_ENV]) if _under_launcher() and ARGV_ENV in os.environ else sys.argv[1:]
+        )
+    argv = list(argv)
     try:
         args = parse_options(argv)
     except (DemoOptionError, ConfigError) as exc:
         print(f"lightrft-demo: error: {exc}", file=sys.stderr)
         return 2
     if (args.nproc > 1 or args.nnodes > 1) and not _under_launcher():
-        cmd = torchrun_command(args, argv)
+        cmd = torchrun_command(args)
         print("lightrft-demo: starting", shlex.join(cmd[2:]), file=sys.stderr, flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {
+            **os.environ,
+            ARGV_ENV: json.dumps(argv),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
         # Replace this process: signals (Ctrl-C, SIGTERM from a scheduler) reach torchrun directly.
         os.execve(cmd[0], cmd, env)
     from .train import SetupError, run

@@ -95,7 +95,9 @@ class Display(NullDisplay):
         self.console.print(table)
 
 
-def summary_rows(records: Sequence[dict[str, Any]], extra: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+def summary_rows(
+    records: Sequence[dict[str, Any]], extra: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
     """Rows of the summary table: reward at the start and the end (means of up to 3 steps),
     throughput and weight-sync time over the whole run, then ``extra`` (paths, setup)."""
     if not records:
@@ -107,7 +109,10 @@ def summary_rows(records: Sequence[dict[str, Any]], extra: Sequence[tuple[str, s
 
     first, last = records[:k], records[-k:]
     rows = [
-        ("steps", f"{records[-1]['step']}" + (f" (resumed {_resumes(records)}x)" if _resumes(records) else "")),
+        (
+            "steps",
+            f"{records[-1]['step']}" + (f" (resumed {_resumes(records)}x)" if _resumes(records) else ""),
+        ),
         (
             "reward",
             f"{mean('reward', first):.3f} -> {mean('reward', last):.3f} "

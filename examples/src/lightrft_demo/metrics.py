@@ -90,7 +90,9 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def plot_reward_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
+def plot_reward_curve(
+    records: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = ""
+) -> Path:
     """Draws mean reward (and its moving average) and KL per step into a PNG; a dotted line marks
     each step where a run resumed from a checkpoint. Headless (matplotlib's Agg backend)."""
     import matplotlib

@@ -177,14 +177,24 @@ def _setup_text(strategy: Any) -> str:
 
 
 def _grpo_step(
-    args: argparse.Namespace, strategy: Any, actor: Any, reference: Any, optim: Any, sched: Any, it: int, rank: int
+    args: argparse.Namespace,
+    strategy: Any,
+    actor: Any,
+    reference: Any,
+    optim: Any,
+    sched: Any,
+    it: int,
+    rank: int,
 ) -> dict[str, Any]:
     """One iteration: rollouts, rewards, group-normalised advantages, one optimizer step, weight sync."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(strategy.seed * 1_000_003 + it * 1009 + rank)
     prompts = torch.randint(0, args.vocab_size, (args.prompts_per_rank, PROMPT_LEN), generator=g).tolist()
     sp = SamplingParams(
-        max_new_tokens=args.new_tokens, temperature=1.0, n=args.group_size, seed=strategy.seed + it * 100 + rank
+        max_new_tokens=args.new_tokens,
+        temperature=1.0,
+        n=args.group_size,
+        seed=strategy.seed + it * 100 + rank,
     )
     outputs = strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=sp)
     t_gen = time.perf_counter() - t0
@@ -215,7 +225,8 @@ def _grpo_step(
     t_sync = time.perf_counter() - t2
 
     mean = strategy.all_reduce(
-        {"reward": float(rewards.mean()), "loss": sum(losses) / len(losses), "kl": sum(kls) / len(kls)}, "mean"
+        {"reward": float(rewards.mean()), "loss": sum(losses) / len(losses), "kl": sum(kls) / len(kls)},
+        "mean",
     )
     total_tokens = strategy.all_reduce(float(new_tokens), "sum")
     slowest = strategy.all_reduce({"gen": t_gen, "sync": t_sync, "train": t_train}, "max")
@@ -237,6 +248,17 @@ def _grpo_step(
 
 def _write_config(args: argparse.Namespace, path: Path) -> None:
     """The resolved options as a --config document (rerun with ``lightrft-demo --config``)."""
+    import yaml
+
+    doc = StrategyConfig.from_args(args).to_dict()
     # Batch sizes follow from the world size at start; run switches are not part of a configuration.
-    skip = {"config", "resume", "overwrite", "train_batch_size", "rollout_batch_size", "micro_rollout_batch_size"}
-    StrategyConfig.from_args({k: v for k, v in vars(args).items() if k not in skip}).to_yaml(path)
+    for key in (
+        "config",
+        "resume",
+        "overwrite",
+        "train_batch_size",
+        "rollout_batch_size",
+        "micro_rollout_batch_size",
+    ):
+        doc.pop(key, None)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")

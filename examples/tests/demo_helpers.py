@@ -1,0 +1,69 @@
+"""Helpers of the lightrft-demo tests: run the program as a user does, kill it, read its metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightrft_demo import read_metrics
+
+FAST = ["--actor_learning_rate", "2e-2", "--save-steps", "2"]
+DEMO = [sys.executable, "-m", "lightrft_demo"]
+SCRIPT = str(Path(sys.executable).parent / "lightrft-demo")
+
+
+def demo_env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LIGHTRFT_DEMO_ARGV"):
+        env.pop(name, None)  # the demo must decide to launch torchrun itself
+    return env
+
+
+def run_ok(cmd: list[str], timeout: float = 420) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, env=demo_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_improves(records: list[dict], margin: float = 0.15) -> None:
+    rewards = [r["reward"] for r in records]
+    first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert last > first + margin, f"reward did not rise by {margin}: {[round(x, 3) for x in rewards]}"
+
+
+def steps_of(records: list[dict]) -> list[int]:
+    return [r["step"] for r in records]
+
+
+def kill_when(proc: subprocess.Popen, metrics: Path, steps: int, timeout: float = 300) -> None:
+    """SIGKILLs the whole process group (launcher, torchrun, ranks) once ``steps`` records exist."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(
+                f"the run ended (rc={proc.returncode}) before step {steps}:\n{out[-2000:]}\n{err[-4000:]}"
+            )
+        if len(read_metrics(metrics)) >= steps:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no step {steps} within {timeout} s")

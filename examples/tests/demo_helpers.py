@@ -27,7 +27,7 @@ def demo_env() -> dict[str, str]:
     return env
 
 
-def run_ok(cmd: list[str], timeout: float = 420) -> subprocess.CompletedProcess[str]:
+def run_ok(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, env=demo_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (
         f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -51,7 +51,7 @@ def steps_of(records: list[dict]) -> list[int]:
     return [r["step"] for r in records]
 
 
-def kill_when(proc: subprocess.Popen, metrics: Path, steps: int, timeout: float = 300) -> None:
+def kill_when(proc: subprocess.Popen, metrics: Path, steps: int, timeout: float = 900) -> None:
     """SIGKILLs the whole process group (launcher, torchrun, ranks) once ``steps`` records exist."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

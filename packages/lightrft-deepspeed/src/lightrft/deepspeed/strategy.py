@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from lightrft.strategy.base import StrategyBase, TrainState
 from lightrft.strategy.engine import WeightBucket
+from lightrft.strategy.utils import HostScalar
 from lightrft.strategy.weights import clean_param_name, plan_buckets
 
 from . import config as ds_config
@@ -417,14 +418,7 @@ class _NormOnHost:
     def __set__(self, obj: Any, value: Any) -> None:
         obj.__dict__["_global_grad_norm"] = value
         if torch.is_tensor(value) and value.is_cuda and value.numel() == 1:
-            host = obj.__dict__.get("_lightrft_host_norm")
-            if host is None or host.dtype != value.dtype:
-                host = torch.empty((), dtype=value.dtype, pin_memory=True)
-                obj.__dict__["_lightrft_host_norm"] = host
-            host.copy_(value.detach().reshape(()), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            obj.__dict__["_lightrft_norm_event"] = (value, event)
+            obj.__dict__["_lightrft_norm_event"] = (value, HostScalar(value))
         else:
             obj.__dict__["_lightrft_norm_event"] = None
 
@@ -454,8 +448,7 @@ def _read_norm(engine: Any) -> float:
         return math.nan
     captured = getattr(engine.optimizer, "__dict__", {}).get("_lightrft_norm_event")
     if captured is not None and captured[0] is value:
-        captured[1].synchronize()
-        return float(engine.optimizer.__dict__["_lightrft_host_norm"])
+        return float(captured[1])
     return float(value)
 
 

@@ -18,6 +18,8 @@ from torch import nn
 from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
 from lightrft.strategy.weights import copy_bucket_into
 
+from ._common import is_sharded
+
 
 class HFEngine:
     """An InferenceEngine over ``transformers`` ``generate`` (greedy or sampled)."""
@@ -29,6 +31,7 @@ class HFEngine:
         tokenizer: Any = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        model_path: str | None = None,
         **_: Any,
     ) -> None:
         try:
@@ -37,9 +40,13 @@ class HFEngine:
             raise ImportError(
                 "HFEngine (engine_type='hf') needs transformers: `uv add 'lightrft-engines[hf]'`"
             ) from e
+        if model is None and model_path is not None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_path)
         if model is None or not hasattr(model, "generate"):
             raise ValueError(
-                "HFEngine needs model=: an unsharded Hugging Face model with .generate() (e.g. the policy "
+                "HFEngine needs model=: a Hugging Face model with .generate() (e.g. the policy "
                 "before strategy.prepare); got " + type(model).__name__
             )
         self.device = (
@@ -48,23 +55,46 @@ class HFEngine:
             else (strategy.device if strategy else torch.device("cpu"))
         )
         self.dtype = dtype or (strategy.param_dtype if strategy is not None else None)
-        self.model: Any = copy.deepcopy(model).eval().requires_grad_(False)
+        sharded = is_sharded(model)
+        if sharded:
+            # A prepared (FSDP2 / ZeRO-3) actor: build the same architecture from its config; the
+            # weights arrive with the first update_weights (needs_weight_push until then).
+            # FSDP2 swaps the class for a generated FSDP<Class>: build the user's class.
+            cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+            with torch.device("meta"):
+                self.model = cls(model.config).eval().requires_grad_(False)
+            self.model.to_empty(device="cpu")
+        else:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
         if self.dtype is not None:
             self.model.to(self.dtype)
         self.model.to(self.device)
         self.tokenizer = tokenizer
         self.sleeping_level = 0
         self._params: dict[str, torch.Tensor] = dict(self.model.named_parameters())
-        self._discarded = False
+        self._discarded = sharded
+        self.closed = False
+        #: HFEngine runs one private copy per rank: no tensor-parallel group.
+        self.tp_group: Any = None
+
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether the copy is offloaded (level 1) or freed (level 2)."""
+        return self.sleeping_level > 0
+
+    @property
+    def needs_weight_push(self) -> bool:
+        """True after ``sleep(2)`` (or when built from a sharded actor) until ``update_weights``."""
+        return self._discarded
 
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         if self._discarded:
             self.model.to_empty(device=self.device)
             self._params = dict(self.model.named_parameters())
-            self._discarded = False
         for bucket in buckets:
             copy_bucket_into(self._params, bucket)
+        self._discarded = False
 
     @torch.no_grad()
     def generate(
@@ -74,6 +104,10 @@ class HFEngine:
         sampling_params: SamplingParams | None = None,
         multi_modal_inputs: Sequence[Any] | None = None,
     ) -> list[GenerationOutput]:
+        if self.closed:
+            raise RuntimeError(
+                "HFEngine was shut down: set up a new engine (strategy.setup_inference_engine)"
+            )
         if self.sleeping_level:
             raise RuntimeError(
                 "HFEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first"
@@ -146,13 +180,18 @@ class HFEngine:
             torch.cuda.empty_cache()
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Returns the copy to the device (HFEngine wakes everything at once, whatever ``tags``)."""
         if not self._discarded:
             self.model.to(self.device)
         self._params = dict(self.model.named_parameters())
         self.sleeping_level = 0
+
+    def reset_prefix_cache(self) -> None:
+        """HFEngine keeps no cache between calls: nothing to reset."""
 
     def shutdown(self) -> None:
         """Frees the model copy; the engine cannot be used afterwards."""
         self.model.to("meta")
         self._params = {}
         self._discarded = True
+        self.closed = True

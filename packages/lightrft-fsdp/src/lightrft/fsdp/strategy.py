@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy.utils import HostScalar
 from lightrft.strategy.weights import clean_param_name
 
 from . import sharding
@@ -163,18 +164,19 @@ class FSDPV2Strategy(StrategyBase):
             return super()._clip_and_step(st, max_norm)
         # Fused optimizers take the skip decision on the device (``found_inf``), so the one host
         # sync (reading the norm) comes after the update is queued: the GPU never waits for the
-        # CPU between backward and the optimizer step.
+        # CPU between backward and the optimizer step, nor for the update before the next forward.
         params = [p for p in st.model.parameters() if p.grad is not None]
         total = total_grad_norm(params)
         if math.isfinite(max_norm) and params:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         optimizer.found_inf = (~torch.isfinite(total)).to(torch.float32)
+        norm = HostScalar(total)  # read after the update is queued: waits for the norm only
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
         optimizer.zero_grad(set_to_none=True)
-        return float(total)
+        return float(norm)
 
     @torch.no_grad()
     def moving_average(self, model: Any, model_ema: Any, beta: float = 0.992, device: str = "cpu") -> None:

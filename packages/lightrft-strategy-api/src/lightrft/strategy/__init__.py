@@ -8,13 +8,22 @@ from importlib.metadata import version as _distribution_version
 from .base import StrategyBase, TrainState
 from .config import ConfigError, StrategyConfig
 from .data import ResumableDataLoader, ResumableDistributedSampler
-from .engine import GenerationOutput, InferenceEngine, SamplingParams, WeightBucket
+from .engine import (
+    EngineLifecycle,
+    EngineNotSetUpWarning,
+    GenerationOutput,
+    InferenceEngine,
+    SamplingParams,
+    WeightBucket,
+)
 from .factory import get_fake_strategy, get_strategy
 from .registry import available, register_engine, register_strategy
 from .weights import bucket_named_tensors, clean_param_name, plan_buckets
 
 __all__ = [
     "ConfigError",
+    "EngineLifecycle",
+    "EngineNotSetUpWarning",
     "GenerationOutput",
     "InferenceEngine",
     "ResumableDataLoader",

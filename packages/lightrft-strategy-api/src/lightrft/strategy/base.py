@@ -29,9 +29,14 @@ from lightrft.config import StrategyConfig
 from . import checkpoint as ckpt
 from . import comm
 from .data import ResumableDataLoader, ResumableDistributedSampler
-from .engine import GenerationOutput, InferenceEngine, SamplingParams, WeightBucket
+from .engine import (
+    EngineLifecycle,
+    GenerationOutput,
+    InferenceEngine,
+    WeightBucket,
+    lightrft_multi_modal_inputs,
+)
 from .hf_io import read_hf_state_dict, write_hf_directory
-from .registry import load_engine_class
 from .schedulers import create_scheduler
 from .utils import get_rng_state, set_rng_state, set_seed
 from .weights import bucket_named_tensors, clean_param_name
@@ -126,8 +131,6 @@ class StrategyBase(ABC):
         self._train_states: dict[int, TrainState] = {}
         self._dataloaders: list[ResumableDataLoader] = []
         self._owns_process_group = False
-        self.inference_engine: InferenceEngine | None = None
-        self._engine_sleeping = False
 
     # The seed's attribute names, read from the config (one source of truth).
     @property
@@ -232,9 +235,7 @@ class StrategyBase(ABC):
 
     def shutdown(self) -> None:
         """Shuts the engine down and destroys the process group this strategy created."""
-        if self.inference_engine is not None:
-            self.inference_engine.shutdown()
-            self.inference_engine = None
+        self.engine_lifecycle.shutdown()
         if self._owns_process_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -647,76 +648,157 @@ class StrategyBase(ABC):
         return loader
 
     # ---------------------------------------------------------------- engine
+    # The engine's lifecycle lives in lightrft.strategy.engine.EngineLifecycle; these methods keep
+    # this project's keywords and LightRFT's names and argument order.
+    @property
+    def engine_lifecycle(self) -> EngineLifecycle:
+        """The object that owns this strategy's rollout engine (created on first use)."""
+        lc = self.__dict__.get("_engine_lifecycle")
+        if lc is None:
+            lc = self.__dict__["_engine_lifecycle"] = EngineLifecycle(self)
+        return lc
+
+    @property
+    def inference_engine(self) -> InferenceEngine | None:
+        """The rollout engine, or None before ``setup_inference_engine``."""
+        return self.engine_lifecycle.engine
+
+    @inference_engine.setter
+    def inference_engine(self, engine: InferenceEngine | None) -> None:
+        # Assigning None forgets the engine without shutting it down (the caller did).
+        self.engine_lifecycle.engine = engine
+
     def setup_inference_engine(
-        self, model: Any = None, tokenizer: Any = None, engine_type: str | None = None, **kwargs: Any
+        self,
+        args: Any = None,
+        engine_type: str | None = None,
+        actor: Any = None,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
     ) -> InferenceEngine:
         """Creates the rollout engine named by ``engine_type`` (``config.engine_type`` by default),
-        colocated with training; engines are found through the ``lightrft.engines`` entry points."""
-        cls = load_engine_class(engine_type or self.config.engine_type)
-        engine: InferenceEngine = cls(strategy=self, model=model, tokenizer=tokenizer, **kwargs)
-        self.inference_engine = engine
-        self._engine_sleeping = False
-        return engine
+        colocated with training; engines are found through the ``lightrft.engines`` entry points.
 
-    def _engine(self) -> InferenceEngine:
-        engine = self.inference_engine
-        if engine is None:
-            raise RuntimeError("no inference engine: call strategy.setup_inference_engine(...) first")
-        return engine
+        This project's form: ``setup_inference_engine(model=hf_model, tokenizer=tok)``, where
+        ``model`` is an unsharded Hugging Face model to build the engine from. LightRFT's form:
+        ``setup_inference_engine(args, engine_type="vllm", actor=actor)``: with ``actor`` (the
+        prepared training model, possibly sharded) the engine is built from the actor's config and
+        the actor's weights are pushed at once; ``args.pretrain`` (a model directory) is passed to
+        the engine as ``model_path`` when neither model nor actor is given. A module passed as the
+        first positional argument is taken as ``model``. The engine is awake afterwards.
+        """
+        if isinstance(args, nn.Module):
+            if model is not None:
+                raise TypeError("setup_inference_engine: a module passed positionally and model=")
+            model, args = args, None
+        if args is not None and model is None and actor is None and getattr(args, "pretrain", None):
+            kwargs.setdefault("model_path", args.pretrain)
+        return self.engine_lifecycle.setup(
+            engine_type, model=model, tokenizer=tokenizer, actor=actor, **kwargs
+        )
 
     def update_engine_weights(self, model: Any, bucket_bytes: int | None = None) -> None:
-        """Pushes the trained weights into the engine, one bounded bucket at a time."""
-        engine = self._engine()
-        if self._engine_sleeping:
-            engine.wake_up(tags=["weights"])
-        engine.update_weights(self.iter_weight_buckets(model, bucket_bytes))
-        self.barrier()
+        """Pushes the trained weights into the engine, one bounded bucket at a time, and leaves it
+        awake: wake weights -> push -> empty cache -> wake the rest -> reset the prefix cache.
+
+        Without an engine (``setup_inference_engine`` not called) nothing is pushed and an
+        :class:`~lightrft.strategy.engine.EngineNotSetUpWarning` is issued, on every strategy."""
+        self.engine_lifecycle.update_weights(model, bucket_bytes)
 
     def gather_and_generate(
         self,
+        sampling_params: Any = None,
+        all_prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        all_prompts: Sequence[str] | None = None,
+        all_images: Sequence[Any] | None = None,
+        sleep_engine: bool = True,
+        images_num: Sequence[int] | None = None,
+        all_videos: Sequence[Any] | None = None,
+        videos_num: Sequence[int] | None = None,
+        *,
         prompts: Sequence[str] | None = None,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
-        sampling_params: SamplingParams | None = None,
         multi_modal_inputs: Sequence[Any] | None = None,
     ) -> list[GenerationOutput]:
-        """Generates for this rank's prompts. With a tensor-parallel engine (``engine.tp_group``),
-        the prompts of the group are gathered, generated together and each rank gets its own."""
-        engine = self._engine()
-        if self._engine_sleeping:
-            self.wakeup_inference_engine()
-        group = getattr(engine, "tp_group", None)
-        if group is None or comm.world_size(group) == 1:
-            return engine.generate(prompts, prompt_token_ids, sampling_params, multi_modal_inputs)
-        mine = {"prompts": prompts, "ids": prompt_token_ids, "mm": multi_modal_inputs}
-        parts = comm.all_gather_object(mine, group=group)
-        counts = [len(p["prompts"] if p["prompts"] is not None else p["ids"]) for p in parts]
+        """Generates for this rank's prompts and returns this rank's outputs (``n`` per prompt,
+        prompt-major). With a tensor-parallel engine (``engine.tp_group``) the group's prompts are
+        gathered, generated together and each rank gets its own. No prompts anywhere in the group:
+        ``[]``.
 
-        def joined(key: str) -> list[Any] | None:
-            if parts[0][key] is None:
-                return None
-            return [x for p in parts for x in p[key]]
+        Takes LightRFT's argument order (``sampling_params, all_prompt_token_ids, all_prompts,
+        all_images, sleep_engine, images_num, all_videos, videos_num``; ``sampling_params`` may be a
+        ``vllm.SamplingParams``) and this project's keywords (``prompts=``, ``prompt_token_ids=``,
+        ``multi_modal_inputs=`` one dict per prompt). With images or videos the text prompts are
+        used, otherwise the token ids. ``sleep_engine`` (LightRFT's default True) puts the engine
+        to sleep afterwards when ``config.enable_engine_sleep``."""
+        if isinstance(sampling_params, (list, tuple)):
+            raise TypeError(
+                "gather_and_generate: the first positional argument is sampling_params (LightRFT's "
+                "order); pass prompts by keyword: prompt_token_ids=... or prompts=..."
+            )
+        ids = prompt_token_ids if prompt_token_ids is not None else all_prompt_token_ids
+        texts = prompts if prompts is not None else all_prompts
+        mm = multi_modal_inputs
+        if mm is None and (all_images is not None or all_videos is not None):
+            n = len(texts) if texts is not None else len(ids or [])
+            mm = lightrft_multi_modal_inputs(n, all_images, images_num, all_videos, videos_num)
+        if ids is not None and texts is not None:
+            # LightRFT passes both: text with the images, token ids otherwise.
+            if mm is not None:
+                ids = None
+            else:
+                texts = None
+        return self.engine_lifecycle.gather_and_generate(
+            sampling_params,
+            prompts=texts,
+            prompt_token_ids=ids,
+            multi_modal_inputs=mm,
+            sleep_engine=sleep_engine,
+        )
 
-        outputs = engine.generate(joined("prompts"), joined("ids"), sampling_params, joined("mm"))
-        n = sampling_params.n if sampling_params else 1
-        start = sum(counts[: comm.rank(group)]) * n
-        return outputs[start : start + counts[comm.rank(group)] * n]
-
-    def maybe_sleep_inference_engine(self, level: int = 1) -> bool:
-        """Puts the engine to sleep (frees its GPU memory for training) when
-        ``enable_engine_sleep``; returns whether it sleeps now."""
+    def engine_generate_local(
+        self,
+        sampling_params: Any = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        multi_modal_inputs: Sequence[Any] | None = None,
+        *,
+        prompts: Sequence[str] | None = None,
+    ) -> list[GenerationOutput]:
+        """Generates this rank's prompts on the local engine, without gathering (LightRFT's name and
+        order). ``multi_modal_inputs`` in LightRFT's form (``{"prompt": text, "multi_modal_data":
+        {...}}`` per prompt) or one ``multi_modal_data`` dict per prompt with ``prompts=``."""
+        if prompt_token_ids is not None and multi_modal_inputs is not None and prompts is None:
+            raise ValueError("engine_generate_local: pass prompt_token_ids or multi_modal_inputs, not both")
         if (
-            self.inference_engine is not None
-            and self.config.enable_engine_sleep
-            and not self._engine_sleeping
+            multi_modal_inputs is not None
+            and prompts is None
+            and all(isinstance(x, dict) and "prompt" in x for x in multi_modal_inputs)
         ):
-            self.inference_engine.sleep(level=level)
-            self._engine_sleeping = True
-        return self._engine_sleeping
+            prompts = [x["prompt"] for x in multi_modal_inputs]
+            multi_modal_inputs = [x.get("multi_modal_data") for x in multi_modal_inputs]
+        if prompt_token_ids is None and prompts is None:
+            raise ValueError("engine_generate_local: pass prompt_token_ids or multi_modal_inputs")
+        if not (prompt_token_ids if prompts is None else prompts):
+            return []
+        return self.engine_lifecycle.generate_local(
+            sampling_params,
+            prompts=prompts,
+            prompt_token_ids=None if prompts is not None else prompt_token_ids,
+            multi_modal_inputs=multi_modal_inputs,
+        )
+
+    def maybe_sleep_inference_engine(self, level: int | None = None) -> bool:
+        """Puts the engine to sleep (frees its device memory for training) when
+        ``config.enable_engine_sleep``, at ``level`` (``config.engine_sleep_level`` by default);
+        returns whether it sleeps now (False without an engine)."""
+        return self.engine_lifecycle.sleep(level)
 
     def wakeup_inference_engine(self, tags: Sequence[str] | None = None) -> None:
-        if self.inference_engine is not None and self._engine_sleeping:
-            self.inference_engine.wake_up(tags=tags)
-            self._engine_sleeping = False
+        """Wakes the engine (no-op when awake or absent). After a level-2 sleep the weights are
+        gone: this raises, naming ``update_engine_weights``, which wakes and pushes in order."""
+        self.engine_lifecycle.wake_up(tags)
 
 
 def _not_prepared(model: Any) -> ValueError:

@@ -57,3 +57,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
             pass
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class HostScalar:
+    """A 0-d (or 1-element) tensor read on the host without draining the device queue.
+
+    On CUDA the value is copied to pinned host memory in stream order and an event is recorded;
+    ``float()`` then waits for that event only. Capture the gradient norm *before* queuing the
+    optimizer update and read it *after*: the host waits for the norm, not for the update, so the
+    next forward is launched while the optimizer kernels still run (a plain ``float(norm)`` after
+    ``optimizer.step()`` leaves the GPU idle meanwhile). On CPU it is the value itself."""
+
+    __slots__ = ("_event", "_host")
+
+    def __init__(self, value: torch.Tensor) -> None:
+        value = value.detach().reshape(())
+        if value.is_cuda:
+            self._host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            self._host.copy_(value, non_blocking=True)
+            self._event: Any = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = value, None
+
+    def __float__(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()
+        return float(self._host)

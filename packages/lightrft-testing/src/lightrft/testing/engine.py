@@ -46,6 +46,22 @@ class FakeEngine:
         self.max_bucket_bytes = 0
         self.names_received: set[str] = set()
         self.closed = False
+        #: One private copy per rank: no tensor-parallel group.
+        self.tp_group: Any = None
+        self.prefix_cache_resets = 0
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.sleeping_level > 0
+
+    @property
+    def needs_weight_push(self) -> bool:
+        """True after ``sleep(2)`` until ``update_weights`` ran."""
+        return not self.weights_valid
+
+    def reset_prefix_cache(self) -> None:
+        """Counts calls (FakeEngine has no cache): tests check the lifecycle resets after a push."""
+        self.prefix_cache_resets += 1
 
     # ------------------------------------------------------------- weights
     @torch.no_grad()

@@ -1,0 +1,296 @@
+"""Helpers shared by the server-class engines (vLLM, SGLang): tensor-parallel groups, prompt
+normalisation and checks, a temporary Hugging Face directory to build an engine from, PEFT-merged
+weight streams, allocator checks and say-once messages.
+
+Nothing here imports an engine package; ``transformers`` is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightrft.strategy.engine import GenerationOutput, WeightBucket
+from lightrft.strategy.hf_io import is_peft_model, original_class_name
+
+logger = logging.getLogger("lightrft.engines")
+
+_said: set[str] = set()
+
+
+def say_once(key: str, message: str, level: int = logging.WARNING) -> bool:
+    """Logs ``message`` the first time ``key`` is seen in this process (rank 0 only when
+    distributed); returns whether it was logged."""
+    if key in _said:
+        return False
+    _said.add(key)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.log(level, message)
+    return True
+
+
+# ------------------------------------------------------------------ tensor-parallel groups
+def engine_tp_groups(
+    tp_size: int, field: str = "engine_tp_size", backend: str | None = None
+) -> tuple[Any, list[int]]:
+    """The group of ``tp_size`` consecutive ranks that shares one engine with this rank.
+
+    Every rank must call this (``new_group`` is collective). Returns ``(group, ranks)``; the group
+    is None when ``tp_size`` is 1 (each rank has its own engine). Raises when ``tp_size`` does not
+    divide the world size, naming both. ``backend``: the group's backend (None: the default
+    group's; "gloo" for a group that only carries Python objects, as SGLang's does).
+    """
+    if not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"StrategyConfig.{field}={tp_size!r} is invalid: it must be an integer >= 1")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if world % tp_size != 0:
+        raise ValueError(
+            f"StrategyConfig.{field}={tp_size} does not divide the world size {world}: each engine "
+            f"spans {field} consecutive ranks; valid values: "
+            f"{[d for d in range(1, world + 1) if world % d == 0]}"
+        )
+    if tp_size == 1:
+        return None, [rank]
+    mine: Any = None
+    ranks: list[int] = []
+    for start in range(0, world, tp_size):
+        group_ranks = list(range(start, start + tp_size))
+        group = dist.new_group(group_ranks, backend=backend)
+        if rank in group_ranks:
+            mine, ranks = group, group_ranks
+    return mine, ranks
+
+
+# ------------------------------------------------------------------------------ prompts
+def to_token_id_lists(
+    prompts: Sequence[str] | None,
+    prompt_token_ids: Sequence[Sequence[int]] | None,
+    tokenizer: Any,
+    engine: str,
+) -> list[list[int]]:
+    """Token ids of every prompt: ``prompt_token_ids`` as given, or ``prompts`` encoded with the
+    tokenizer. Raises when neither (or no tokenizer for text) is given."""
+    if prompt_token_ids is not None:
+        out = []
+        for i, ids in enumerate(prompt_token_ids):
+            if isinstance(ids, (str, bytes)) or not all(isinstance(t, int) for t in ids):
+                raise TypeError(
+                    f"prompt_token_ids[{i}] must be a list of ints; got {type(ids).__name__}"
+                    + (f" {ids[:3]!r}..." if isinstance(ids, (list, tuple)) else "")
+                )
+            out.append([int(t) for t in ids])
+        return out
+    if prompts is None:
+        raise ValueError(f"{engine}.generate() needs prompts= (text) or prompt_token_ids=")
+    if tokenizer is None:
+        raise ValueError(
+            f"{engine}.generate(prompts=...) needs a tokenizer: pass tokenizer= to "
+            "strategy.setup_inference_engine, or pass prompt_token_ids="
+        )
+    return [list(tokenizer.encode(p)) for p in prompts]
+
+
+def check_prompt_lengths(
+    ids: Sequence[Sequence[int]], max_model_len: int | None, max_new_tokens: int
+) -> None:
+    """Raises for the first prompt that leaves no room to generate within ``max_model_len``,
+    naming its index and length."""
+    if max_model_len is None:
+        return
+    for i, p in enumerate(ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if len(p) >= max_model_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens, which does not fit max_model_len={max_model_len} "
+                f"(StrategyConfig.engine_max_model_len) with room to generate; shorten it or raise "
+                "engine_max_model_len"
+            )
+    del max_new_tokens  # the engine truncates generation at max_model_len itself
+
+
+def decode(tokenizer: Any, ids: Sequence[int]) -> str | None:
+    return tokenizer.decode(list(ids)) if tokenizer is not None else None
+
+
+def finish_reason(reason: Any) -> str | None:
+    """``"stop"`` / ``"length"`` / engine-specific, as a plain string."""
+    if reason is None:
+        return None
+    if isinstance(reason, dict):  # SGLang: {"type": "stop", ...}
+        reason = reason.get("type")
+    return str(reason)
+
+
+def make_output(
+    prompt_ids: Sequence[int],
+    out_ids: Sequence[int],
+    tokenizer: Any,
+    logprobs: Sequence[float] | None,
+    reason: Any,
+) -> GenerationOutput:
+    return GenerationOutput(
+        list(prompt_ids),
+        list(out_ids),
+        decode(tokenizer, out_ids),
+        None if logprobs is None else [float(x) for x in logprobs],
+        finish_reason(reason),
+    )
+
+
+# ------------------------------------------------------------------- temporary HF directory
+def base_hf_model(model: Any) -> Any:
+    """The Hugging Face model under wrappers (DeepSpeed engine, DDP, compile, PEFT)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel"):
+            model = model.module
+        elif is_peft_model(model):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether ``model``'s parameters are shards (FSDP2 DTensors, ZeRO-3 partitions)."""
+    for p in model.parameters():
+        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" or hasattr(p, "ds_id"):
+            return True
+    return False
+
+
+def write_config_dir(model: Any, tokenizer: Any = None, directory: str | os.PathLike | None = None) -> Path:
+    """A directory with the model's ``config.json`` (and ``generation_config.json`` and the
+    tokenizer files when there are), no weights: engines load dummy weights from it and then
+    receive the real ones through ``update_weights``. Works for sharded models (only the config is
+    read). The caller removes the directory (:func:`remove_dir`)."""
+    base = base_hf_model(model)
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ValueError(
+            f"cannot build an engine from {type(model).__name__}: it has no Hugging Face `config` "
+            "(a PretrainedConfig); pass a transformers model"
+        )
+    path = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="lightrft-engine-"))
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = config.to_dict()
+    cfg["architectures"] = [original_class_name(base)]
+    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        cfg["dtype"] = cfg["torch_dtype"]
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    gen = getattr(base, "generation_config", None)
+    if gen is not None and hasattr(gen, "to_json_file"):
+        gen.to_json_file(str(path / "generation_config.json"))
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
+def remove_dir(path: str | os.PathLike | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------- weights
+_PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
+_LORA_PART = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+
+def hf_model_state_names(model: Any) -> list[str]:
+    """Parameter names the engine's model expects (the base model's, with tied ones once)."""
+    return [n for n, _ in base_hf_model(model).named_parameters()]
+
+
+def lora_scalings(model: Any) -> dict[str, float]:
+    """``adapter name -> lora_alpha / r`` of a PEFT model (empty for any other model)."""
+    if not is_peft_model(model):
+        return {}
+    out = {}
+    for name, cfg in model.peft_config.items():
+        r = getattr(cfg, "r", None)
+        alpha = getattr(cfg, "lora_alpha", None)
+        if r:
+            rs = getattr(cfg, "use_rslora", False)
+            out[name] = float(alpha) / (r**0.5 if rs else r)
+    return out
+
+
+def merge_peft_stream(
+    buckets: Iterable[WeightBucket], scalings: dict[str, float], active: str = "default"
+) -> Iterator[WeightBucket]:
+    """Turns buckets of a PEFT LoRA model's parameters into the base model's names with the LoRA
+    deltas merged: ``W = W_base + scale * B @ A``. Tensors of one module may arrive in different
+    buckets; a module's base weight is held back until its ``lora_A`` and ``lora_B`` came (at most
+    one module's worth of extra memory per pending module). Names without PEFT parts pass through
+    with ``base_model.model.`` removed."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def strip(name: str) -> str:
+        return _PEFT_PREFIX.sub("", name)
+
+    def ready(module: str) -> tuple[str, torch.Tensor] | None:
+        parts = pending[module]
+        if {"base", "A", "B"} <= parts.keys():
+            w = parts["base"]
+            delta = (parts["B"].to(torch.float32) @ parts["A"].to(torch.float32)) * scalings.get(active, 1.0)
+            del pending[module]
+            return f"{module}.weight", (w.to(torch.float32) + delta.to(w.device)).to(w.dtype)
+        return None
+
+    for bucket in buckets:
+        out: WeightBucket = []
+        for name, t in bucket:
+            name = strip(name)
+            m = _LORA_PART.match(name)
+            if m is not None:
+                if m["adapter"] != active:
+                    continue
+                module = m["module"]
+                pending.setdefault(module, {})[m["ab"]] = t
+            elif name.endswith(".base_layer.weight"):
+                module = name[: -len(".base_layer.weight")]
+                pending.setdefault(module, {})["base"] = t
+            else:
+                out.append((name.replace(".base_layer.", "."), t))
+                continue
+            done = ready(module)
+            if done is not None:
+                out.append(done)
+        if out:
+            yield out
+    if pending:
+        raise ValueError(
+            f"PEFT weights incomplete for modules {sorted(pending)[:4]}: each LoRA module needs its "
+            "base_layer.weight, lora_A and lora_B in the weight stream"
+        )
+
+
+# --------------------------------------------------------------------- allocator
+def expandable_segments_enabled() -> bool:
+    """Whether the CUDA caching allocator uses expandable segments (``PYTORCH_CUDA_ALLOC_CONF`` /
+    ``PYTORCH_ALLOC_CONF``, the variables torch reads when the allocator starts)."""
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        conf = os.environ.get(var, "")
+        if re.search(r"expandable_segments\s*:\s*true", conf, re.IGNORECASE):
+            return True
+    return False
+
+
+def empty_device_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()

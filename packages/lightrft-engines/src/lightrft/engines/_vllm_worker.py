@@ -1,0 +1,34 @@
+"""The worker extension mixed into every vLLM worker (``worker_extension_cls``). Its methods are
+called through ``LLM.collective_rpc``; they are prefixed ``lrft_`` so they never clash with the
+worker's own methods. In-process (``external_launcher`` or ``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+the tensors arrive by reference: no serialisation, no copy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _vllm_compat as compat
+
+
+class LightRFTWorkerExtension:
+    """Weight loading and inspection inside a vLLM worker."""
+
+    def lrft_load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
+        """Casts the bucket once to the model's dtype and device and loads it (vLLM shards for TP).
+        Returns the number of tensors loaded."""
+        model = compat.model_of(self)
+        ref = next(model.parameters())
+        cast = [(n, t.detach().to(device=ref.device, dtype=ref.dtype)) for n, t in bucket]
+        compat.load_weights(self, cast)
+        return len(cast)
+
+    def lrft_finish_update(self) -> None:
+        """Ends one update (the CPU backend reloads and repacks here)."""
+        compat.finish_update(self)
+
+    def lrft_param_checksum(self) -> float:
+        """A float sum over every parameter of this worker's shard (tests: did weights change)."""
+        model: Any = compat.model_of(self)
+        return float(sum(p.detach().float().sum() for p in model.parameters()))

@@ -1,0 +1,564 @@
+"""SGLangEngine: colocated SGLang (0.5.12 to 0.5.23) behind the LightRFT engine protocol.
+
+One ``sglang.Engine`` serves each tensor-parallel group of ``engine_tp_size`` consecutive ranks. It
+is created on the group's first rank with the group's GPUs (``base_gpu_id`` = that rank's GPU,
+``tp_size``); its schedulers are subprocesses, one per GPU. Every method is called on every rank
+of the group:
+
+- ``generate``: the first rank generates and broadcasts the outputs within the group (errors too,
+  so no rank waits forever).
+- ``update_weights``: every rank flattens the bucket onto its own GPU (cast to the engine's dtype
+  once), serializes it (a CUDA IPC handle, no copy) and the payloads are gathered to the first
+  rank, which calls ``update_weights_from_tensor(load_format="flattened_bucket")``: each scheduler
+  reads its own GPU's payload. The success flag is checked per bucket and a failure raised on every
+  rank; 0.5.21+ sessions (``begin_weight_update`` / ``end_weight_update``) bracket the push;
+  ``flush_cache`` runs once at the end.
+- ``sleep`` / ``wake_up``: ``release_memory_occupation`` / ``resume_memory_occupation`` with tags.
+  SGLang frees released weights (no CPU copy) unless the engine was started with
+  ``enable_weights_cpu_backup`` (the default when ``engine_sleep_level`` is 1). Without the copy,
+  ``needs_weight_push`` stays True after a release until every weight was pushed again, and
+  ``generate`` refuses to run.
+
+Version differences live in :mod:`lightrft.engines._sglang_compat`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
+from lightrft.strategy.weights import bucket_named_tensors
+
+from . import _sglang_compat as compat
+from ._common import (
+    base_hf_model,
+    check_prompt_lengths,
+    empty_device_cache,
+    engine_tp_groups,
+    expandable_segments_enabled,
+    hf_model_state_names,
+    is_sharded,
+    lora_scalings,
+    make_output,
+    merge_peft_stream,
+    remove_dir,
+    say_once,
+    to_token_id_lists,
+    write_config_dir,
+)
+from ._sglang_compat import BucketEntry
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: Byte alignment of each tensor inside a flattened bucket (``view(dtype)`` needs aligned offsets).
+_ALIGN = 16
+
+
+def flatten_bucket(
+    bucket: WeightBucket, device: torch.device | str, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, list[BucketEntry]]:
+    """Packs a bucket into one uint8 buffer on ``device``: each tensor is cast to ``dtype``
+    (floating-point tensors only; None keeps their dtype) and copied once into its aligned slice.
+    Returns the buffer and where each tensor lies in it."""
+    if not bucket:
+        raise ValueError("cannot flatten an empty weight bucket")
+    entries: list[BucketEntry] = []
+    offset = 0
+    for name, t in bucket:
+        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        nbytes = t.numel() * torch.empty((), dtype=target).element_size()
+        start = -(-offset // _ALIGN) * _ALIGN
+        entries.append(BucketEntry(name, tuple(t.shape), target, start, start + nbytes))
+        offset = start + nbytes
+    flat = torch.empty(offset, dtype=torch.uint8, device=device)
+    for (_, t), e in zip(bucket, entries):
+        if e.end > e.start:
+            flat[e.start : e.end].view(e.dtype).copy_(t.detach().reshape(-1))
+    return flat, entries
+
+
+def unflatten_bucket(flat: torch.Tensor, entries: Sequence[BucketEntry]) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a flattened bucket, as views of ``flat`` (what SGLang's receiver does)."""
+    return [(e.name, flat[e.start : e.end].view(e.dtype).reshape(e.shape)) for e in entries]
+
+
+class SGLangEngine:
+    """An InferenceEngine over ``sglang.Engine``, one per tensor-parallel group (see the module
+    docstring). Built by ``strategy.setup_inference_engine(model=hf_model)`` with
+    ``engine_type="sglang"``; extra keyword arguments go to ``sglang.Engine`` unchanged (they win
+    over what the engine derives from StrategyConfig)."""
+
+    #: Returns the SGLang runtime (``_sglang_compat.load_runtime``). The seam tests use to put a
+    #: recording double of ``sglang.Engine`` behind the engine.
+    runtime_factory: ClassVar[Any] = staticmethod(compat.load_runtime)
+
+    def __init__(
+        self,
+        strategy: Any = None,
+        model: Any = None,
+        tokenizer: Any = None,
+        *,
+        model_path: str | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        self.runtime = type(self).runtime_factory()  # raises the install hint first
+        self.closed = False
+        if strategy is not None:
+            self.config = strategy.config
+        else:
+            from lightrft.strategy.config import StrategyConfig
+
+            self.config = StrategyConfig()
+        cfg = self.config
+        # Gloo: the group carries only Python objects (prompts, outputs, IPC handles, status), and a
+        # rank waiting for the engine to start must not spin a kernel on a GPU SGLang is using.
+        self.tp_group, self.group_ranks = engine_tp_groups(cfg.engine_tp_size, backend="gloo")
+        self.tp_size = cfg.engine_tp_size
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.leader = self.group_ranks[0]
+        self.is_leader = self.rank == self.leader
+        self.device = _device(strategy)
+        self.tokenizer = tokenizer
+        if model is None and model_path is None:
+            raise ValueError(
+                "SGLangEngine needs model= (a Hugging Face model; the engine is built from its config "
+                "and receives its weights) or model_path= (a Hugging Face directory)"
+            )
+        self.dtype_name = _dtype_name(cfg)
+        self.dtype = _DTYPES[self.dtype_name]
+        self.context_length = _context_length(cfg, strategy, model, engine_kwargs)
+        self._lora = lora_scalings(model) if model is not None else {}
+        self.expected_names = _engine_names(model, self._lora) if model is not None else None
+        self._released: set[str] = set()
+        self._pushed: set[str] = set()
+        self._needs_push = False
+        self._sender_ready = False
+        self.memory_saver = bool(engine_kwargs.get("enable_memory_saver", cfg.enable_engine_sleep))
+        self.cpu_backup = bool(
+            engine_kwargs.get(
+                "enable_weights_cpu_backup", cfg.enable_engine_sleep and cfg.engine_sleep_level == 1
+            )
+        )
+        if self.memory_saver and expandable_segments_enabled():
+            raise RuntimeError(
+                "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which SGLang's memory saver "
+                "(torch_memory_saver) refuses: its schedulers inherit the variable and would fail to start. "
+                "Unset it for this run, or set enable_engine_sleep=False."
+            )
+        self.skip_tokenizer_init = bool(engine_kwargs.get("skip_tokenizer_init", True))
+        self.tags = compat.memory_tags(self.runtime.version)
+        self.engine: Any = None
+        self._config_dir = None
+        sharded = model is not None and is_sharded(model)
+        self._leader_step("Engine start", lambda: self._start(model, model_path, engine_kwargs))
+        if model_path is None:
+            # Dummy weights until the first push: from the model itself when it is whole, from the
+            # strategy's buckets (update_engine_weights) when it is a shard.
+            self._needs_push = True
+            if not sharded:
+                params = base_hf_model(model).named_parameters()
+                try:
+                    self.update_weights(bucket_named_tensors(params, cfg.weight_sync_bucket_mb << 20, str))
+                except BaseException:
+                    self.shutdown()  # no engine processes left behind a failed first push
+                    raise
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether any of the engine's memory (weights, KV cache, CUDA graphs) is released."""
+        return bool(self._released)
+
+    @property
+    def needs_weight_push(self) -> bool:
+        """True while the engine's weights are dummy or were freed by a release, until every weight
+        of the model was pushed (``update_weights``)."""
+        return self._needs_push
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        """The SGLang version in use."""
+        return tuple(self.runtime.version)  # type: ignore[return-value]
+
+    # --------------------------------------------------------------- generate
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        sampling_params: SamplingParams | None = None,
+        multi_modal_inputs: Sequence[Any] | None = None,
+    ) -> list[GenerationOutput]:
+        """Generates ``n`` completions per prompt (prompt-major order) from token ids, or from text
+        with the tokenizer. Called on every rank of the group with the same prompts; the first
+        rank generates and the others receive its outputs."""
+        self._check_open()
+        self._check_generate_ready()
+        sp = sampling_params or SamplingParams(temperature=0.0)
+        images = _images(multi_modal_inputs)
+        if images is not None and self.skip_tokenizer_init:
+            raise ValueError(
+                "multi_modal_inputs with images need SGLang's processor: set up the engine with "
+                "skip_tokenizer_init=False (and tokenizer= / a model_path with the processor files)"
+            )
+        if images is not None:
+            if prompts is None:
+                raise ValueError("multi_modal_inputs need text prompts= (SGLang expands the image tokens)")
+            ids = None
+        else:
+            ids = to_token_id_lists(prompts, prompt_token_ids, self.tokenizer, "SGLangEngine")
+            check_prompt_lengths(ids, self.context_length, sp.max_new_tokens)
+            if not ids:
+                return []
+        status: tuple[bool, Any] = (True, None)
+        if self.is_leader:
+            try:
+                status = (True, self._generate_here(ids, prompts, images, sp))
+            except Exception as e:  # every rank must learn of it: nobody waits for a broadcast
+                status = (False, f"{type(e).__name__}: {e}")
+        ok, value = self._from_leader(status)
+        if not ok:
+            raise RuntimeError(f"SGLang generation failed on rank {self.leader}: {value}")
+        return value
+
+    def _generate_here(
+        self,
+        ids: list[list[int]] | None,
+        prompts: Sequence[str] | None,
+        images: list[Any] | None,
+        sp: SamplingParams,
+    ) -> list[GenerationOutput]:
+        params = sampling_dict(sp)
+        if ids is not None:
+            raw = self.engine.generate(input_ids=ids, sampling_params=params, return_logprob=sp.logprobs)
+        else:
+            raw = self.engine.generate(
+                prompt=list(prompts or []),
+                image_data=images,
+                sampling_params=params,
+                return_logprob=sp.logprobs,
+            )
+        if isinstance(raw, dict):
+            raw = [raw]
+        n_prompts = len(ids) if ids is not None else len(prompts or [])
+        if len(raw) != n_prompts * sp.n:
+            raise RuntimeError(f"SGLang returned {len(raw)} outputs for {n_prompts} prompts with n={sp.n}")
+        # Text prompts with images are tokenized by SGLang (it expands the image tokens): their
+        # prompt ids are not known here and stay empty.
+        return [
+            convert_output(item, ids[k // sp.n] if ids is not None else [], self.tokenizer, sp.logprobs)
+            for k, item in enumerate(raw)
+        ]
+
+    # ---------------------------------------------------------------- weights
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        """Pushes full-tensor buckets (the training model's names) into the engine; collective
+        within the tensor-parallel group. Raises on every rank when SGLang reports a failure."""
+        self._check_open()
+        if "weights" in self._released:
+            raise RuntimeError(
+                "SGLangEngine.update_weights: the engine's weights are released; wake_up(tags=['weights']) "
+                "first (strategy.update_engine_weights does it in the right order)"
+            )
+        if self.device.type == "cuda" and not self._sender_ready:
+            self.runtime.prepare_sender()
+            self._sender_ready = True
+        stream: Iterable[WeightBucket] = buckets
+        if self._lora:
+            stream = merge_peft_stream(buckets, self._lora)
+        pushed: set[str] = set()
+        session = self.is_leader and compat.has_update_session(self.engine)
+        self._leader_step(
+            "begin_weight_update", lambda: self.engine.begin_weight_update() if session else None
+        )
+        try:
+            for bucket in stream:
+                if not bucket:
+                    continue
+                flat, entries = flatten_bucket(bucket, self.device, self.dtype)
+                payload = self.runtime.serialize_bucket(flat, entries)
+                payloads = self._gather_to_leader(payload)
+                self._leader_step(
+                    "update_weights_from_tensor",
+                    lambda p=payloads: self.engine.update_weights_from_tensor(
+                        named_tensors=p, load_format="flattened_bucket", flush_cache=False
+                    ),
+                )
+                del flat, payload, payloads  # every rank knows the leader's call returned
+                pushed.update(name for name, _ in bucket)
+        except BaseException:
+            if session:  # leave no session open behind a failure
+                try:
+                    self.engine.end_weight_update()
+                except Exception:
+                    pass
+            raise
+        self._leader_step("end_weight_update", lambda: self.engine.end_weight_update() if session else None)
+        self._leader_step("flush_cache", lambda: self.engine.flush_cache())
+        if self.device.type == "cuda":
+            torch.cuda.ipc_collect()
+        self._pushed |= pushed
+        if self.expected_names is None or self.expected_names <= self._pushed:
+            self._needs_push = False
+            self._pushed = set()
+
+    # ------------------------------------------------------------ sleep / wake
+    def sleep(self, level: int = 1) -> None:
+        """Releases the engine's weights, KV cache and CUDA graphs. Level 1 and 2 release the same
+        memory: the weights come back by themselves only when the engine keeps a CPU copy
+        (``enable_weights_cpu_backup``, on when ``engine_sleep_level`` is 1); otherwise they must
+        be pushed again (``needs_weight_push``)."""
+        self._check_open()
+        if level not in (1, 2):
+            raise ValueError(
+                f"sleep level={level!r} is invalid: valid are 1 and 2 (SGLang releases weights, KV cache "
+                "and CUDA graphs at both; see SGLangEngine.sleep)"
+            )
+        if not self.memory_saver:
+            raise RuntimeError(
+                "SGLangEngine.sleep needs the memory saver: set StrategyConfig.enable_engine_sleep=True "
+                "(or enable_memory_saver=True) when setting up the engine"
+            )
+        if level == 1 and not self.cpu_backup:
+            say_once(
+                "sglang-level1",
+                "SGLang engine started without enable_weights_cpu_backup: sleep level 1 frees the "
+                "weights like level 2; update_engine_weights pushes them back",
+            )
+        todo = [t for t in self.tags if t not in self._released]
+        if todo:
+            self._leader_step(
+                "release_memory_occupation", lambda: self.engine.release_memory_occupation(tags=todo)
+            )
+            self._released |= set(todo)
+            if "weights" in todo and not self.cpu_backup:
+                self._needs_push = True
+                self._pushed = set()
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Resumes the released memory named by ``tags`` (None: everything released). ``weights``
+        are resumed before the rest, and the device cache is emptied before the KV cache comes
+        back."""
+        self._check_open()
+        wanted = list(self.tags if tags is None else tags)
+        unknown = [t for t in wanted if t not in self.tags]
+        if unknown:
+            raise ValueError(
+                f"wake_up tags {unknown} are invalid for SGLang {compat.version_text(self.version)}; "
+                f"valid: {self.tags}"
+            )
+        todo = [t for t in self.tags if t in wanted and t in self._released]  # weights first
+        if "weights" in todo:
+            self._leader_step(
+                "resume_memory_occupation", lambda: self.engine.resume_memory_occupation(tags=["weights"])
+            )
+            self._released.discard("weights")
+            todo.remove("weights")
+        if todo:
+            empty_device_cache()
+            self._leader_step(
+                "resume_memory_occupation", lambda: self.engine.resume_memory_occupation(tags=todo)
+            )
+            self._released -= set(todo)
+
+    def shutdown(self) -> None:
+        """Stops the engine's processes; every later call raises."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            try:
+                engine.shutdown()
+            finally:
+                remove_dir(self._config_dir)
+
+    # -------------------------------------------------------------- internals
+    def _start(self, model: Any, model_path: str | None, engine_kwargs: dict[str, Any]) -> None:
+        self.server_args = self._server_args(model, model_path, engine_kwargs)
+        try:
+            self.engine = self.runtime.create_engine(**self.server_args)
+        except BaseException:
+            remove_dir(self._config_dir)
+            raise
+
+    def _server_args(
+        self, model: Any, model_path: str | None, engine_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        cfg = self.config
+        if model_path is None:
+            self._config_dir = write_config_dir(
+                model, self.tokenizer if not self.skip_tokenizer_init else None
+            )
+            path, load_format = str(self._config_dir), "dummy"
+        else:
+            path, load_format = model_path, None
+        args: dict[str, Any] = {
+            "model_path": path,
+            "tp_size": self.tp_size,
+            "base_gpu_id": self.device.index or 0,
+            "skip_tokenizer_init": self.skip_tokenizer_init,
+            "mem_fraction_static": cfg.engine_mem_util,
+            # One seed per engine group, as the vllm engine does: data-parallel engines sample differently.
+            "random_seed": cfg.seed + self.leader // self.tp_size,
+            "dtype": self.dtype_name,
+            "context_length": self.context_length,
+            "enable_memory_saver": self.memory_saver,
+            "disable_radix_cache": not cfg.engine_enable_prefix_caching,
+            "log_level": "error",
+        }
+        if self.cpu_backup:
+            args["enable_weights_cpu_backup"] = True
+        if load_format is not None:
+            args["load_format"] = load_format
+        if cfg.engine_enforce_eager:
+            args.update(compat.eager_args(self.runtime.server_fields))
+        args.update(compat.prefill_graph_args(self.runtime.server_fields, self.memory_saver, engine_kwargs))
+        args.update(engine_kwargs)
+        return args
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(
+                "SGLangEngine was shut down: set up a new engine (strategy.setup_inference_engine)"
+            )
+
+    def _check_generate_ready(self) -> None:
+        if self._needs_push:
+            raise RuntimeError(
+                "SGLangEngine.generate: the engine has no valid weights (released by sleep, or built "
+                "from a sharded model): call strategy.update_engine_weights(actor) first"
+            )
+        asleep = sorted(self._released)
+        if asleep:
+            raise RuntimeError(
+                f"SGLangEngine.generate: {asleep} are released (the engine sleeps): call wake_up() "
+                "(strategy.wakeup_inference_engine()) first"
+            )
+
+    def _gather_to_leader(self, payload: Any) -> list[Any] | None:
+        """Every rank's payload, in group order, on the first rank (None elsewhere)."""
+        if self.tp_group is None:
+            return [payload]
+        out: list[Any] | None = [None] * self.tp_size if self.is_leader else None
+        dist.gather_object(payload, out, dst=self.leader, group=self.tp_group)
+        return out
+
+    def _from_leader(self, obj: Any) -> Any:
+        if self.tp_group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.leader, group=self.tp_group)
+        return box[0]
+
+    def _leader_step(self, what: str, call: Callable[[], Any]) -> None:
+        """Runs ``call`` on the first rank, then tells every rank of the group whether SGLang
+        reported success; raises on every rank when it did not."""
+        status: tuple[bool, str] = (True, "")
+        error: Exception | None = None
+        if self.is_leader:
+            try:
+                status = compat.result_ok(call())
+            except Exception as e:  # every rank must learn of it: nobody waits for a broadcast
+                error, status = e, (False, f"{type(e).__name__}: {e}")
+        ok, message = self._from_leader(status)
+        if not ok:
+            raise RuntimeError(
+                f"SGLang {what} failed on rank {self.leader}: {message or 'no message'}"
+            ) from error
+
+
+def sampling_dict(sp: SamplingParams) -> dict[str, Any]:
+    """SGLang's sampling-parameter dict for ours (``extra`` keys pass through and win). A seed
+    becomes ``sampling_seed``, which SGLang honours with ``enable_deterministic_inference``."""
+    out: dict[str, Any] = {
+        "max_new_tokens": sp.max_new_tokens,
+        "temperature": sp.temperature,
+        "top_p": sp.top_p,
+        "top_k": sp.top_k,
+        "n": sp.n,
+    }
+    if sp.stop_token_ids:
+        out["stop_token_ids"] = list(sp.stop_token_ids)
+    if sp.seed is not None:
+        out["sampling_seed"] = sp.seed
+    out.update(sp.extra)
+    return out
+
+
+def convert_output(
+    item: dict[str, Any], prompt_ids: Sequence[int], tokenizer: Any, logprobs: bool
+) -> GenerationOutput:
+    """One SGLang output dict as a :class:`GenerationOutput`: ``output_ids``, the log-probs of the
+    sampled tokens from ``meta_info.output_token_logprobs`` (``(logprob, token_id, text)``
+    triples), the finish reason's type."""
+    meta = item.get("meta_info", {})
+    out_ids = list(item.get("output_ids", []))
+    lps = None
+    if logprobs:
+        triples = meta.get("output_token_logprobs") or []
+        if len(triples) != len(out_ids):
+            raise RuntimeError(f"SGLang returned {len(triples)} log-probs for {len(out_ids)} output tokens")
+        lps = [float(t[0]) for t in triples]
+    result = make_output(prompt_ids, out_ids, tokenizer, lps, meta.get("finish_reason"))
+    if result.text is None and item.get("text") is not None:
+        result.text = item["text"]
+    return result
+
+
+def _images(multi_modal_inputs: Sequence[Any] | None) -> list[Any] | None:
+    """Per-prompt ``image`` entries (SGLang's ``image_data``), or None when no prompt has one."""
+    if multi_modal_inputs is None:
+        return None
+    images = []
+    for mm in multi_modal_inputs:
+        img = mm.get("image") if isinstance(mm, dict) else None
+        images.append(img)
+    return images if any(i is not None for i in images) else None
+
+
+def _device(strategy: Any) -> torch.device:
+    if strategy is not None:
+        return torch.device(strategy.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _dtype_name(cfg: Any) -> str:
+    name = getattr(cfg, "engine_dtype", "auto")
+    if name == "auto":
+        return "bfloat16" if cfg.bf16 else "float32"
+    return str(name)
+
+
+def _context_length(cfg: Any, strategy: Any, model: Any, engine_kwargs: dict[str, Any]) -> int | None:
+    """SGLang ``context_length``: the caller's, else ``engine_max_model_len``, else LightRFT's
+    ``prompt_max_len + generate_max_len``, else the model's ``max_position_embeddings``."""
+    if engine_kwargs.get("context_length") is not None:
+        return int(engine_kwargs["context_length"])
+    if getattr(cfg, "engine_max_model_len", None) is not None:
+        return int(cfg.engine_max_model_len)
+    if strategy is not None and hasattr(strategy, "get_extra_arg"):
+        p, g = strategy.get_extra_arg("prompt_max_len"), strategy.get_extra_arg("generate_max_len")
+        if p is not None and g is not None:
+            return int(p) + int(g)
+    config = getattr(base_hf_model(model), "config", None) if model is not None else None
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value is not None else None
+
+
+def _engine_names(model: Any, lora: dict[str, float]) -> set[str]:
+    """The names a full push must cover: the model's parameters, with a PEFT model's LoRA parts
+    merged into their base weights (what ``merge_peft_stream`` yields)."""
+    names = set()
+    for name in hf_model_state_names(model):
+        if lora and ".lora_" in name:
+            continue
+        names.add(name.replace(".base_layer.", ".") if lora else name)
+    return names
+
+
+__all__ = ["SGLangEngine", "convert_output", "flatten_bucket", "sampling_dict", "unflatten_bucket"]

@@ -1,0 +1,296 @@
+"""VLLMEngine: one in-process ``vllm.LLM`` per tensor-parallel group, colocated with training.
+
+- Groups of ``engine_tp_size`` consecutive ranks share one engine; with more than one rank the
+  engine runs SPMD (``distributed_executor_backend="external_launcher"``): every rank of a group
+  calls ``generate`` with the same prompts (the strategy's ``gather_and_generate`` does that).
+  ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core and its worker in this process, so
+  weight buckets reach the worker by reference through ``collective_rpc``.
+- Built from a Hugging Face model: its config (and tokenizer) go to a temporary directory, vLLM
+  loads dummy weights, and the model's real weights are pushed through the same path as every
+  later update (a sharded actor's weights come from the strategy's buckets). ``model_path=`` loads
+  a checkpoint directory instead.
+- ``update_weights`` streams buckets into the workers' ``model.load_weights`` (names as the
+  training model has them; PEFT LoRA merged; dtype cast once) and resets the prefix cache.
+- ``sleep(1)`` offloads weights and drops the KV cache, ``sleep(2)`` discards both
+  (``needs_weight_push`` until a full push). vLLM on CPU has no sleep mode: said once, no-op.
+
+Version and platform differences live in :mod:`lightrft.engines._vllm_compat`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
+from lightrft.strategy.weights import bucket_named_tensors
+
+from . import _common
+from . import _vllm_compat as compat
+
+_TAGS = ("weights", "kv_cache")
+_EXTENSION = "lightrft.engines._vllm_worker.LightRFTWorkerExtension"
+
+
+class VLLMEngine:
+    """The ``vllm`` InferenceEngine (``engine_type="vllm"``, extra ``lightrft-engines[vllm]``)."""
+
+    def __init__(
+        self,
+        strategy: Any = None,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        model_path: str | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        vllm = compat.import_vllm()
+        self.vllm_version = compat.check_version(vllm)
+        from lightrft.config import StrategyConfig
+
+        cfg = strategy.config if strategy is not None else StrategyConfig()
+        if model is None and model_path is None:
+            raise ValueError(
+                "VLLMEngine needs model= (a Hugging Face model, possibly sharded: its config is used) "
+                "or model_path= (a Hugging Face directory)"
+            )
+        self.tokenizer = tokenizer
+        self.closed = False
+        self.tp_group, self.tp_ranks = _common.engine_tp_groups(cfg.engine_tp_size)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self._sleep_ok = compat.sleep_supported() and cfg.enable_engine_sleep
+        if self._sleep_ok and _common.expandable_segments_enabled():
+            raise RuntimeError(
+                "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which stops vLLM's sleep mode from "
+                "freeing memory (the CuMem pool cannot use expandable segments). Unset it for this run, "
+                "or set enable_engine_sleep=False."
+            )
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker must live in this process
+        self._dir: str | None = None
+        self._peft_scalings = _common.lora_scalings(model) if model is not None else {}
+        self._expected_names: set[str] = set()
+        if model_path is None:
+            assert model is not None
+            self._dir = str(_common.write_config_dir(model, tokenizer))
+            self._expected_names = set(_common.hf_model_state_names(model))
+        dtype = cfg.engine_dtype if cfg.engine_dtype != "auto" else ("bfloat16" if cfg.bf16 else "float32")
+        kwargs: dict[str, Any] = {
+            "model": model_path or self._dir,
+            "tokenizer": (model_path or self._dir) if (tokenizer is not None or model_path) else None,
+            "skip_tokenizer_init": tokenizer is None and model_path is None,
+            "tensor_parallel_size": cfg.engine_tp_size,
+            "gpu_memory_utilization": cfg.engine_mem_util,
+            # One seed per engine group: the ranks of a group must sample alike.
+            "seed": cfg.seed + rank // cfg.engine_tp_size,
+            "dtype": dtype,
+            "max_model_len": self._max_model_len(cfg),
+            "enforce_eager": cfg.engine_enforce_eager,
+            "enable_prefix_caching": cfg.engine_enable_prefix_caching,
+            "enable_sleep_mode": self._sleep_ok,
+            "worker_extension_cls": _EXTENSION,
+            "load_format": "auto" if model_path else "dummy",
+            "logprobs_mode": "processed_logprobs",
+        }
+        if world > 1 or cfg.engine_tp_size > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(llm_kwargs)
+        kwargs = {k: v for k, v in compat.filter_llm_kwargs(kwargs).items() if v is not None}
+        self._had_group = dist.is_initialized()  # the training job's group survives shutdown()
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception:
+            _common.remove_dir(self._dir)
+            raise
+        self.max_model_len: int = int(self.llm.llm_engine.model_config.max_model_len)
+        self._asleep: set[str] = set()
+        self._level = 0
+        self._needs_push = False
+        if model_path is None:
+            assert model is not None
+            if _common.is_sharded(model):
+                self._needs_push = True  # the lifecycle pushes the actor's buckets next
+            else:
+                self.update_weights(bucket_named_tensors(_plain_named_parameters(model), 256 << 20, str))
+        if not self._sleep_ok and compat.on_cpu():
+            _common.say_once("vllm-cpu-sleep", "vLLM on CPU has no sleep mode: sleep()/wake_up() do nothing")
+
+    @staticmethod
+    def _max_model_len(cfg: Any) -> int | None:
+        if cfg.engine_max_model_len is not None:
+            return int(cfg.engine_max_model_len)
+        p, g = cfg.get_extra_arg("prompt_max_len"), cfg.get_extra_arg("generate_max_len")
+        return int(p) + int(g) if p is not None and g is not None else None
+
+    # -------------------------------------------------------------- protocol state
+    @property
+    def is_sleeping(self) -> bool:
+        return bool(self._asleep)
+
+    @property
+    def needs_weight_push(self) -> bool:
+        """True after ``sleep(2)`` (or when built from a sharded model) until a full push."""
+        return self._needs_push
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"VLLMEngine.{what}() after shutdown(): set up a new engine")
+
+    # ------------------------------------------------------------------- weights
+    @torch.no_grad()
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        """Loads every bucket into every worker of this rank's engine, then resets the prefix
+        cache. After a weight-discarding sleep, the push must cover every weight of the model."""
+        self._check_open("update_weights")
+        if "weights" in self._asleep:
+            raise RuntimeError("VLLMEngine.update_weights(): wake_up(['weights']) first")
+        stream: Iterable[WeightBucket] = buckets
+        if self._peft_scalings:
+            stream = _common.merge_peft_stream(stream, self._peft_scalings)
+        seen: set[str] = set()
+        for bucket in stream:
+            if bucket:
+                self.llm.collective_rpc("lrft_load_weights", args=(bucket,))
+                seen.update(n for n, _ in bucket)
+        self.llm.collective_rpc("lrft_finish_update")
+        if self._needs_push and self._expected_names:
+            missing = self._expected_names - seen
+            if missing:
+                raise RuntimeError(
+                    f"the engine's weights were discarded and this push misses {len(missing)} of them "
+                    f"(e.g. {sorted(missing)[:3]}): push every weight (strategy.update_engine_weights)"
+                )
+        self._needs_push = False
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        """Drops cached prefixes (vLLM does not do it on a weight update)."""
+        self._check_open("reset_prefix_cache")
+        if not self._asleep:
+            self.llm.reset_prefix_cache()
+
+    def param_checksum(self) -> float:
+        """Sum over this rank's worker parameters (tests)."""
+        return float(self.llm.collective_rpc("lrft_param_checksum")[0])
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        sampling_params: SamplingParams | None = None,
+        multi_modal_inputs: Sequence[Any] | None = None,
+    ) -> list[GenerationOutput]:
+        """``n`` completions per prompt, prompt-major. Text prompts are encoded with the tokenizer;
+        with ``multi_modal_inputs`` (one ``multi_modal_data`` dict or None per prompt) the text goes
+        to vLLM with its data."""
+        self._check_open("generate")
+        if self.is_sleeping:
+            raise RuntimeError(
+                "VLLMEngine is asleep: call wake_up() (strategy.wakeup_inference_engine()) first"
+            )
+        if self._needs_push:
+            raise RuntimeError(
+                "VLLMEngine's weights were discarded (sleep level 2) or never loaded: call "
+                "strategy.update_engine_weights(actor) first"
+            )
+        from vllm import SamplingParams as VSP
+
+        sp = sampling_params or SamplingParams(temperature=0.0)
+        requests: list[Any]
+        if multi_modal_inputs is not None and any(m is not None for m in multi_modal_inputs):
+            if prompts is None:
+                raise ValueError("multimodal generation needs the text prompts (prompts=) with the images")
+            requests = [
+                {"prompt": p, **({"multi_modal_data": m} if m is not None else {})}
+                for p, m in zip(prompts, multi_modal_inputs)
+            ]
+            ids = None
+        else:
+            ids = _common.to_token_id_lists(prompts, prompt_token_ids, self.tokenizer, "VLLMEngine")
+            _common.check_prompt_lengths(ids, self.max_model_len, sp.max_new_tokens)
+            requests = [{"prompt_token_ids": p} for p in ids]
+        if not requests:
+            return []
+        params = VSP(
+            n=sp.n,
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k if sp.top_k > 0 else 0,
+            max_tokens=sp.max_new_tokens,
+            stop_token_ids=list(sp.stop_token_ids),
+            seed=sp.seed,
+            logprobs=0 if sp.logprobs else None,
+            detokenize=self.tokenizer is not None,
+            **sp.extra,
+        )
+        results = self.llm.generate(requests, params, use_tqdm=False)
+        outputs: list[GenerationOutput] = []
+        for i, req in enumerate(results):
+            prompt_ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else list(ids[i])  # type: ignore[index]
+            for o in sorted(req.outputs, key=lambda c: c.index):
+                toks = list(o.token_ids)
+                lps = None
+                if sp.logprobs and o.logprobs is not None:
+                    lps = [float(o.logprobs[t][tok].logprob) for t, tok in enumerate(toks)]
+                outputs.append(_common.make_output(prompt_ids, toks, self.tokenizer, lps, o.finish_reason))
+        return outputs
+
+    # --------------------------------------------------------------- sleep / wake
+    def sleep(self, level: int = 1) -> None:
+        """Level 1: weights to CPU, KV cache freed. Level 2: both freed (push before generating)."""
+        self._check_open("sleep")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level={level} is invalid: valid are 1 (offload weights) and 2 (discard)")
+        if not self._sleep_ok:
+            reason = "vLLM on CPU has no sleep mode" if compat.on_cpu() else "enable_engine_sleep=False"
+            _common.say_once(
+                f"vllm-nosleep-{reason}", f"VLLMEngine.sleep(): {reason}; the engine stays awake"
+            )
+            return
+        if self._asleep:
+            return
+        self.llm.sleep(level=level)
+        self._asleep = set(_TAGS)
+        self._level = level
+        if level == 2:
+            self._needs_push = True
+        _common.empty_device_cache()
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Wakes ``tags`` among ``"weights"``, ``"kv_cache"`` (None: all). After ``sleep(2)`` the
+        woken weights hold garbage until ``update_weights``."""
+        self._check_open("wake_up")
+        wanted = list(_TAGS) if tags is None else list(tags)
+        bad = [t for t in wanted if t not in _TAGS]
+        if bad:
+            raise ValueError(f"wake_up tags {bad} are invalid for vLLM: valid are {list(_TAGS)} or None")
+        todo = [t for t in wanted if t in self._asleep]
+        if not todo:
+            return
+        _common.empty_device_cache()
+        self.llm.wake_up(tags=todo)
+        self._asleep -= set(todo)
+
+    def shutdown(self) -> None:
+        """Frees the engine (its worker, KV cache and temporary directory). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        compat.shutdown(self.llm, keep_default_group=self._had_group)
+        del self.llm
+        gc.collect()
+        _common.empty_device_cache()
+        _common.remove_dir(self._dir)
+
+
+def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    from lightrft.strategy.weights import clean_param_name
+
+    for name, p in model.named_parameters():
+        yield clean_param_name(name), p.detach()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# vLLM engine on 2 GPUs, in one go (about 5 minutes): weight-sync benchmark + checks (sleep frees
+# >= 90 % of the engine's memory, identical outputs after wake) from FSDP2 training with a
+# tensor-parallel-2 engine (external_launcher, one engine over both GPUs) and from ZeRO-3 training
+# with one TP-1 engine per GPU. Writes $OUT/engine_sync_{fsdp_tp2,deepspeed_tp1}.json and .log;
+# exits non-zero if a check failed.
+#
+# On the GPU machine, after the vLLM 0.26.0 bundle is installed in /tmp/vsite (see
+# ../shared/device/bundle/README.md) and the workspace wheels are carried in .whl (scripts/gpu-prepare):
+#   source scripts/gpu-env.sh && PYTHONPATH=/tmp/site:/tmp/vsite bash scripts/gpu-vllm.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export VLLM_ENABLE_V1_MULTIPROCESSING=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+unset PYTORCH_CUDA_ALLOC_CONF  # expandable segments stop sleep mode from freeing memory
+python3 -c "import vllm, lightrft.engines.vllm_engine; print('vllm', vllm.__version__)" || exit 1
+status=0
+run() {  # name, timeout, args...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" torchrun --standalone --nproc-per-node 2 benchmarks/engine_sync_bench.py \
+    --out "$OUT/engine_sync_$name.json" "$@" > "$OUT/engine_sync_$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s"; grep -A40 '^metric' "$OUT/engine_sync_$name.log" || tail -40 "$OUT/engine_sync_$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+run fsdp_tp2 175 --strategy fsdp --engine_tp_size 2
+run deepspeed_tp1 175 --strategy deepspeed --engine_tp_size 1
+exit $status

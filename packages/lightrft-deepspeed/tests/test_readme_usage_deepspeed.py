@@ -16,7 +16,12 @@ def test_readme_usage_runs_as_written_on_deepspeed(tmp_path, stage):
     results = run_distributed(
         "lightrft.testing.usage:run_usage_snippet",
         2,
-        kwargs={"document": str(README), "workdir": str(tmp_path), "strategy": "deepspeed", "zero_stage": stage},
+        kwargs={
+            "document": str(README),
+            "workdir": str(tmp_path),
+            "strategy": "deepspeed",
+            "zero_stage": stage,
+        },
     )
     for r in results:
         assert r["backend"] == "DeepspeedStrategy" and r["accumulated_gradient"] == 2

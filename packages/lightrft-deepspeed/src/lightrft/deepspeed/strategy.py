@@ -70,6 +70,7 @@ class DeepspeedStrategy(StrategyBase):
     """
 
     name = "deepspeed"
+    checkpoint_distributions = ("lightrft-deepspeed", "deepspeed")
 
     def __init__(self, config: Any = None, *, args: Any = None, **overrides: Any) -> None:
         super().__init__(config, args=args, **overrides)
@@ -251,6 +252,23 @@ class DeepspeedStrategy(StrategyBase):
             for script in _RECOVERY_SCRIPTS:
                 if (path.parent / script).is_file():
                     os.replace(path.parent / script, path / script)
+
+    def _checkpoint_info(self) -> dict[str, Any]:
+        return {"zero_stage": self.stage}
+
+    def _checkpoint_incompatibility(self, manifest: dict[str, Any]) -> str | None:
+        problem = super()._checkpoint_incompatibility(manifest)
+        if problem is not None:
+            return problem
+        # DeepSpeed's native files are one partition per rank of one ZeRO stage.
+        saved = (manifest.get("world_size"), manifest.get("zero_stage"))
+        if saved != (self.world_size, self.stage):
+            return (
+                f"is a native DeepSpeed checkpoint of world_size={saved[0]} zero_stage={saved[1]}, which "
+                f"world_size={self.world_size} zero_stage={self.stage} cannot load; resume with the saved "
+                "world size and stage"
+            )
+        return None
 
     def _load_checkpoint(
         self,

@@ -8,10 +8,12 @@ from .config import ConfigError, StrategyConfig
 from .data import ResumableDataLoader, ResumableDistributedSampler
 from .engine import GenerationOutput, InferenceEngine, SamplingParams, WeightBucket
 from .factory import get_fake_strategy, get_strategy
+from .integrity import CheckpointError
 from .registry import available, register_engine, register_strategy
 from .weights import bucket_named_tensors, clean_param_name, plan_buckets
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "GenerationOutput",
     "InferenceEngine",

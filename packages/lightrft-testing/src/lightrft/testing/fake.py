@@ -30,6 +30,7 @@ class FakeStrategy(StrategyBase):
 
     __test__ = False
     name = "fake"
+    checkpoint_distributions = ("lightrft-testing",)
 
     def setup_distributed(self, timeout: timedelta | None = None) -> None:
         from lightrft.strategy.utils import set_seed

@@ -230,6 +230,9 @@ def test_zpg_above_one_needs_zero_stage_3() -> None:
     assert message.startswith("StrategyConfig.zpg=2 is invalid")
     assert "zero_stage=2" in message and "zero_stage=3" in message
     assert StrategyConfig(zpg=8, zero_stage=3).zpg == 8
+    # Only DeepSpeed reads zpg: other backends accept what LightRFT scripts pass.
+    assert StrategyConfig(zpg=2, zero_stage=2, strategy="fake").zpg == 2
+    assert StrategyConfig(zpg=2, zero_stage=2, fsdp=True).zpg == 2
 
 
 def test_fsdp_flag_conflicting_with_explicit_strategy_names_both() -> None:
@@ -243,8 +246,11 @@ def test_fsdp_flag_conflicting_with_explicit_strategy_names_both() -> None:
 
 def test_several_cross_field_problems_are_reported_together() -> None:
     with pytest.raises(ConfigError) as caught:
-        StrategyConfig(fsdp=True, strategy="fake", train_batch_size=10, micro_train_batch_size=4, zpg=2)
-    assert [e["field"] for e in caught.value.errors] == ["fsdp", "train_batch_size", "zpg"]
+        StrategyConfig(
+            fsdp=True, strategy="fake", train_batch_size=10, micro_train_batch_size=4,
+            rollout_batch_size=10, micro_rollout_batch_size=4,
+        )  # fmt: skip
+    assert [e["field"] for e in caught.value.errors] == ["fsdp", "train_batch_size", "rollout_batch_size"]
     assert len(str(caught.value).splitlines()) == 3
 
 

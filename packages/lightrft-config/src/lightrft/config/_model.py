@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic_core
@@ -91,7 +92,8 @@ class StrategyConfig(BaseModel):
     """DeepSpeed: keep Adam optimizer states in CPU memory."""
 
     zpg: int = Field(default=1, ge=1)
-    """ZeRO++ hierarchical partition size; values > 1 need zero_stage 3."""
+    """ZeRO++ hierarchical partition size; values > 1 need zero_stage 3 (checked when the backend
+    is deepspeed: other backends do not read it)."""
 
     grad_accum_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     """DeepSpeed dtype of accumulated gradients; None lets DeepSpeed choose."""
@@ -201,7 +203,7 @@ class StrategyConfig(BaseModel):
             )
         problems += _check_multiple(self, "train_batch_size", "micro_train_batch_size")
         problems += _check_multiple(self, "rollout_batch_size", "micro_rollout_batch_size")
-        if self.zpg > 1 and self.zero_stage != 3:
+        if self.zpg > 1 and self.zero_stage != 3 and self.backend == "deepspeed":
             problems.append(
                 problem(
                     "zpg",
@@ -256,25 +258,36 @@ class StrategyConfig(BaseModel):
 
     # ================================================================= from other objects
     @classmethod
-    def from_args(cls, obj: Any) -> StrategyConfig:
+    def from_args(cls, obj: Any, *, defaults: Mapping[str, Any] | None = None) -> StrategyConfig:
         """Build a config from a StrategyConfig (copied), a Mapping, an argparse.Namespace or any object.
 
         Attribute objects are read with vars(); dataclass instances with dataclasses.asdict; other
         objects also through their public non-callable attributes. A None value of a field that does
         not accept None means "not given" (argparse's default) and is dropped. Unknown keys are kept.
+        ``defaults`` fill the fields ``obj`` does not give (a default ``strategy`` yields to the
+        legacy ``fsdp=True`` switch).
         """
         if isinstance(obj, cls):
-            try:
-                return obj.model_copy(deep=True)
-            except Exception:  # an extra value that refuses deep copy (a lock, a handle)
-                return obj.model_copy()
-        values = values_from_object(obj, owner=_OWNER)
+            if not defaults:
+                try:
+                    return obj.model_copy(deep=True)
+                except Exception:  # an extra value that refuses deep copy (a lock, a handle)
+                    return obj.model_copy()
+            given = set(obj.model_fields_set)
+            values = {k: v for k, v in obj.model_dump().items() if k in given}
+            values.update(obj.model_extra or {})
+        else:
+            values = values_from_object(obj, owner=_OWNER)
         fields = cls.model_fields
         values = {
             key: value
             for key, value in values.items()
             if not (value is None and key in fields and not is_optional(fields[key].annotation))
         }
+        for key, value in (defaults or {}).items():
+            if key == "strategy" and values.get("fsdp") is True:
+                continue
+            values.setdefault(key, value)
         return cls._validated(values)
 
     @classmethod

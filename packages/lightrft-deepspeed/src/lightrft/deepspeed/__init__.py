@@ -9,8 +9,10 @@ strategy = get_strategy({"strategy": "deepspeed", "zero_stage": 3, "bf16": True}
 Importing this package does not import DeepSpeed; building or using the strategy does.
 """
 
+from importlib.metadata import version as _distribution_version
+
 from .config import eval_config, eval_stage, train_config
 from .strategy import DeepspeedStrategy
 
 __all__ = ["DeepspeedStrategy", "eval_config", "eval_stage", "train_config"]
-__version__ = "0.1.0"
+__version__ = _distribution_version("lightrft-deepspeed")  # the version is written once: pyproject.toml

@@ -17,33 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightrft.config import ConfigError, StrategyConfig
+from lightrft.config import ConfigError, Problem, StrategyConfig, format_value, problem
 
 __all__ = ["eval_config", "eval_stage", "train_config"]
 
 Path = tuple[str, ...]
 
 _STEPS_PER_PRINT = 1_000_000_000  # DeepSpeed's own progress log: off, the training loop logs
-_OWNER = "StrategyConfig"
-
-
-Problem = Any
-"""A ``lightrft.config`` problem entry (a dict with field, value, message, reason, valid)."""
-
-
-def _format_value(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _problem(
-    field: str, value: Any, reason: str, valid: str | None = None, *, owner: str = _OWNER
-) -> Problem:
-    """One entry of ``ConfigError.errors``, worded like lightrft-config's own problems."""
-    message = f"{owner}.{field}={_format_value(value)} is invalid: {reason}"
-    if valid:
-        message += f" (valid: {valid})"
-    return {"field": field, "value": value, "message": message, "reason": reason, "valid": valid}
 
 
 @dataclass(frozen=True)
@@ -106,12 +86,11 @@ def _precision(config: StrategyConfig) -> tuple[dict[str, Any], list[_Lock]]:
 def _param_offload_check(config: StrategyConfig, param_offload: bool, stage: int) -> list[Problem]:
     if param_offload and stage != 3:
         return [
-            _problem(
+            problem(
                 "param_offload",
                 param_offload,
                 f"parameter offload needs ZeRO-3, got zero_stage={stage}",
                 "param_offload=False, or zero_stage=3",
-                owner=_OWNER,
             )
         ]
     return []
@@ -127,12 +106,11 @@ def train_config(config: StrategyConfig, world_size: int, *, param_offload: bool
     problems = _param_offload_check(config, param_offload, stage)
     if config.adam_offload and stage == 0:
         problems.append(
-            _problem(
+            problem(
                 "adam_offload",
                 True,
                 "optimizer offload needs ZeRO (zero_stage >= 1), got zero_stage=0",
                 "adam_offload=False, or zero_stage 1, 2 or 3",
-                owner=_OWNER,
             )
         )
     if problems:
@@ -281,30 +259,28 @@ def _apply_user(
     if not user:
         return generated
     if not isinstance(user, Mapping):
-        raise ConfigError([_problem("deepspeed_config", user, "must be a dict (JSON object)", owner=_OWNER)])
+        raise ConfigError([problem("deepspeed_config", user, "must be a dict (JSON object)")])
     problems: list[Problem] = []
     for key in ("optimizer", "scheduler"):
         if key in user:
             problems.append(
-                _problem(
+                problem(
                     f"deepspeed_config[{key!r}]",
                     user[key],
                     f"the strategy builds the {key} (create_optimizer / create_scheduler, from "
                     "adam_betas, adam_eps, l2, learning rates, lr_scheduler, lr_warmup_ratio, min_lr_ratio)",
                     f"leave {key!r} out of deepspeed_config",
-                    owner=_OWNER,
                 )
             )
     for lock in locks:
         value = _get(user, lock.path)
         if value is not _MISSING and not _same(value, lock.value):
             problems.append(
-                _problem(
+                problem(
                     _path_text(lock.path),
                     value,
-                    f"conflicts with {lock.source}, which sets it to {_format_value(lock.value)}",
-                    f"{_format_value(lock.value)} or leave the key out; change the StrategyConfig field instead",
-                    owner=_OWNER,
+                    f"conflicts with {lock.source}, which sets it to {format_value(lock.value)}",
+                    f"{format_value(lock.value)} or leave the key out; change the StrategyConfig field instead",
                 )
             )
     if problems:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft.strategy.base import StrategyBase
+from lightrft.strategy.base import StrategyBase, TrainState
 from lightrft.strategy.engine import WeightBucket
 from lightrft.strategy.weights import clean_param_name, plan_buckets
 
@@ -71,6 +71,7 @@ class DeepspeedStrategy(StrategyBase):
 
     name = "deepspeed"
     checkpoint_distributions = ("lightrft-deepspeed", "deepspeed")
+    backend_steps_scheduler = True  # engine.step() steps the scheduler given to deepspeed.initialize
 
     def __init__(self, config: Any = None, *, args: Any = None, **overrides: Any) -> None:
         super().__init__(config, args=args, **overrides)
@@ -195,37 +196,35 @@ class DeepspeedStrategy(StrategyBase):
             )
         return model
 
-    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> None:
+    # The step itself (counting, boundary, skipping) is StrategyBase's. DeepSpeed is told the
+    # boundary before every backward (``set_gradient_accumulation_boundary``), so its own
+    # micro-step counter never decides anything and needs no re-sync after a resume.
+    def _backward(self, loss: torch.Tensor, st: TrainState, boundary: bool) -> None:
         """``engine.backward``: scales the loss by 1 / accumulation steps itself."""
-        self.train_state(model)
-        model.backward(loss)
+        engine = self._engine_of(st.model)
+        engine.set_gradient_accumulation_boundary(boundary)
+        engine.backward(loss)
 
-    def optimizer_step(
-        self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any
-    ) -> float | None:
-        st = self.train_state(model)
-        engine = self._engine_of(model)
-        st.micro_step += 1
-        if st.micro_step % self.accumulated_gradient != 0:
-            engine.step()  # counts the micro-step; no update between boundaries
-            return None
-        norm: float | None = None
-        if not hasattr(engine.optimizer, "_global_grad_norm"):
-            # ZeRO-0 in fp32 runs the client optimizer bare: DeepSpeed clips but neither returns
-            # the norm nor skips a non-finite one. Gradients are all-reduced by now (boundary).
-            params = [p for p in engine.module.parameters() if p.grad is not None]
-            norm = _grad_norm(params)
-            with _skip_if(engine.optimizer, not math.isfinite(norm), params):
-                engine.step()
-        else:
-            engine.step()
-        st.global_step += 1
-        if norm is None:
+    def _accumulate(self, st: TrainState) -> None:
+        engine = self._engine_of(st.model)
+        engine.set_gradient_accumulation_boundary(False)
+        engine.step()  # DeepSpeed's bookkeeping of a micro-step; no update between boundaries
+
+    def _clip_and_step(self, st: TrainState, max_norm: float) -> float:
+        """DeepSpeed clips to ``gradient_clipping`` (from ``max_norm``) and steps its scheduler."""
+        engine = self._engine_of(st.model)
+        engine.set_gradient_accumulation_boundary(True)
+        if hasattr(engine.optimizer, "_global_grad_norm"):
             # ZeRO / bf16 optimizers compute the global norm and skip the step themselves when it
             # is not finite (their norm is then inf).
-            norm = _read_norm(engine)
-        if not math.isfinite(norm):
-            st.skipped_steps += 1
+            engine.step()
+            return _read_norm(engine)
+        # ZeRO-0 in fp32 runs the client optimizer bare: DeepSpeed clips but neither returns
+        # the norm nor skips a non-finite one. Gradients are all-reduced by now (boundary).
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = _grad_norm(params)
+        with _skip_if(engine.optimizer, not math.isfinite(norm), params):
+            engine.step()
         return norm
 
     @torch.no_grad()
@@ -297,17 +296,6 @@ class DeepspeedStrategy(StrategyBase):
             del ckpt_engine.load  # back to the class's method
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(path)!r}")
-
-    def load_ckpt(
-        self, model: Any, load_dir: Any, tag: str | None = None, **kwargs: Any
-    ) -> tuple[str, dict[str, Any]]:
-        path, client_state = super().load_ckpt(model, load_dir, tag, **kwargs)
-        st = self._train_states.get(id(model))
-        if st is not None:
-            # DeepSpeed restores global/skipped steps but not its micro-step counter, which
-            # decides the accumulation boundary: follow the restored TrainState.
-            model.micro_steps = st.micro_step
-        return path, client_state
 
     # ------------------------------------------------------------------ full weights
     def _full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:

@@ -6,7 +6,9 @@ vLLM and SGLang adapters are planned; until then ``engine_type='vllm'`` / ``'sgl
 ImportError naming the distribution.
 """
 
+from importlib.metadata import version as _distribution_version
+
 from .hf import HFEngine
 
 __all__ = ["HFEngine"]
-__version__ = "0.1.0"
+__version__ = _distribution_version("lightrft-engines")  # the version is written once: pyproject.toml

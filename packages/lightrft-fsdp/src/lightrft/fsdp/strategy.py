@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from lightrft.strategy.base import StrategyBase
+from lightrft.strategy.base import StrategyBase, TrainState
 from lightrft.strategy.weights import clean_param_name
 
 from . import sharding
@@ -68,11 +68,6 @@ class FSDPV2Strategy(StrategyBase):
             self.setup_distributed()
         assert self.mesh is not None
         return self.mesh
-
-    @property
-    def shard_mesh(self) -> DeviceMesh:
-        """The mesh parameters are sharded over (1-D), or ``(replicate, shard)`` for hybrid."""
-        return self._require_mesh()
 
     # ---------------------------------------------------------------------- models
     def init_model_context(self, meta_init: bool = False) -> contextlib.AbstractContextManager[Any]:
@@ -149,51 +144,37 @@ class FSDPV2Strategy(StrategyBase):
         model.requires_grad_(False)
         return model
 
-    def unwrap_model(self, model: Any) -> nn.Module:
-        # FSDP2 shards in place (the module's class becomes FSDP<Class>): nothing to unwrap.
-        return super().unwrap_model(model)
-
     # -------------------------------------------------------------------- training
-    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> None:
-        sync = self.is_accumulation_boundary(model)
+    # The step itself (counting, boundary, skipping, scheduler) is StrategyBase's; FSDP supplies
+    # gradient sync on/off and a DTensor-aware clip-and-step.
+    def _backward(self, loss: torch.Tensor, st: TrainState, boundary: bool) -> None:
         # Walking the FSDP units costs microseconds; skip it when nothing changes.
-        if self._grad_sync.get(id(model)) is not sync:
-            model.set_requires_gradient_sync(sync)
-            self._grad_sync[id(model)] = sync
-        self._native_backward(loss, model)
+        if self._grad_sync.get(id(st.model)) is not boundary:
+            st.model.set_requires_gradient_sync(boundary)
+            self._grad_sync[id(st.model)] = boundary
+        super()._backward(loss, st, boundary)
 
-    def optimizer_step(
-        self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any
-    ) -> float | None:
-        params = [p for p in model.parameters() if p.grad is not None]
+    def _clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        return clip_grad_norm(params, max_norm)
+
+    def _clip_and_step(self, st: TrainState, max_norm: float) -> float:
+        optimizer = st.optimizer
         if not _skips_on_device(optimizer):
-            return self._native_optimizer_step(
-                model, optimizer, scheduler, lambda max_norm: clip_grad_norm(params, max_norm)
-            )
+            return super()._clip_and_step(st, max_norm)
         # Fused optimizers take the skip decision on the device (``found_inf``), so the one host
         # sync (reading the norm) comes after the update is queued: the GPU never waits for the
-        # CPU between backward and the optimizer step. Same counting as _native_optimizer_step.
-        st = self.train_state(model)
-        st.micro_step += 1
-        if st.micro_step % self.accumulated_gradient != 0:
-            return None
-        st.global_step += 1
+        # CPU between backward and the optimizer step.
+        params = [p for p in st.model.parameters() if p.grad is not None]
         total = total_grad_norm(params)
-        if self.max_norm > 0 and params:
-            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, total)
+        if math.isfinite(max_norm) and params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         optimizer.found_inf = (~torch.isfinite(total)).to(torch.float32)
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
         optimizer.zero_grad(set_to_none=True)
-        norm = float(total)
-        if not math.isfinite(norm):
-            st.skipped_steps += 1
-            return norm
-        if scheduler is not None:
-            scheduler.step()
-        return norm
+        return float(total)
 
     @torch.no_grad()
     def moving_average(self, model: Any, model_ema: Any, beta: float = 0.992, device: str = "cpu") -> None:
@@ -232,19 +213,23 @@ class FSDPV2Strategy(StrategyBase):
         """Moves the optimizer states back next to their parameters; returns the bytes moved."""
         return reload_optimizer_states(optimizer)
 
-    def maybe_offload_optimizer(self, optimizer: Optimizer) -> bool:
-        """Offloads the optimizer states when ``adam_offload`` is set (with ``fsdp_cpu_offload`` they
-        live on the host already). Call it after ``optimizer_step`` so a colocated engine gets the
-        memory; returns whether it moved anything."""
-        if not self.config.adam_offload or self.config.fsdp_cpu_offload:
-            return False
-        return self.offload_optimizer(optimizer) > 0
+    def _offloads_optimizer(self) -> bool:
+        # With fsdp_cpu_offload the states live on the host already.
+        return self.config.adam_offload and not self.config.fsdp_cpu_offload
 
-    def maybe_load_optimizer(self, optimizer: Optimizer) -> bool:
-        """Brings the states back (when ``adam_offload``) before the next ``optimizer_step``."""
-        if not self.config.adam_offload or self.config.fsdp_cpu_offload:
-            return False
-        return self.reload_optimizer(optimizer) > 0
+    def maybe_offload_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """Offloads the optimizer states when ``adam_offload`` is set. Call it after
+        ``optimizer_step`` so a colocated engine gets the memory; returns the optimizer."""
+        if self._offloads_optimizer():
+            self.offload_optimizer(optimizer)
+        return optimizer
+
+    def maybe_load_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """Brings the states back (when ``adam_offload``) before the next ``optimizer_step``;
+        returns the optimizer."""
+        if self._offloads_optimizer():
+            self.reload_optimizer(optimizer)
+        return optimizer
 
     # ----------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model: Any, path: Path) -> None:

@@ -3,6 +3,8 @@
 Importing this package imports no backend, engine, deepspeed, vllm, sglang or transformers.
 """
 
+from importlib.metadata import version as _distribution_version
+
 from .base import StrategyBase, TrainState
 from .config import ConfigError, StrategyConfig
 from .data import ResumableDataLoader, ResumableDistributedSampler
@@ -33,4 +35,4 @@ __all__ = [
     "register_engine",
     "register_strategy",
 ]
-__version__ = "0.1.0"
+__version__ = _distribution_version("lightrft-strategy-api")  # the version is written once: pyproject.toml

@@ -79,23 +79,77 @@ class StrategyBase(ABC):
     #: micro-steps). DeepSpeed ZeRO-2/3 reduce-scatter on every micro-step by design.
     syncs_only_at_boundary: ClassVar[bool] = True
 
-    def __init__(self, config: Any = None, *, args: Any = None, **overrides: Any) -> None:
-        cfg = StrategyConfig.from_args(config if config is not None else {})
-        if overrides:
-            cfg = StrategyConfig.from_args({**cfg.model_dump(), **(cfg.model_extra or {}), **overrides})
+    #: LightRFT's positional constructor arguments, in order: ``Strategy(seed, max_norm,
+    #: micro_train_batch_size, train_batch_size, args=args)``.
+    positional_fields: ClassVar[tuple[str, ...]] = (
+        "seed",
+        "max_norm",
+        "micro_train_batch_size",
+        "train_batch_size",
+    )
+    #: Whether ``engine.step()``-style backends step the LR scheduler themselves (DeepSpeed does,
+    #: inside its engine); otherwise the base steps it after a successful update.
+    backend_steps_scheduler: ClassVar[bool] = False
+
+    def __init__(self, *positional: Any, config: Any = None, args: Any = None, **overrides: Any) -> None:
+        """``Strategy(config)``, ``Strategy(args=args)`` or LightRFT's ``Strategy(seed, max_norm,
+        micro_train_batch_size, train_batch_size, args=args)``.
+
+        The configuration is ``config`` (a StrategyConfig, dict, Namespace or any object) or, without
+        it, ``args``; values given explicitly (positionally or as keywords) go on top of it."""
+        if positional and not _is_number(positional[0]):
+            if config is not None:
+                raise TypeError(f"{type(self).__name__}() got the config both positionally and as config=")
+            config, positional = positional[0], positional[1:]
+        if len(positional) > len(self.positional_fields):
+            raise TypeError(
+                f"{type(self).__name__}() takes at most {len(self.positional_fields)} positional values "
+                f"({', '.join(self.positional_fields)}); got {len(positional)}"
+            )
+        explicit = dict(zip(self.positional_fields, positional))
+        clash = sorted(set(explicit) & set(overrides))
+        if clash:
+            raise TypeError(
+                f"{type(self).__name__}() got {', '.join(clash)} both positionally and as keywords"
+            )
+        explicit.update(overrides)
+        source = config if config is not None else args
+        # Built directly (``FakeStrategy(args=...)``) from args that name no backend, the config
+        # says which backend this is (backend-specific checks, e.g. DeepSpeed's zpg, follow it).
+        defaults = {"strategy": self.name} if self.name != StrategyBase.name else {}
+        cfg = StrategyConfig.from_args(source if source is not None else {}, defaults=defaults)
+        if explicit:
+            cfg = StrategyConfig.from_args({**cfg.model_dump(), **(cfg.model_extra or {}), **explicit})
         self.config: StrategyConfig = cfg
-        self.args = args if args is not None else config
-        self.seed = cfg.seed
-        self.max_norm = cfg.max_norm
-        self.micro_train_batch_size = cfg.micro_train_batch_size
-        self.train_batch_size = cfg.train_batch_size
-        self.bf16 = cfg.bf16
+        #: The object the strategy was built from (LightRFT code reads ``strategy.args.<name>``).
+        self.args = args if args is not None else source
         self.accumulated_gradient = 1
         self._train_states: dict[int, TrainState] = {}
         self._dataloaders: list[ResumableDataLoader] = []
         self._owns_process_group = False
         self.inference_engine: InferenceEngine | None = None
         self._engine_sleeping = False
+
+    # The seed's attribute names, read from the config (one source of truth).
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def max_norm(self) -> float:
+        return self.config.max_norm
+
+    @property
+    def micro_train_batch_size(self) -> int:
+        return self.config.micro_train_batch_size
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.config.train_batch_size
+
+    @property
+    def bf16(self) -> bool:
+        return self.config.bf16
 
     # ------------------------------------------------------------------ config
     def get_extra_arg(self, name: str, default: Any = None) -> Any:
@@ -235,7 +289,8 @@ class StrategyBase(ABC):
 
     def prepare(self, *items: Any, is_rlhf: bool = False) -> Any:
         """Step 3 of 3. Each item is a ``(model, optimizer, scheduler)`` triple (training) or a
-        model (frozen, evaluation mode). Returns them in the same shape; one item comes back alone."""
+        model (frozen, evaluation mode). Returns them in the same shape; one item comes back alone.
+        ``is_rlhf`` is accepted for LightRFT call sites and changes nothing."""
         if not items:
             raise ValueError("prepare() needs at least one model or (model, optimizer, scheduler) triple")
         out: list[Any] = []
@@ -311,70 +366,117 @@ class StrategyBase(ABC):
         try:
             return self._train_states[id(model)]
         except KeyError:
-            raise ValueError(
-                f"{type(model).__name__} was not prepared for training by this strategy: call "
-                "strategy.prepare((model, optimizer, scheduler)) and use the model it returns"
-            ) from None
+            raise _not_prepared(model) from None
+
+    def _train_state_for(self, model: Any, optimizer: Any, scheduler: Any = None) -> TrainState:
+        st = self._train_states.get(id(model))
+        if st is None:
+            st = self._adopt(model, optimizer, scheduler)
+            self._train_states[id(model)] = st
+        return st
+
+    def _adopt(self, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+        """A model that ``backward`` / ``optimizer_step`` meet unprepared. Real backends refuse it
+        (it is not sharded or wrapped); FakeStrategy adopts it unless ``strict``."""
+        raise _not_prepared(model)
 
     def is_accumulation_boundary(self, model: Any) -> bool:
         """Whether the next ``optimizer_step`` on ``model`` will really step."""
-        return (self.train_state(model).micro_step + 1) % self.accumulated_gradient == 0
+        return self._is_boundary_next(self.train_state(model))
+
+    def _is_boundary_next(self, st: TrainState) -> bool:
+        return (st.micro_step + 1) % self.accumulated_gradient == 0
 
     def unwrap_model(self, model: Any) -> nn.Module:
-        """The user's module under any wrapper (DeepSpeed engine, DDP, torch.compile)."""
+        """The user's module under torch's wrappers (DDP, ``torch.compile``); backends with a
+        wrapper of their own (DeepSpeed's engine) extend this."""
         while True:
             if hasattr(model, "_orig_mod"):
                 model = model._orig_mod
-            elif type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel", "PipelineEngine"):
+            elif isinstance(model, nn.parallel.DistributedDataParallel):
                 model = model.module
             else:
                 return model
 
     # -------------------------------------------------------------- training
-    @abstractmethod
+    # The training step is written once, here: counting micro-steps, the accumulation boundary,
+    # "max_norm 0 means no clipping", skipping (and counting) a step whose gradient norm is not
+    # finite, and the scheduler step. A backend supplies only the mechanism: ``_backward``,
+    # ``_accumulate`` and ``_clip_and_step`` (and ``_adopt`` for models it meets unprepared).
     def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> None:
-        """Backward of one micro-batch loss, scaled by 1 / accumulation steps."""
+        """Backward of one micro-batch loss, scaled by 1 / accumulation steps. Gradients are
+        reduced across ranks on the micro-step that ends an accumulation boundary (and, on
+        backends with ``syncs_only_at_boundary=False``, on every micro-step)."""
+        st = self._train_state_for(model, optimizer)
+        self._backward(loss, st, boundary=self._is_boundary_next(st))
 
-    @abstractmethod
     def optimizer_step(
-        self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any
+        self, optimizer: Any, model: Any, scheduler: Any = None, name: str = "model", **kwargs: Any
     ) -> float | None:
         """Called after every ``backward``. Steps only at an accumulation boundary; there it clips
-        to ``max_norm`` and returns the global L2 gradient norm (before clipping). A non-finite
-        norm skips the step (counted in ``skipped_steps``). Returns None between boundaries."""
+        to ``max_norm`` (0: no clipping) and returns the global L2 gradient norm (before clipping).
+        A non-finite norm skips the update and the scheduler step (counted in ``skipped_steps``).
+        Returns None between boundaries. ``name`` is accepted for LightRFT call sites (logging)."""
+        st = self._train_state_for(model, optimizer, scheduler)
+        st.micro_step += 1
+        if st.micro_step % self.accumulated_gradient != 0:
+            self._accumulate(st)
+            return None
+        st.global_step += 1
+        norm = float(self._clip_and_step(st, self.max_norm if self.max_norm > 0 else math.inf))
+        if not math.isfinite(norm):
+            st.skipped_steps += 1
+        elif scheduler is not None and not self.backend_steps_scheduler:
+            scheduler.step()
+        return norm
 
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped for a non-finite gradient norm, over every prepared model."""
         return sum(s.skipped_steps for s in self._train_states.values())
 
-    def _native_backward(self, loss: torch.Tensor, model: Any) -> None:
-        self.train_state(model)  # misuse check: the model must be prepared
+    def _backward(self, loss: torch.Tensor, st: TrainState, boundary: bool) -> None:
+        """Mechanism: back-propagate one micro-batch (``boundary``: it ends an accumulation step,
+        so gradients are to be reduced now). Torch-native: scale by 1 / accumulation steps."""
         (loss / self.accumulated_gradient).backward()
 
-    def _native_optimizer_step(
-        self, model: Any, optimizer: Optimizer, scheduler: Any, clip: Any
-    ) -> float | None:
-        """The step of torch-native backends: ``clip(max_norm)`` returns the total norm."""
-        st = self.train_state(model)
-        st.micro_step += 1
-        if st.micro_step % self.accumulated_gradient != 0:
-            return None
-        st.global_step += 1
-        norm = float(clip(self.max_norm if self.max_norm > 0 else math.inf))
-        if not math.isfinite(norm):
-            st.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            return norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
+    def _accumulate(self, st: TrainState) -> None:
+        """Mechanism: an ``optimizer_step`` between boundaries (torch-native: nothing to do)."""
+        return None
+
+    def _clip_and_step(self, st: TrainState, max_norm: float) -> float:
+        """Mechanism at a boundary: clip the gradients to ``max_norm`` (``inf``: no clipping),
+        apply the update unless their norm is not finite, clear the gradients; return the
+        global L2 norm before clipping, the same on every rank."""
+        params = [p for p in st.model.parameters() if p.grad is not None]
+        norm = self._clip_grad_norm(params, max_norm)
+        if math.isfinite(norm):
+            st.optimizer.step()
+        st.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        """The global gradient norm of ``params``, clipped to ``max_norm`` (plain tensors)."""
+        if not params:
+            return 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    # ------------------------------------------------------ optimizer offload
+    def maybe_offload_optimizer(self, optimizer: Any) -> Any:
+        """Moves the optimizer states to host memory where the backend does that (FSDP with
+        ``adam_offload``), so a colocated engine gets the memory; a no-op elsewhere. Returns the
+        optimizer (LightRFT call sites assign it)."""
+        return optimizer
+
+    def maybe_load_optimizer(self, optimizer: Any) -> Any:
+        """Brings offloaded optimizer states back before the next ``optimizer_step``; a no-op
+        where nothing was offloaded. Returns the optimizer."""
+        return optimizer
 
     @abstractmethod
     def moving_average(self, model: Any, model_ema: Any, beta: float = 0.992, device: str = "cpu") -> None:
-        """EMA: ``ema = beta * ema + (1 - beta) * model`` over every parameter."""
+        """EMA: ``ema = beta * ema + (1 - beta) * model`` over every parameter. ``device`` is
+        accepted for LightRFT call sites: the EMA stays where ``model_ema`` lives."""
 
     # ----------------------------------------------------------- checkpoints
     #: Distributions whose versions the checkpoint manifest records, besides python, torch,
@@ -691,6 +793,17 @@ class StrategyBase(ABC):
         if self.inference_engine is not None and self._engine_sleeping:
             self.inference_engine.wake_up(tags=tags)
             self._engine_sleeping = False
+
+
+def _not_prepared(model: Any) -> ValueError:
+    return ValueError(
+        f"{type(model).__name__} was not prepared for training by this strategy: call "
+        "strategy.prepare((model, optimizer, scheduler)) and use the model it returns"
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _free_port() -> int:

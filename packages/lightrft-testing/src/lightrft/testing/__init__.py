@@ -6,6 +6,8 @@
 - :func:`run_distributed`: run a function on N gloo ranks under torchrun and collect results.
 """
 
+from importlib.metadata import version as _distribution_version
+
 from .distributed import DistributedRunError, run_distributed
 from .engine import FakeEngine
 from .fake import FakeStrategy, clone_model
@@ -33,4 +35,4 @@ __all__ = [
     "make_tiny_model",
     "run_distributed",
 ]
-__version__ = "0.1.0"
+__version__ = _distribution_version("lightrft-testing")  # the version is written once: pyproject.toml

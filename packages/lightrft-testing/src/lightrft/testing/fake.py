@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft.strategy.base import StrategyBase
+from lightrft.strategy.base import StrategyBase, TrainState
 from lightrft.strategy.weights import clean_param_name
 
 STATE_FILE = "fake_state.pt"
@@ -20,6 +20,10 @@ STATE_FILE = "fake_state.pt"
 
 class FakeStrategy(StrategyBase):
     """A drop-in strategy for unit tests of training code.
+
+    A model and a torch optimizer that were never prepared are adopted on first use
+    (``backward``, ``optimizer_step``), so the seed's testing pattern works as written; pass
+    ``strict=True`` to refuse them as real backends do.
 
     It behaves as a data-parallel world of size 1: gradient accumulation over
     ``train_batch_size / micro_train_batch_size`` micro-steps, one global-norm clip whose norm
@@ -31,6 +35,19 @@ class FakeStrategy(StrategyBase):
     __test__ = False
     name = "fake"
     checkpoint_distributions = ("lightrft-testing",)
+
+    def __init__(self, *positional: Any, strict: bool = False, **kwargs: Any) -> None:
+        """Takes what :class:`StrategyBase` takes, plus ``strict``: refuse models that were not
+        prepared (``prepare``) instead of adopting them on first use, as real backends do."""
+        super().__init__(*positional, **kwargs)
+        self.strict = strict
+        """Refuse unprepared models (the conformance suite uses this); by default a plain model and
+        a torch optimizer are adopted by the first ``backward`` / ``optimizer_step``."""
+
+    def _adopt(self, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+        if self.strict or not isinstance(model, nn.Module) or not isinstance(optimizer, Optimizer):
+            return super()._adopt(model, optimizer, scheduler)
+        return TrainState(model, optimizer, scheduler)
 
     def setup_distributed(self, timeout: timedelta | None = None) -> None:
         from lightrft.strategy.utils import set_seed
@@ -92,21 +109,6 @@ class FakeStrategy(StrategyBase):
         model.eval()
         model.requires_grad_(False)
         return model
-
-    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> None:
-        self._native_backward(loss, model)
-
-    def optimizer_step(
-        self, optimizer: Any, model: Any, scheduler: Any, name: str = "model", **kwargs: Any
-    ) -> float | None:
-        params = [p for p in model.parameters() if p.grad is not None]
-
-        def clip(max_norm: float) -> float:
-            if not params:
-                return 0.0
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-        return self._native_optimizer_step(model, optimizer, scheduler, clip)
 
     @torch.no_grad()
     def moving_average(self, model: Any, model_ema: Any, beta: float = 0.992, device: str = "cpu") -> None:

@@ -50,4 +50,7 @@ def test_sigkill_at_random_points_of_save_never_loses_a_complete_checkpoint(tmp_
     killed = [t for t in result["trials"] if "phase" in t]
     # The kills landed inside the save, not only after it: the test tests something.
     assert sum(t["phase"] != "finished" for t in killed) >= TRIALS // 2, [t["phase"] for t in killed]
-    assert all(set(t["exits"].values()) == {"signal 9"} for t in killed), [t["exits"] for t in killed]
+    # The victim died of SIGKILL; the survivor was killed too, or raised on its dead peer first.
+    for t in killed:
+        assert t["exits"][str(t["victim"])] == "signal 9", t["exits"]
+        assert set(t["exits"].values()) <= {"signal 9", "exit 1"}, t["exits"]

@@ -252,6 +252,18 @@ class DeepspeedStrategy(StrategyBase):
                 if (path.parent / script).is_file():
                     os.replace(path.parent / script, path / script)
 
+    def _save_portable(self, model: Any, path: Path) -> None:
+        raise NotImplementedError(
+            "layout='portable' is not available with DeepSpeed yet: save with layout='native' and convert the "
+            "model weights with `lightrft-ckpt convert --to hf`"
+        )
+
+    def _load_portable(self, model: Any, path: Path, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            f"checkpoint {str(path)!r} has the portable layout, which DeepSpeed cannot load yet; load it with "
+            "FSDP or Fake, or load its model weights with load_model after `lightrft-ckpt convert --to hf`"
+        )
+
     def _checkpoint_info(self) -> dict[str, Any]:
         return {"zero_stage": self.stage}
 

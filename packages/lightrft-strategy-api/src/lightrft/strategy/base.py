@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from lightrft.config import StrategyConfig
 
 from . import checkpoint as ckpt
-from . import comm, integrity
+from . import comm, integrity, portable
 from .data import ResumableDataLoader, ResumableDistributedSampler
 from .engine import GenerationOutput, InferenceEngine, SamplingParams, WeightBucket
 from .hf_io import read_hf_state_dict, write_hf_directory
@@ -492,10 +492,16 @@ class StrategyBase(ABC):
         max_mem: float | None = None,
         client_state: dict[str, Any] | None = None,
         save_latest: bool = True,
+        layout: str | None = None,
     ) -> Path:
         """Saves model, optimizer, scheduler, ``client_state``, RNG and dataloader positions to
         ``save_dir/<tag>`` atomically, with a manifest of every file's size and checksum written
-        last; then keeps at most ``max_num`` checkpoints / ``max_mem`` GB. Call it on every rank."""
+        last; then keeps at most ``max_num`` checkpoints / ``max_mem`` GB. Call it on every rank.
+
+        ``layout``: ``"native"`` (the backend's own files; the default) or ``"portable"`` (model and
+        optimizer state keyed by parameter name, which another backend or world size can load;
+        see :mod:`lightrft.strategy.portable`). Defaults to the ``ckpt_layout`` argument."""
+        layout = portable.validate_layout(layout or self.get_extra_arg("ckpt_layout", "native"))
         state = self._train_states.get(id(model))
         tag = ckpt.validate_tag(tag or f"global_step{state.global_step if state else 0}")
         client_state = dict(client_state or {})
@@ -508,7 +514,12 @@ class StrategyBase(ABC):
         }
 
         def write(path: Path) -> None:
-            self._save_checkpoint(model, path)
+            if layout == "portable":
+                self._save_portable(model, path)
+                if self.is_rank_0() and state is not None and state.scheduler is not None:
+                    torch.save(state.scheduler.state_dict(), path / portable.SCHEDULER_FILE)
+            else:
+                self._save_checkpoint(model, path)
             torch.save(rank_state, path / RANK_STATE.format(rank=self.get_rank()))
             if self.is_rank_0():
                 torch.save(client_state, path / CLIENT_STATE)
@@ -517,7 +528,7 @@ class StrategyBase(ABC):
             "step": state.global_step if state else 0,
             "train_state": state.to_dict() if state else None,
             "backend": self.name,
-            "layout": "native",
+            "layout": layout,
             "libraries": integrity.library_versions(self.checkpoint_distributions),
             **self._checkpoint_info(),
         }
@@ -557,7 +568,7 @@ class StrategyBase(ABC):
         dataloaders are untouched. Call it on every rank."""
         root = Path(load_dir)
         failure: BaseException | None = None
-        staged: tuple[Path, dict[str, Any], dict[str, Any] | None] | None = None
+        staged: tuple[Path, str, dict[str, Any], dict[str, Any] | None] | None = None
         try:
             staged = self._read_and_verify(root, tag, verify_checksums, load_module_only)
         except FileNotFoundError as e:
@@ -566,9 +577,10 @@ class StrategyBase(ABC):
             failure = integrity.with_suggestion(e, root, ckpt.list_checkpoints(root))
         integrity.agree(failure, self.all_gather_object)
         assert staged is not None
-        path, client_state, rank_state = staged
+        path, layout, client_state, rank_state = staged
         try:
-            self._load_checkpoint(
+            load = self._load_portable if layout == "portable" else self._load_checkpoint
+            load(
                 model,
                 path,
                 load_module_strict=load_module_strict,
@@ -598,17 +610,22 @@ class StrategyBase(ABC):
 
     def _read_and_verify(
         self, root: Path, tag: str | None, checksums: bool, module_only: bool
-    ) -> tuple[Path, dict[str, Any], dict[str, Any] | None]:
+    ) -> tuple[Path, str, dict[str, Any], dict[str, Any] | None]:
         """This rank's half of the agreement: resolve, verify, check compatibility, read the small
-        files. Touches nothing but reads; raises FileNotFoundError or CheckpointError."""
+        files. Touches nothing but reads; raises FileNotFoundError or CheckpointError. Returns the
+        path, the layout, the client state and this rank's (or rank 0's) RNG / dataloader state."""
         path = ckpt.resolve_checkpoint(root, tag)
         manifest = integrity.verify_checkpoint(
             path, checksums=checksums, rank=self.get_rank(), world_size=self.world_size
         )
-        problem = self._checkpoint_incompatibility(manifest)
+        layout = manifest.get("layout", "native")
+        problem = None if layout == "portable" else self._checkpoint_incompatibility(manifest)
         if problem is not None:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} {problem}", path=str(path), file=integrity.MANIFEST
+                f"checkpoint {str(path)!r} {problem}; a checkpoint saved with layout='portable' loads on "
+                "any backend and world size",
+                path=str(path),
+                file=integrity.MANIFEST,
             )
         client_state = _load_small(path, CLIENT_STATE) if CLIENT_STATE in manifest["files"] else {}
         rank_state = None
@@ -617,7 +634,38 @@ class StrategyBase(ABC):
             rank_file = own if own in manifest["files"] else RANK_STATE.format(rank=0)
             if rank_file in manifest["files"]:
                 rank_state = _load_small(path, rank_file)
-        return path, client_state, rank_state
+        return path, layout, client_state, rank_state
+
+    def _save_portable(self, model: Any, path: Path) -> None:
+        """Writes the portable layout (every rank). The default serves torch-native backends
+        (plain or FSDP2 modules with a torch optimizer)."""
+        st = self._train_states.get(id(model))
+        portable.save_portable(
+            self.unwrap_model(model), st.optimizer if st else None, path, no_dist=self.world_size == 1
+        )
+
+    def _load_portable(
+        self,
+        model: Any,
+        path: Path,
+        *,
+        load_module_strict: bool,
+        load_optimizer_states: bool,
+        load_lr_scheduler_states: bool,
+    ) -> None:
+        """Reads the portable layout (every rank), resharding to this world size."""
+        st = self._train_states.get(id(model))
+        portable.load_portable(
+            self.unwrap_model(model),
+            st.optimizer if st else None,
+            path,
+            strict=load_module_strict,
+            with_optimizer=load_optimizer_states,
+            no_dist=self.world_size == 1,
+        )
+        sched_file = path / portable.SCHEDULER_FILE
+        if st is not None and st.scheduler is not None and load_lr_scheduler_states and sched_file.is_file():
+            st.scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
 
     def _checkpoint_info(self) -> dict[str, Any]:
         """Backend facts the manifest records besides backend, step and world size (e.g. the

@@ -6,6 +6,10 @@
   1 and the reason when a checkpoint is damaged.
 - ``lightrft-ckpt convert PATH --to hf OUT [--hf-config DIR]``: the model weights of a native
   Fake, FSDP (DCP) or DeepSpeed (ZeRO 0-3) checkpoint as a Hugging Face safetensors directory.
+- ``lightrft-ckpt convert PATH --to portable OUT``: a native FSDP checkpoint as the portable layout
+  (its DCP files are already keyed by parameter name: renamed, not rewritten), loadable by every
+  backend. A DeepSpeed checkpoint becomes portable online: ``load_ckpt`` it with DeepspeedStrategy,
+  then ``save_ckpt(..., layout="portable")``.
 
 ``PATH`` is a checkpoint directory, or a save directory (its ``latest`` checkpoint, or every one
 with ``verify --all``).
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -155,12 +160,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return status
 
 
+def _to_portable(path: Path, manifest: dict[str, Any], out: Path) -> dict[str, Any]:
+    from .portable import PORTABLE_DIR, SCHEDULER_FILE
+
+    if manifest.get("layout") == "portable":
+        raise CheckpointError(f"checkpoint {str(path)!r} has the portable layout already", path=str(path))
+    if manifest.get("backend") != "fsdp":
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a native {manifest.get('backend')!r} checkpoint; offline conversion to the "
+            "portable layout reads native FSDP checkpoints (for DeepSpeed: load_ckpt it with DeepspeedStrategy, then "
+            "save_ckpt(..., layout='portable'))",
+            path=str(path),
+        )
+    if out.exists():
+        raise FileExistsError(f"{str(out)!r} exists: convert writes a new checkpoint directory")
+    staging = out.parent / f"{ckpt.TMP_PREFIX}{out.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(path, staging, ignore=shutil.ignore_patterns(integrity.MANIFEST))
+    os.replace(staging / DCP_DIR, staging / PORTABLE_DIR)
+    if (staging / "lr_scheduler.pt").is_file():
+        os.replace(staging / "lr_scheduler.pt", staging / SCHEDULER_FILE)
+    algorithm = manifest["algorithm"]
+    files = {
+        rel: {"size": (staging / rel).stat().st_size, "hash": integrity.file_digest(staging / rel, algorithm)}
+        for rel in integrity.list_files(staging)
+    }
+    info = {
+        k: v for k, v in manifest.items() if k not in ("files", "algorithm", "manifest_sha256", "created")
+    }
+    info.update(layout="portable", tag=out.name, converted_from=str(path))
+    for key in ("format", "format_version"):
+        info.pop(key, None)
+    integrity.write_manifest(staging, integrity.build_manifest(files, algorithm, **info))
+    os.replace(staging, out)
+    return {"from": str(path), "to": str(out), "layout": "portable", "files": len(files)}
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     path = _checkpoint_dirs(Path(args.path), every=False)[0]
     manifest = integrity.verify_checkpoint(path, checksums=not args.no_verify)
     out = Path(args.out)
+    if args.to == "portable":
+        print(json.dumps(_to_portable(path, manifest, out)))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: v.detach().contiguous().clone()
@@ -196,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="a native checkpoint's model weights as a Hugging Face safetensors directory"
     )
     p.add_argument("path")
-    p.add_argument("--to", choices=["hf"], required=True, help="target format")
+    p.add_argument("--to", choices=["hf", "portable"], required=True, help="target format")
     p.add_argument("out", help="output directory")
     p.add_argument(
         "--hf-config", help="a Hugging Face model directory whose config and tokenizer files to copy"
@@ -211,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"lightrft-ckpt {args.command}: {e}", file=sys.stderr)
         return 1
 

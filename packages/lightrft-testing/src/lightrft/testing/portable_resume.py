@@ -35,10 +35,10 @@ BACKENDS: dict[str, dict[str, Any]] = {
 }
 
 
-def _strategy(backend: str) -> Any:
+def _strategy(backend: str, layout: str = "portable") -> Any:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: valid are {', '.join(BACKENDS)}")
-    return get_strategy({**BASE_CONFIG, **BACKENDS[backend], "ckpt_layout": "portable"})
+    return get_strategy({**BASE_CONFIG, **BACKENDS[backend], "ckpt_layout": layout})
 
 
 def _optimizer_summary(strategy: Any, model: Any, optim: Any) -> dict[str, Any]:
@@ -68,9 +68,9 @@ def _optimizer_summary(strategy: Any, model: Any, optim: Any) -> dict[str, Any]:
     return {"moments": moments, "steps": steps}
 
 
-def write(backend: str, root: str) -> dict[str, Any]:
+def write(backend: str, root: str, layout: str = "portable") -> dict[str, Any]:
     """Trains SAVED_STEPS, saves ``root/<backend>-ws<N>`` in the portable layout, trains on."""
-    strategy = _strategy(backend)
+    strategy = _strategy(backend, layout)
     model, optim, sched = build(strategy)
     loader = strategy.setup_dataloader(DATASET, batch_size=2, shuffle=True)
     batches = make_batches(5, SAVED_STEPS + RESUMED_STEPS, strategy.config.train_batch_size)
@@ -79,7 +79,11 @@ def write(backend: str, root: str) -> dict[str, Any]:
     next(it), next(it)
     name = f"{backend}-ws{strategy.world_size}"
     strategy.save_ckpt(model, Path(root) / name, tag="saved")
-    saved = {"optimizer": _optimizer_summary(strategy, model, optim), "lr": sched.get_last_lr()}
+    saved = {
+        "optimizer": _optimizer_summary(strategy, model, optim),
+        "lr": sched.get_last_lr(),
+        "saved_params": full_params(strategy, model),
+    }
     after = train_steps(strategy, model, optim, sched, batches[SAVED_STEPS:])
     out = {"name": name, "losses": after["losses"], "params": full_params(strategy, model), **saved}
     out["loader"] = loader.state_dict()
@@ -110,10 +114,10 @@ def read(backend: str, root: str, names: list[str]) -> dict[str, Any]:
 
 
 def write_then_read(
-    writers: list[str], readers: list[str], root: str, read_names: list[str]
+    writers: list[str], readers: list[str], root: str, read_names: list[str], layout: str = "portable"
 ) -> dict[str, Any]:
     """One launch: each of ``writers`` saves, then each of ``readers`` resumes ``read_names`` and
     what was just written."""
-    written = [write(b, root) for b in writers]
+    written = [write(b, root, layout) for b in writers]
     names = [*read_names, *(w["name"] for w in written)]
     return {"written": written, "read": [read(b, root, names) for b in readers]}

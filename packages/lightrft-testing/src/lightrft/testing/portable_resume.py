@@ -61,10 +61,9 @@ def _optimizer_summary(strategy: Any, model: Any, optim: Any) -> dict[str, Any]:
     sd = get_optimizer_state_dict(
         strategy.unwrap_model(model), optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    moments = {
-        f"{k}.{m}": v[m].float().clone() for k, v in sd["state"].items() for m in ("exp_avg", "exp_avg_sq")
-    }
-    steps = sorted({float(v["step"]) for v in sd["state"].values()})
+    state = sd.get("state", {})  # empty on ranks other than 0 (cpu_offload)
+    moments = {f"{k}.{m}": v[m].float().clone() for k, v in state.items() for m in ("exp_avg", "exp_avg_sq")}
+    steps = sorted({float(v["step"]) for v in state.values()})
     return {"moments": moments, "steps": steps}
 
 

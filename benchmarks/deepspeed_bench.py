@@ -1,265 +1,231 @@
-"""Raw DeepSpeed vs DeepspeedStrategy on the same model, data and settings, in one run.
+"""DeepspeedStrategy against hand-written DeepSpeed code: step time and peak memory, interleaved.
 
-    torchrun --nproc-per-node=2 benchmarks/deepspeed_bench.py --out "$OUT"
+    torchrun --nproc-per-node=2 benchmarks/deepspeed_bench.py --out DIR [--impl-path TREE --label NAME]
 
-A Llama of ~220M parameters (hidden 1024, 16 layers, 16 heads, intermediate 2816, vocab 32000),
-micro-batch 8 x 1024 tokens per GPU, bf16, FusedAdam, gradient clipping 1.0, no accumulation.
-For each ZeRO stage (2 and 3) the two variants run in the order raw, strategy, strategy, raw
-(ABBA: a drift from run to run, such as the state a destroyed ZeRO-3 engine leaves behind in the
-process, cancels out): 3 warm-up steps, then 10 timed steps between two ``cuda.synchronize()``;
-the mean over the repetitions of each variant is reported. Peak memory is the peak allocated
-during the run above what was allocated before the model was built. "raw" is ``deepspeed.initialize`` with a hand-written config and a
-plain ``engine.backward`` / ``engine.step`` loop; "strategy" is the LightRFT three-step protocol
-with ``strategy.backward`` / ``strategy.optimizer_step`` (which returns the gradient norm).
+Per model (``--models small,1b``: Llama 271M and 0.95B, random weights) and ZeRO stage
+(``--stages 2,3``): bf16, FusedAdam (no decay), gradient clipping 1.0, no accumulation, an LR
+warm-up schedule stepped by DeepSpeed, micro-batch 8 x 1024 tokens per GPU.
+
+Variants (same seed, same batches; timing and statistics: ``_harness`` / ``_stats``):
+
+- ``raw``: ``deepspeed.initialize`` with a hand-written config whose *effective* settings equal
+  the strategy's (the run compares the two engines' parsed configs and reports any difference
+  as ``config_diff``), FusedAdam over ``model.parameters()`` (one group: with no decay a
+  careful user has no reason for two), and a plain ``engine.backward`` / ``engine.step`` loop
+  that never reads the gradient norm on the host.
+- ``raw_norm``: ``raw`` plus ``float(engine.get_global_grad_norm())`` after ``engine.step()``
+  (the obvious way to log the norm: the host waits for the whole step).
+- ``strategy``: the DeepspeedStrategy under test (``--impl-path``): ``prepare_model`` /
+  ``create_optimizer`` / ``prepare`` / ``backward`` / ``optimizer_step``, which returns the
+  norm every step (read from pinned host memory when DeepSpeed stores it).
+
+On CPU (no CUDA) it runs the ``tiny`` model in fp32 with torch AdamW over gloo: a test of the
+plumbing, not a timing.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import math
 import os
-import time
-from pathlib import Path
+import sys
+from functools import partial
 from typing import Any
 
+import _harness as H
 import torch
 import torch.distributed as dist
 
-MODEL = dict(
-    vocab_size=32000,
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-)
-MICRO_BATCH, SEQ_LEN, WARMUP, STEPS, LR = 8, 1024, 3, 10, 1e-4
-
-
-def build_model(seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(**MODEL)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
-    return model
-
-
-def batches(n: int) -> list[torch.Tensor]:
-    g = torch.Generator(device="cuda").manual_seed(1234 + dist.get_rank())
-    return [
-        torch.randint(0, MODEL["vocab_size"], (MICRO_BATCH, SEQ_LEN), generator=g, device="cuda")
-        for _ in range(n)
-    ]
-
-
-def raw_config(stage: int, world: int) -> dict[str, Any]:
-    """What a DeepSpeed user writes by hand (DeepSpeed's defaults for everything else)."""
-    return {
-        "train_batch_size": MICRO_BATCH * world,
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        "bf16": {"enabled": True},
-        "zero_optimization": {"stage": stage},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+VARIANTS = ("raw", "raw_norm", "strategy")
+LR, BETAS, EPS, MAX_NORM = 1e-4, (0.9, 0.95), 1e-8, 1.0
+BF16 = H.CUDA  # DeepSpeed's bf16 optimizers need an accelerator; the CPU smoke run is fp32
 
 
 def lr_lambda(step: int) -> float:
     return min(1.0, (step + 1) / 10)
 
 
-def run_raw(stage: int, data: list[torch.Tensor]) -> dict[str, Any]:
+def raw_config(stage: int, micro_batch: int, world: int) -> dict[str, Any]:
+    """What a careful DeepSpeed user writes (DeepSpeed's defaults for everything else)."""
+    return {
+        "train_batch_size": micro_batch * world,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": MAX_NORM,
+        "bf16": {"enabled": BF16},
+        # Offload "none" spelled out, as in DeepSpeed's config templates (and the strategy's):
+        # the parsed config then equals the strategy's, which the run checks (config_diff).
+        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "none"}}
+        | ({"offload_param": {"device": "none"}} if stage == 3 else {}),
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def raw_variant(preset: str, stage: int, args: Any, read_norm: bool) -> H.Variant:
     import deepspeed
 
-    base = baseline_memory()
-    from deepspeed.ops.adam import FusedAdam
+    model = H.build_model(preset, args.seq)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if H.CUDA:
+        from deepspeed.ops.adam import FusedAdam
 
-    from lightrft.strategy import StrategyBase
-
-    model = build_model()
-    groups = StrategyBase.optimizer_grouped_parameters(model, 0.0)
-    optim = FusedAdam(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, adam_w_mode=True)
+        optim: Any = FusedAdam(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, adam_w_mode=True)
+    else:
+        optim = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optim, lr_scheduler=sched, config=raw_config(stage, dist.get_world_size())
+        model=model,
+        optimizer=optim,
+        lr_scheduler=sched,
+        config=raw_config(stage, args.micro_batch, dist.get_world_size()),
     )
 
     def step(x: torch.Tensor) -> torch.Tensor:
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
         engine.step()
+        if read_norm:
+            float(engine.get_global_grad_norm())
         return loss
 
-    out = timed(step, data, base)
-    out["params"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
-    engine.destroy()
-    return out
+    name = "raw_norm" if read_norm else "raw"
+    return H.Variant(name, step, [engine], _engine_info(engine), close=engine.destroy)
 
 
-def run_strategy(stage: int, data: list[torch.Tensor]) -> dict[str, Any]:
+def strategy_variant(preset: str, stage: int, args: Any) -> H.Variant:
     from lightrft.deepspeed import DeepspeedStrategy
 
-    base = baseline_memory()
     strategy = DeepspeedStrategy(
         {
             "zero_stage": stage,
-            "bf16": True,
-            "train_batch_size": MICRO_BATCH * dist.get_world_size(),
-            "micro_train_batch_size": MICRO_BATCH,
-            "max_norm": 1.0,
-            "adam_betas": (0.9, 0.95),
-            # Same as DeepSpeed's own default, which the raw config relies on: overlap at ZeRO-3.
-            "overlap_comm": stage == 3,
-            "lr_warmup_ratio": 0.0,
+            "bf16": BF16,
+            "train_batch_size": args.micro_batch * dist.get_world_size(),
+            "micro_train_batch_size": args.micro_batch,
+            "max_norm": MAX_NORM,
+            "adam_betas": BETAS,
+            "adam_eps": EPS,
+            "l2": 0.0,
         }
     )
     strategy.setup_distributed()
-    # Built like the raw variant (full model on the GPU, partitioned by deepspeed.initialize).
-    model = strategy.prepare_model(build_model(), is_training=True)
-    optim = strategy.create_optimizer(model, lr=LR, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-8)
+    # Built like the raw variant: the full model on the device, partitioned by deepspeed.initialize.
+    model = strategy.prepare_model(H.build_model(preset, args.seq), is_training=True)
+    optim = strategy.create_optimizer(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda)
     engine, optim, sched = strategy.prepare((model, optim, sched))
-    norms: list[float] = []
+    norms: list[float | None] = []
 
     def step(x: torch.Tensor) -> torch.Tensor:
         loss = engine(input_ids=x, labels=x).loss
         strategy.backward(loss, engine, optim)
-        norm = strategy.optimizer_step(optim, engine, sched)
-        norms.append(norm if norm is not None else math.nan)
+        norms.append(strategy.optimizer_step(optim, engine, sched))
         return loss
 
-    out = timed(step, data, base)
-    out["last_norm"] = norms[-1]
-    out["optimizer"] = type(engine.basic_optimizer).__name__
-    out["params"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
-    strategy.shutdown()  # destroys its engines; the process group belongs to this script
-    return out
+    return H.Variant(
+        "strategy", step, [engine, strategy, norms], _engine_info(engine), close=strategy.shutdown
+    )
 
 
-def baseline_memory() -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
-
-
-def timed(step: Any, data: list[torch.Tensor], base: int) -> dict[str, Any]:
-    for x in data[:WARMUP]:
-        step(x)
-    torch.cuda.synchronize()
-    dist.barrier()
-    start = time.perf_counter()
-    for x in data[WARMUP : WARMUP + STEPS]:
-        loss = step(x)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    step_time = torch.tensor([elapsed / STEPS], device="cuda")
-    dist.all_reduce(step_time, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-    peak = torch.tensor([float(torch.cuda.max_memory_allocated() - base)], device="cuda")
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    t = float(step_time)
+def _engine_info(engine: Any) -> dict[str, Any]:
+    basic = engine.basic_optimizer
     return {
-        "step_time_s": t,
-        "tokens_per_s": MICRO_BATCH * SEQ_LEN * dist.get_world_size() / t,
-        "peak_mem_gib": float(peak) / 2**30,
-        "final_loss": float(loss.detach()),
-        "leftover_gib": base / 2**30,
+        "optimizer": f"{type(engine.optimizer).__name__}({type(basic).__name__})",
+        "param_groups": len(basic.param_groups),
     }
 
 
-def mean_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out = dict(runs[0])
-    for key in ("step_time_s", "peak_mem_gib", "final_loss"):
-        out[key] = sum(r[key] for r in runs) / len(runs)
-    out["tokens_per_s"] = MICRO_BATCH * SEQ_LEN * dist.get_world_size() / out["step_time_s"]
+def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
+    if hasattr(value, "model_dump"):  # DeepSpeed's pydantic config sections
+        value = value.model_dump()
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}", out)
+    else:
+        out[prefix] = repr(value)
+
+
+def config_diff(a: Any, b: Any) -> dict[str, list[str]]:
+    """The parsed DeepSpeed settings (``engine._config``, sections flattened to dotted keys) that
+    differ between two engines: ``{key: [repr in a, repr in b]}``."""
+    fa: dict[str, str] = {}
+    fb: dict[str, str] = {}
+    for src, flat in ((a, fa), (b, fb)):
+        for key, value in vars(src._config).items():
+            if not key.startswith("_"):
+                _flatten(value, key, flat)
+    out = {}
+    for key in sorted(set(fa) | set(fb)):
+        ra, rb = fa.get(key, "<absent>"), fb.get(key, "<absent>")
+        if ra != rb and " at 0x" not in ra + rb:
+            out[key] = [ra, rb]
     return out
 
 
-def release() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    dist.barrier()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--stages", default="2,3")
-    parser.add_argument("--reps", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    H.add_common_args(parser)
+    parser.add_argument("--stages", default="2,3", help="comma list of ZeRO stages (1, 2, 3)")
     args = parser.parse_args()
+    H.check_args(args, VARIANTS)
+    stages = []
+    for s in args.stages.split(","):
+        if s not in ("1", "2", "3"):
+            raise SystemExit(f"--stages: {s!r} is not a ZeRO stage this benchmark runs; valid: 1, 2, 3")
+        stages.append(int(s))
+    impl = H.use_impl(args.impl_path, args.label)
 
     import deepspeed
 
-    local_rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl")
-    data = batches(WARMUP + STEPS)
-    results: dict[str, Any] = {}
-    for stage in [int(s) for s in args.stages.split(",")]:
-        runs: dict[str, list[dict[str, Any]]] = {"raw": [], "strategy": []}
-        order = ["raw", "strategy", "strategy", "raw"] * (args.reps // 2) + ["raw", "strategy"] * (
-            args.reps % 2
-        )
-        runners = {"raw": run_raw, "strategy": run_strategy}
-        for variant in order:
-            runs[variant].append(runners[variant](stage, data))
-            release()
-        best: dict[str, Any] = {v: mean_run(r) for v, r in runs.items()}
-        best["ratio_step_time"] = best["strategy"]["step_time_s"] / best["raw"]["step_time_s"]
-        best["ratio_peak_mem"] = best["strategy"]["peak_mem_gib"] / best["raw"]["peak_mem_gib"]
-        best["all_runs"] = runs
-        results[f"zero{stage}"] = best
-    if dist.get_rank() == 0:
-        meta = {
-            "card": torch.cuda.get_device_name(),
-            "gpus": dist.get_world_size(),
-            "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__,
-            "model": MODEL,
-            "micro_batch": MICRO_BATCH,
-            "seq_len": SEQ_LEN,
-            "warmup": WARMUP,
-            "steps": STEPS,
-            "reps": args.reps,
-            "order": "ABBA (raw, strategy, strategy, raw) per stage; means reported",
-        }
-        lines = [
-            f"# DeepSpeed: raw vs DeepspeedStrategy ({meta['gpus']} x {meta['card']}, torch {meta['torch']}, "
-            f"deepspeed {meta['deepspeed']})",
-            "",
-            "| stage | variant | step time (s) | tokens/s | peak mem above baseline (GiB) | final loss |",
-            "|---|---|---|---|---|---|",
-        ]
-        for key, r in results.items():
-            for v in ("raw", "strategy"):
-                x = r[v]
-                lines.append(
-                    f"| {key} | {v} | {x['step_time_s']:.4f} | {x['tokens_per_s']:.0f} | "
-                    f"{x['peak_mem_gib']:.2f} | {x['final_loss']:.4f} |"
-                )
-            lines.append(
-                f"| {key} | strategy / raw | {r['ratio_step_time']:.3f} | {1 / r['ratio_step_time']:.3f} | "
-                f"{r['ratio_peak_mem']:.3f} | |"
+    if H.CUDA:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if H.CUDA else "gloo")
+    names = args.variants.split(",")
+    configs = []
+    for preset in args.models.split(","):
+        batches = H.make_batches(preset, args.micro_batch, args.seq)
+        for stage in stages:
+            builders = {
+                n: partial(strategy_variant, preset, stage, args)
+                if n == "strategy"
+                else partial(raw_variant, preset, stage, args, n == "raw_norm")
+                for n in names
+            }
+            variants = H.setup_variants(builders, batches, args.warmup)
+            raw_engine = variants["raw"].keep[0]
+            diffs = {n: config_diff(raw_engine, v.keep[0]) for n, v in variants.items() if n != "raw"}
+            rounds = H.interleave(variants, batches, args)
+            cfg = H.summarize(variants, args.block, args.micro_batch * args.seq * dist.get_world_size())
+            params = sum(int(getattr(p, "ds_numel", p.numel())) for p in raw_engine.module.parameters())
+            cfg.update(
+                {
+                    "name": f"{preset}/zero{stage}",
+                    "model": preset,
+                    "stage": stage,
+                    "params": params,
+                    "rounds": rounds,
+                }
             )
-        params = results[next(iter(results))]["raw"]["params"]
-        lines += ["", f"Parameters: {params / 1e6:.1f}M; all runs: see deepspeed_bench.json"]
-        table = "\n".join(lines)
-        print(table, flush=True)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "deepspeed_bench.md").write_text(table + "\n")
-        (out / "deepspeed_bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            cfg["config_diff"] = diffs
+            configs.append(cfg)
+            for v in variants.values():
+                v.close()
+            del variants, builders, raw_engine
+            H.free_memory()
+            dist.barrier()
+    impl["loaded_from"] = H.loaded_from("lightrft.deepspeed.strategy", "lightrft.strategy.base")
+    if dist.get_rank() == 0:
+        env = {**H.environment(), "deepspeed": deepspeed.__version__}
+        payload = {"bench": "deepspeed", "env": env, "impl": impl, "args": vars(args), "configs": configs}
+        text = H.table("DeepSpeed: DeepspeedStrategy vs raw", env, impl, configs, args)
+        for cfg in configs:
+            for n, d in cfg["config_diff"].items():
+                text += f"\n{cfg['name']}: effective DeepSpeed settings of {n} vs raw: " + (
+                    "identical" if not d else "; ".join(f"{k}: raw {a} / {n} {b}" for k, (a, b) in d.items())
+                )
+        H.write_results("deepspeed", args, payload, text)
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -64,3 +64,29 @@ def test_resolve_errors_list_what_exists(tmp_path):
     _save(tmp_path, "only")
     with pytest.raises(FileNotFoundError, match=r"tag='other' not found.*'only'"):
         ck.resolve_checkpoint(tmp_path, "other")
+
+
+def test_missing_load_dir_says_no_such_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"load_dir='.*does-not-exist': no such directory"):
+        ck.resolve_checkpoint(tmp_path / "does-not-exist", None)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        ck.resolve_checkpoint(tmp_path / "does-not-exist", "global_step1")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+        ck.resolve_checkpoint(tmp_path / "a-file", None)
+    # An existing directory without checkpoints still says what is missing there.
+    with pytest.raises(FileNotFoundError, match="has no 'latest' marker"):
+        ck.resolve_checkpoint(tmp_path, None)
+
+
+def test_load_ckpt_from_missing_directory_through_the_strategy(tmp_path):
+    import torch
+
+    from lightrft.strategy import get_fake_strategy
+
+    strategy = get_fake_strategy({"train_batch_size": 2, "micro_train_batch_size": 2})
+    (model, _, _), *_ = strategy.prepare_models_and_optimizers(
+        torch.nn.Linear(2, 1), None, None, None, None, 1
+    )
+    with pytest.raises(FileNotFoundError, match=r"load_dir='.*no-checkpoints-here': no such directory"):
+        strategy.load_ckpt(model, str(tmp_path / "no-checkpoints-here"))

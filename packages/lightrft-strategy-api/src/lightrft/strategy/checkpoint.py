@@ -74,6 +74,9 @@ def dir_size_bytes(path: Path) -> int:
 def resolve_checkpoint(load_dir: str | os.PathLike, tag: str | None) -> Path:
     """The directory to load: ``tag`` or the one named by ``latest``; errors list what exists."""
     root = Path(load_dir)
+    if not root.is_dir():
+        what = "is a file, not a directory" if root.exists() else "no such directory"
+        raise FileNotFoundError(f"load_dir={str(root)!r}: {what} (resolved: {str(root.resolve())!r})")
     if tag is None:
         tag = read_latest(root)
         if tag is None:

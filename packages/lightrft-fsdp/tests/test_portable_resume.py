@@ -64,7 +64,10 @@ def test_adam_moments_step_scheduler_and_dataloader_are_restored(matrix: dict[st
                 reader,
             )
             assert got["lr"] == pytest.approx(want["lr"]), (writer, reader)
-            assert got["loader"] == want["loader"] and want["loader"]["consumed_samples"] > 0, (writer, reader)
+            assert got["loader"] == want["loader"] and want["loader"]["consumed_samples"] > 0, (
+                writer,
+                reader,
+            )
             assert got["global_step"] == 2, (writer, reader)
 
 

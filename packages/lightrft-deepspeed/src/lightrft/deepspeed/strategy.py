@@ -273,6 +273,7 @@ class DeepspeedStrategy(StrategyBase):
         engine = self._engine_of(model)
         names = {id(p): clean_param_name(n) for n, p in engine.module.named_parameters()}
         groups = self._zero_groups(engine)
+        _link_optimizer_fragments(engine.optimizer)
         step = _adam_step(engine.optimizer.optimizer)
         model_sd: dict[str, torch.Tensor] = {}
         optim_state: dict[str, dict[str, torch.Tensor]] = {}
@@ -327,6 +328,7 @@ class DeepspeedStrategy(StrategyBase):
         base_optimizer = engine.optimizer.optimizer
         if load_optimizer_states:
             _init_adam_state(base_optimizer)
+            _link_optimizer_fragments(engine.optimizer)
         for p in params:
             name = names[id(p)]
             full = state["model"][name]
@@ -494,6 +496,14 @@ def _adam_step(optimizer: Optimizer) -> float:
         if "step" in st:
             return float(st["step"])
     return 0.0
+
+
+def _link_optimizer_fragments(zero_optimizer: Any) -> None:
+    """ZeRO-1/2 map each parameter to its Adam state fragments only inside DeepSpeed's own step
+    (``_lazy_init_hp_params_optimizer_state``); the fragment API needs that map, so make it now."""
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
 
 
 def _init_adam_state(optimizer: Optimizer) -> None:

@@ -503,6 +503,8 @@ def _link_optimizer_fragments(zero_optimizer: Any) -> None:
     (``_lazy_init_hp_params_optimizer_state``); the fragment API needs that map, so make it now."""
     link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
+        # Linked once, possibly while the Adam state was still empty: link again.
+        zero_optimizer._hp_optimizer_states_linked = False
         link()
 
 

@@ -24,9 +24,9 @@ def test_publish_latest_and_rotation(tmp_path):
 
 def test_rotation_by_memory(tmp_path):
     for i in range(3):
-        _save(tmp_path, f"s{i}", payload=b"x" * 1000, max_num=10, max_mem_gb=2500 / (1 << 30))
+        _save(tmp_path, f"s{i}", payload=b"x" * 100_000, max_num=10, max_mem_gb=250_000 / (1 << 30))
         time.sleep(0.01)
-    # 1000 bytes each, 2500 allowed: the two newest stay.
+    # 100 kB each (plus a small manifest), 250 kB allowed: the two newest stay.
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["s1", "s2"]
 
 

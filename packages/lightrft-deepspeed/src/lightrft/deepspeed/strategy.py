@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightrft.strategy import portable
 from lightrft.strategy.base import StrategyBase, TrainState
 from lightrft.strategy.engine import WeightBucket
 from lightrft.strategy.utils import HostScalar
@@ -71,6 +72,7 @@ class DeepspeedStrategy(StrategyBase):
     """
 
     name = "deepspeed"
+    checkpoint_distributions = ("lightrft-deepspeed", "deepspeed")
     backend_steps_scheduler = True  # engine.step() steps the scheduler given to deepspeed.initialize
 
     def __init__(self, config: Any = None, *, args: Any = None, **overrides: Any) -> None:
@@ -252,6 +254,126 @@ class DeepspeedStrategy(StrategyBase):
                 if (path.parent / script).is_file():
                     os.replace(path.parent / script, path / script)
 
+    # The portable layout from DeepSpeed: full fp32 weights and Adam moments per parameter name,
+    # gathered one parameter at a time through DeepSpeed's fragment API (collective under ZeRO),
+    # in the format of torch's get_state_dict so FSDP and Fake read it (and this reads theirs).
+    def _zero_groups(self, engine: Any) -> list[list[nn.Parameter]]:
+        opt = engine.optimizer
+        groups = getattr(opt, "bit16_groups", None) or getattr(opt, "fp16_groups", None)
+        if groups is None or self.stage == 0:
+            raise NotImplementedError(
+                f"layout='portable' with DeepSpeed needs ZeRO stage 1, 2 or 3 (zero_stage={self.stage})"
+            )
+        return groups
+
+    def _save_portable(self, model: Any, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict_saver import save
+
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        engine = self._engine_of(model)
+        names = {id(p): clean_param_name(n) for n, p in engine.module.named_parameters()}
+        groups = self._zero_groups(engine)
+        _link_optimizer_fragments(engine.optimizer)
+        step = _adam_step(engine.optimizer.optimizer)
+        model_sd: dict[str, torch.Tensor] = {}
+        optim_state: dict[str, dict[str, torch.Tensor]] = {}
+        for group in groups:
+            for p in group:
+                name = names[id(p)]
+                model_sd[name] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+                optim_state[name] = {
+                    key: safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
+                    for key in ("exp_avg", "exp_avg_sq")
+                }
+                optim_state[name]["step"] = torch.tensor(float(step))
+        param_groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in group]}
+            for g, group in zip(engine.optimizer.param_groups, groups)
+        ]
+        state = {"model": model_sd, "optimizer": {"state": optim_state, "param_groups": param_groups}}
+        save(state, checkpoint_id=str(path / portable.PORTABLE_DIR), no_dist=self.world_size == 1)
+
+    def _load_portable(
+        self,
+        model: Any,
+        path: Path,
+        *,
+        load_module_strict: bool,
+        load_optimizer_states: bool,
+        load_lr_scheduler_states: bool,
+    ) -> None:
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import load
+
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        engine = self._engine_of(model)
+        names = {id(p): clean_param_name(n) for n, p in engine.module.named_parameters()}
+        params = [p for group in self._zero_groups(engine) for p in group]
+        shapes = {names[id(p)]: tuple(p.ds_shape) if _is_zero3_param(p) else tuple(p.shape) for p in params}
+        state: dict[str, Any] = {"model": {n: torch.empty(s) for n, s in shapes.items()}}
+        if load_optimizer_states:
+            state["optimizer"] = {
+                "state": {
+                    n: {"exp_avg": torch.empty(s), "exp_avg_sq": torch.empty(s), "step": torch.tensor(0.0)}
+                    for n, s in shapes.items()
+                }
+            }
+        load(
+            state,
+            checkpoint_id=str(path / portable.PORTABLE_DIR),
+            planner=DefaultLoadPlanner(allow_partial_load=not load_module_strict),
+            no_dist=self.world_size == 1,
+        )
+        base_optimizer = engine.optimizer.optimizer
+        if load_optimizer_states:
+            _init_adam_state(base_optimizer)
+            _link_optimizer_fragments(engine.optimizer)
+        for p in params:
+            name = names[id(p)]
+            full = state["model"][name]
+            with _gathered([p], modifier_rank=0):
+                p.data.copy_(full.to(p.dtype).view_as(p.data))
+            safe_set_full_fp32_param(p, full.to(self.device))
+            if load_optimizer_states:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(
+                        p, state["optimizer"]["state"][name][key].to(self.device), key
+                    )
+        if load_optimizer_states:
+            steps = {float(v["step"]) for v in state["optimizer"]["state"].values()}
+            for st in base_optimizer.state.values():
+                st["step"] = torch.tensor(max(steps, default=0.0))
+        train = self._train_states.get(id(model))
+        sched_file = path / portable.SCHEDULER_FILE
+        if (
+            train is not None
+            and train.scheduler is not None
+            and load_lr_scheduler_states
+            and sched_file.is_file()
+        ):
+            train.scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
+            for group, lr in zip(engine.optimizer.param_groups, train.scheduler.get_last_lr()):
+                group["lr"] = lr
+
+    def _checkpoint_info(self) -> dict[str, Any]:
+        return {"zero_stage": self.stage}
+
+    def _checkpoint_incompatibility(self, manifest: dict[str, Any]) -> str | None:
+        problem = super()._checkpoint_incompatibility(manifest)
+        if problem is not None:
+            return problem
+        # DeepSpeed's native files are one partition per rank of one ZeRO stage.
+        saved = (manifest.get("world_size"), manifest.get("zero_stage"))
+        if saved != (self.world_size, self.stage):
+            return (
+                f"is a native DeepSpeed checkpoint of world_size={saved[0]} zero_stage={saved[1]}, which "
+                f"world_size={self.world_size} zero_stage={self.stage} cannot load; resume with the saved "
+                "world size and stage"
+            )
+        return None
+
     def _load_checkpoint(
         self,
         model: Any,
@@ -367,6 +489,36 @@ class DeepspeedStrategy(StrategyBase):
             with _gathered(params):
                 out = [(clean_param_name(n), p.detach().clone()) for n, p in zip(bucket, params)]
             yield out
+
+
+def _adam_step(optimizer: Optimizer) -> float:
+    """The step count of a torch Adam over ZeRO's flat partitions (the same for all of them)."""
+    for st in optimizer.state.values():
+        if "step" in st:
+            return float(st["step"])
+    return 0.0
+
+
+def _link_optimizer_fragments(zero_optimizer: Any) -> None:
+    """ZeRO-1/2 map each parameter to its Adam state fragments only inside DeepSpeed's own step
+    (``_lazy_init_hp_params_optimizer_state``); the fragment API needs that map, so make it now."""
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        # Linked once, possibly while the Adam state was still empty: link again.
+        zero_optimizer._hp_optimizer_states_linked = False
+        link()
+
+
+def _init_adam_state(optimizer: Optimizer) -> None:
+    """Zero Adam states for ZeRO's flat partitions that have none yet (before the first step)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state.get(p):
+                optimizer.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
 
 
 def _deepspeed_safe_globals() -> list[Any]:

@@ -51,6 +51,7 @@ class FSDPV2Strategy(StrategyBase):
     """
 
     name = "fsdp"
+    checkpoint_distributions = ("lightrft-fsdp",)
 
     def __init__(self, config: Any = None, *, args: Any = None, **overrides: Any) -> None:
         super().__init__(config, args=args, **overrides)

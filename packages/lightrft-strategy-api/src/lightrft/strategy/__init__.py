@@ -17,10 +17,12 @@ from .engine import (
     WeightBucket,
 )
 from .factory import get_fake_strategy, get_strategy
+from .integrity import CheckpointError
 from .registry import available, register_engine, register_strategy
 from .weights import bucket_named_tensors, clean_param_name, plan_buckets
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "EngineLifecycle",
     "EngineNotSetUpWarning",

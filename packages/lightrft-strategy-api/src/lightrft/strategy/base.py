@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from lightrft.config import StrategyConfig
 
 from . import checkpoint as ckpt
-from . import comm
+from . import comm, integrity, portable
 from .data import ResumableDataLoader, ResumableDistributedSampler
 from .engine import (
     EngineLifecycle,
@@ -37,6 +37,7 @@ from .engine import (
     lightrft_multi_modal_inputs,
 )
 from .hf_io import read_hf_state_dict, write_hf_directory
+from .integrity import CheckpointError
 from .schedulers import create_scheduler
 from .utils import get_rng_state, set_rng_state, set_seed
 from .weights import bucket_named_tensors, clean_param_name
@@ -479,6 +480,10 @@ class StrategyBase(ABC):
         accepted for LightRFT call sites: the EMA stays where ``model_ema`` lives."""
 
     # ----------------------------------------------------------- checkpoints
+    #: Distributions whose versions the checkpoint manifest records, besides python, torch,
+    #: lightrft-config and lightrft-strategy-api (a backend adds its own package and library).
+    checkpoint_distributions: ClassVar[tuple[str, ...]] = ()
+
     def save_ckpt(
         self,
         model: Any,
@@ -488,9 +493,16 @@ class StrategyBase(ABC):
         max_mem: float | None = None,
         client_state: dict[str, Any] | None = None,
         save_latest: bool = True,
+        layout: str | None = None,
     ) -> Path:
         """Saves model, optimizer, scheduler, ``client_state``, RNG and dataloader positions to
-        ``save_dir/<tag>`` atomically, then keeps at most ``max_num`` checkpoints / ``max_mem`` GB."""
+        ``save_dir/<tag>`` atomically, with a manifest of every file's size and checksum written
+        last; then keeps at most ``max_num`` checkpoints / ``max_mem`` GB. Call it on every rank.
+
+        ``layout``: ``"native"`` (the backend's own files; the default) or ``"portable"`` (model and
+        optimizer state keyed by parameter name, which another backend or world size can load;
+        see :mod:`lightrft.strategy.portable`). Defaults to the ``ckpt_layout`` argument."""
+        layout = portable.validate_layout(layout or self.get_extra_arg("ckpt_layout", "native"))
         state = self._train_states.get(id(model))
         tag = ckpt.validate_tag(tag or f"global_step{state.global_step if state else 0}")
         client_state = dict(client_state or {})
@@ -503,11 +515,24 @@ class StrategyBase(ABC):
         }
 
         def write(path: Path) -> None:
-            self._save_checkpoint(model, path)
+            if layout == "portable":
+                self._save_portable(model, path)
+                if self.is_rank_0() and state is not None and state.scheduler is not None:
+                    torch.save(state.scheduler.state_dict(), path / portable.SCHEDULER_FILE)
+            else:
+                self._save_checkpoint(model, path)
             torch.save(rank_state, path / RANK_STATE.format(rank=self.get_rank()))
             if self.is_rank_0():
                 torch.save(client_state, path / CLIENT_STATE)
 
+        info = {
+            "step": state.global_step if state else 0,
+            "train_state": state.to_dict() if state else None,
+            "backend": self.name,
+            "layout": layout,
+            "libraries": integrity.library_versions(self.checkpoint_distributions),
+            **self._checkpoint_info(),
+        }
         return ckpt.staged_save(
             save_dir,
             tag,
@@ -517,6 +542,10 @@ class StrategyBase(ABC):
             max_num=max_num or self.config.max_ckpt_num,
             max_mem_gb=max_mem or self.config.max_ckpt_mem,
             save_latest=save_latest,
+            rank=self.get_rank(),
+            world_size=self.world_size,
+            all_gather_object=self.all_gather_object,
+            manifest_info=info,
         )
 
     def load_ckpt(
@@ -528,29 +557,50 @@ class StrategyBase(ABC):
         load_optimizer_states: bool = True,
         load_lr_scheduler_states: bool = True,
         load_module_only: bool = False,
+        verify_checksums: bool = True,
     ) -> tuple[str, dict[str, Any]]:
-        """Loads ``load_dir/<tag>`` (``latest`` by default). Returns ``(path, client_state)``."""
-        path = ckpt.resolve_checkpoint(load_dir, tag)
-        self._load_checkpoint(
-            model,
-            path,
-            load_module_strict=load_module_strict,
-            load_optimizer_states=load_optimizer_states and not load_module_only,
-            load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
-        )
-        client_state = (
-            torch.load(path / CLIENT_STATE, weights_only=True) if (path / CLIENT_STATE).exists() else {}
-        )
-        own = path / RANK_STATE.format(rank=self.get_rank())
-        first = path / RANK_STATE.format(rank=0)
-        rank_file = own if own.exists() else first
-        if rank_file.exists() and not load_module_only:
-            rank_state = torch.load(rank_file, weights_only=True)
-            same_world = rank_state["world_size"] == self.world_size
-            if same_world:
+        """Loads ``load_dir/<tag>`` (``latest`` by default). Returns ``(path, client_state)``.
+
+        Before anything is loaded, every rank checks the manifest (every file present with its
+        recorded size; the checksums split over the ranks, skipped with ``verify_checksums=False``)
+        and that this strategy can read the checkpoint; the ranks then agree: if any rank found a
+        problem, every rank raises the same :class:`CheckpointError` naming the file, what is wrong
+        and the last good checkpoint (``tag=``), and the model, optimizer, scheduler, RNG and
+        dataloaders are untouched. Call it on every rank."""
+        root = Path(load_dir)
+        failure: BaseException | None = None
+        staged: tuple[Path, str, dict[str, Any], dict[str, Any] | None] | None = None
+        try:
+            staged = self._read_and_verify(root, tag, verify_checksums, load_module_only)
+        except FileNotFoundError as e:
+            failure = e
+        except CheckpointError as e:
+            failure = integrity.with_suggestion(e, root, ckpt.list_checkpoints(root))
+        integrity.agree(failure, self.all_gather_object)
+        assert staged is not None
+        path, layout, client_state, rank_state = staged
+        try:
+            load = self._load_portable if layout == "portable" else self._load_checkpoint
+            load(
+                model,
+                path,
+                load_module_strict=load_module_strict,
+                load_optimizer_states=load_optimizer_states and not load_module_only,
+                load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
+            )
+        except Exception as e:
+            # Verified files that still fail to load: a key / shape mismatch with this model.
+            failure = CheckpointError(
+                f"checkpoint {str(path)!r} passed verification but loading it into this {self.name} model failed "
+                f"({type(e).__name__}: {e}); the model and optimizer may be partly loaded",
+                path=str(path),
+            )
+        integrity.agree(failure, self.all_gather_object)
+        if rank_state is not None:
+            if rank_state["world_size"] == self.world_size:
                 set_rng_state(rank_state["rng"])
-            for dl, st in zip(self._dataloaders, rank_state["dataloaders"]):
-                dl.load_state_dict(st)
+            for dl, dl_state in zip(self._dataloaders, rank_state["dataloaders"]):
+                dl.load_state_dict(dl_state)
             if rank_state["train_state"] is not None and id(model) in self._train_states:
                 st = self._train_states[id(model)]
                 st.load_dict(rank_state["train_state"])
@@ -558,6 +608,80 @@ class StrategyBase(ABC):
                 # number of micro-steps per step changes, so count them afresh from the steps.
                 st.micro_step = st.global_step * self.accumulated_gradient
         return str(path), client_state
+
+    def _read_and_verify(
+        self, root: Path, tag: str | None, checksums: bool, module_only: bool
+    ) -> tuple[Path, str, dict[str, Any], dict[str, Any] | None]:
+        """This rank's half of the agreement: resolve, verify, check compatibility, read the small
+        files. Touches nothing but reads; raises FileNotFoundError or CheckpointError. Returns the
+        path, the layout, the client state and this rank's (or rank 0's) RNG / dataloader state."""
+        path = ckpt.resolve_checkpoint(root, tag)
+        manifest = integrity.verify_checkpoint(
+            path, checksums=checksums, rank=self.get_rank(), world_size=self.world_size
+        )
+        layout = manifest.get("layout", "native")
+        problem = None if layout == "portable" else self._checkpoint_incompatibility(manifest)
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} {problem}; a checkpoint saved with layout='portable' loads on "
+                "any backend and world size",
+                path=str(path),
+                file=integrity.MANIFEST,
+            )
+        client_state = _load_small(path, CLIENT_STATE) if CLIENT_STATE in manifest["files"] else {}
+        rank_state = None
+        if not module_only:
+            own = RANK_STATE.format(rank=self.get_rank())
+            rank_file = own if own in manifest["files"] else RANK_STATE.format(rank=0)
+            if rank_file in manifest["files"]:
+                rank_state = _load_small(path, rank_file)
+        return path, layout, client_state, rank_state
+
+    def _save_portable(self, model: Any, path: Path) -> None:
+        """Writes the portable layout (every rank). The default serves torch-native backends
+        (plain or FSDP2 modules with a torch optimizer)."""
+        st = self._train_states.get(id(model))
+        portable.save_portable(
+            self.unwrap_model(model), st.optimizer if st else None, path, no_dist=self.world_size == 1
+        )
+
+    def _load_portable(
+        self,
+        model: Any,
+        path: Path,
+        *,
+        load_module_strict: bool,
+        load_optimizer_states: bool,
+        load_lr_scheduler_states: bool,
+    ) -> None:
+        """Reads the portable layout (every rank), resharding to this world size."""
+        st = self._train_states.get(id(model))
+        portable.load_portable(
+            self.unwrap_model(model),
+            st.optimizer if st else None,
+            path,
+            strict=load_module_strict,
+            with_optimizer=load_optimizer_states,
+            no_dist=self.world_size == 1,
+        )
+        sched_file = path / portable.SCHEDULER_FILE
+        if st is not None and st.scheduler is not None and load_lr_scheduler_states and sched_file.is_file():
+            st.scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
+
+    def _checkpoint_info(self) -> dict[str, Any]:
+        """Backend facts the manifest records besides backend, step and world size (e.g. the
+        ZeRO stage); the same facts :meth:`_checkpoint_incompatibility` checks at load."""
+        return {}
+
+    def _checkpoint_incompatibility(self, manifest: dict[str, Any]) -> str | None:
+        """Why this strategy cannot load a checkpoint with ``manifest`` (completing the sentence
+        "checkpoint <path> ..."), or None. By default a native checkpoint of the same backend loads."""
+        if manifest.get("backend") != self.name:
+            return (
+                f"was written by backend {manifest.get('backend')!r} in its native layout, which the "
+                f"{self.name!r} strategy cannot read"
+            )
+        return None
 
     @abstractmethod
     def _save_checkpoint(self, model: Any, path: Path) -> None:
@@ -816,6 +940,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _load_small(path: Path, name: str) -> Any:
+    """``torch.load(weights_only=True)`` of one of the base's own files; CheckpointError naming it."""
+    try:
+        return torch.load(path / name, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {name} cannot be read ({type(e).__name__}: {e})",
+            path=str(path),
+            file=name,
+        ) from e
 
 
 def _check_weights_only(client_state: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ class FakeStrategy(StrategyBase):
 
     __test__ = False
     name = "fake"
+    checkpoint_distributions = ("lightrft-testing",)
 
     def __init__(self, *positional: Any, strict: bool = False, **kwargs: Any) -> None:
         """Takes what :class:`StrategyBase` takes, plus ``strict``: refuse models that were not

@@ -1,0 +1,69 @@
+"""``lightrft-ckpt`` on FakeStrategy checkpoints: inspect, verify (one, all, damaged), convert to HF."""
+
+import json
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from lightrft.strategy import get_fake_strategy
+from lightrft.strategy.ckpt_cli import main
+from lightrft.testing.checkpoint_faults import damage
+from lightrft.testing.conformance.checks import BASE_CONFIG, build, train_steps
+from lightrft.testing.models import make_batches
+
+
+def _save_two(root):
+    strategy = get_fake_strategy(BASE_CONFIG)
+    model, optim, sched = build(strategy)
+    for i, tag in enumerate(["s1", "s2"]):
+        train_steps(strategy, model, optim, sched, make_batches(i, 1, strategy.config.train_batch_size))
+        strategy.save_ckpt(model, root, tag=tag)
+        time.sleep(0.01)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_inspect_lists_step_backend_files_and_tensors(tmp_path, capsys):
+    state = _save_two(tmp_path)
+    assert main(["inspect", str(tmp_path), "--checksums"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint: {tmp_path / 's2'}" in out  # the save directory's latest
+    assert "  step: 2\n" in out and "  backend: fake\n" in out and "  world_size: 1\n" in out
+    assert "manifest check: OK (sizes and checksums)" in out
+    assert "fake_state.pt" in out and "lightrft_rank00000.pt" in out
+    for name, t in state.items():
+        assert f"  {name}  {list(t.shape)}  float32\n" in out
+    assert f"total parameters: {sum(t.numel() for t in state.values()):,}" in out
+
+
+def test_verify_one_all_and_damaged(tmp_path, capsys):
+    _save_two(tmp_path)
+    assert main(["verify", str(tmp_path / "s1")]) == 0
+    assert main(["verify", str(tmp_path), "--all"]) == 0
+    assert capsys.readouterr().out.count("OK ") == 3
+    damage(tmp_path / "s1" / "fake_state.pt", "corrupt")
+    assert main(["verify", str(tmp_path), "--all", "--sizes-only"]) == 0  # same size: sizes can't tell
+    assert main(["verify", str(tmp_path), "--all"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "FAILED checkpoint" in out and "fake_state.pt is corrupted" in out and f"OK {tmp_path / 's2'}" in out
+    )
+
+
+def test_convert_to_hf_safetensors(tmp_path, capsys):
+    state = _save_two(tmp_path / "ckpt")
+    hf_src = tmp_path / "hf_src"
+    hf_src.mkdir()
+    (hf_src / "config.json").write_text(json.dumps({"model_type": "tiny"}))
+    out = tmp_path / "hf"
+    assert main(["convert", str(tmp_path / "ckpt"), "--to", "hf", str(out), "--hf-config", str(hf_src)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tensors"] == len(state) and report["copied"] == ["config.json"]
+    weights = load_file(str(out / "model.safetensors"))
+    assert sorted(weights) == sorted(state)
+    assert all(torch.equal(weights[k], state[k]) for k in state)
+
+
+def test_missing_path_is_an_error_not_a_traceback(tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "nope")]) == 1
+    assert "lightrft-ckpt verify:" in capsys.readouterr().err

@@ -1,0 +1,497 @@
+"""Fault injection for checkpoints: damaged files and ranks killed in the middle of ``save_ckpt``.
+
+- :func:`damage` truncates, deletes or corrupts one file; :func:`damage_cases` lists one file of
+  each kind a checkpoint holds (DCP shard and ``.metadata``, per-rank state, DeepSpeed optimizer
+  states, ``fake_state.pt``, the manifest...).
+- :func:`check_damaged_loads` (on every rank) damages a copy of a good checkpoint in each way and
+  records what ``load_ckpt`` raised on each rank and whether the model, optimizer, dataloader and
+  RNG stayed untouched.
+- :func:`run_crash_trials` (one process; ``python -m lightrft.testing.checkpoint_faults``) runs
+  trials in which every rank is forked from it (imports paid once): load the newest checkpoint,
+  train, save, train, save again while one rank SIGKILLs itself at a random point of that save;
+  the others are then killed, as torchrun does. Between trials it checks every published checkpoint.
+These functions measure; the tests assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightrft.strategy import CheckpointError, StrategyBase, get_strategy, integrity
+from lightrft.strategy import checkpoint as ckpt
+
+from .conformance.checks import BASE_CONFIG, build, full_params, train_steps
+from .models import make_batches
+
+HOWS = ("truncate", "delete", "corrupt")
+
+# (kind, how to recognise its relative path), the first file of each kind found is damaged.
+_KINDS: tuple[tuple[str, Any], ...] = (
+    ("manifest", lambda r: r == integrity.MANIFEST),
+    ("dcp_metadata", lambda r: r.endswith("/.metadata") or r == ".metadata"),
+    ("dcp_shard", lambda r: r.endswith(".distcp")),
+    ("rank_state", lambda r: r.startswith("lightrft_rank")),
+    ("client_state", lambda r: r == "lightrft_client_state.pt"),
+    ("scheduler", lambda r: r == "lr_scheduler.pt"),
+    ("fake_state", lambda r: r == "fake_state.pt"),
+    ("ds_optim_states", lambda r: r.endswith("optim_states.pt")),
+    ("ds_model_states", lambda r: r.endswith("model_states.pt")),
+)
+
+
+def damage(file: str | os.PathLike, how: str) -> None:
+    """``truncate``: keep the first half; ``delete``; ``corrupt``: flip one bit in the middle
+    (same size, as bit rot or a torn write would)."""
+    file = Path(file)
+    if how == "truncate":
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) // 2])
+    elif how == "delete":
+        file.unlink()
+    elif how == "corrupt":
+        data = bytearray(file.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        file.write_bytes(bytes(data))
+    else:
+        raise ValueError(f"how={how!r} is invalid: valid are {', '.join(HOWS)}")
+
+
+def damage_cases(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(kind, relative path)`` of one file of each kind in the checkpoint at ``path`` (the
+    highest-ranked one where each rank writes its own, so that a rank other than 0 finds it)."""
+    files = [*integrity.list_files(path), integrity.MANIFEST]
+    out = []
+    for kind, match in _KINDS:
+        found = sorted((f for f in files if match(f)), key=lambda r: (integrity.writer_rank(r), r))
+        if found:
+            out.append((kind, found[-1]))
+    return out
+
+
+def _snapshot(strategy: StrategyBase, model: Any, optim: Any, loader: Any) -> dict[str, Any]:
+    params = full_params(strategy, model)
+    moments = [
+        float(v.float().sum()) if torch.is_tensor(v) else float(v)
+        for st in optim.state.values()
+        for v in st.values()
+        if torch.is_tensor(v) or isinstance(v, (int, float))
+    ]
+    return {
+        "params": torch.cat([params[k].reshape(-1) for k in sorted(params)]),
+        "optim": moments,
+        "loader": loader.state_dict() if loader is not None else None,
+        "rng": torch.get_rng_state(),
+    }
+
+
+def check_damaged_loads(config: dict[str, Any], root: str) -> dict[str, Any]:
+    """Every rank: saves ``good1`` and ``good2``, then for each file kind and way of damage, loads a
+    damaged copy of ``good2``. Records each error's type and message and whether the state stayed
+    untouched; finally loads ``good2`` itself (verification splits the checksums over ranks)."""
+    strategy = get_strategy({**BASE_CONFIG, **config})
+    model, optim, sched = build(strategy)
+    data = [torch.tensor([i]) for i in range(64)]
+    loader = strategy.setup_dataloader(data, batch_size=2, shuffle=True)
+    batches = make_batches(21, 3, strategy.config.train_batch_size)
+    base = Path(root)
+    rank0 = strategy.is_rank_0()
+    train_steps(strategy, model, optim, sched, batches[:1])
+    strategy.save_ckpt(model, base, tag="good1")
+    train_steps(strategy, model, optim, sched, batches[1:2])
+    it = iter(loader)
+    next(it)
+    strategy.save_ckpt(model, base, tag="good2")
+    # Move on, so that an unintended partial load would show as a change.
+    train_steps(strategy, model, optim, sched, batches[2:])
+    next(it)
+    torch.manual_seed(4321)
+    before = _snapshot(strategy, model, optim, loader)
+    cases = damage_cases(base / "good2")
+    results: list[dict[str, Any]] = []
+    for kind, rel in cases:
+        for how in HOWS:
+            tag = f"bad-{kind}-{how}"
+            if rank0:
+                shutil.copytree(base / "good2", base / tag)
+                damage(base / tag / rel, how)
+            strategy.barrier()
+            try:
+                strategy.load_ckpt(model, base, tag=tag)
+                error = {"type": "none", "message": ""}
+            except Exception as e:
+                error = {
+                    "type": type(e).__name__,
+                    "message": str(e),
+                    "last_good": getattr(e, "last_good", None),
+                }
+            after = _snapshot(strategy, model, optim, loader)
+            results.append(
+                {
+                    "kind": kind,
+                    "file": rel,
+                    "how": how,
+                    **error,
+                    "params_same": bool(torch.equal(before["params"], after["params"])),
+                    "optim_same": before["optim"] == after["optim"],
+                    "loader_same": before["loader"] == after["loader"],
+                    "rng_same": bool(torch.equal(before["rng"], after["rng"])),
+                }
+            )
+            strategy.barrier()
+            if rank0:
+                shutil.rmtree(base / tag)
+            strategy.barrier()
+    path, _ = strategy.load_ckpt(model, base)
+    loaded = _snapshot(strategy, model, optim, loader)
+    return {
+        "rank": strategy.get_rank(),
+        "cases": results,
+        "kinds": [k for k, _ in cases],
+        "clean_load": Path(path).name,
+        "clean_load_changed_params": not torch.equal(before["params"], loaded["params"]),
+    }
+
+
+# ----------------------------------------------------------------------------- crash trials
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log(logs: Path, trial: int, rank: int, record: dict[str, Any]) -> None:
+    # Written as the trial goes: the process may be killed at any moment.
+    tmp = logs / f".t{trial}_r{rank}.json"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, logs / f"t{trial}_r{rank}.json")
+
+
+def _expect(strategy: StrategyBase, model: Any, expected: Path, tag: str) -> None:
+    params = full_params(strategy, model)
+    if strategy.is_rank_0():
+        step = strategy.train_state(model).global_step
+        torch.save({"params": params, "global_step": step}, expected / f"{tag}.pt")
+
+
+def _trial_rank(
+    config: dict[str, Any], root: Path, trial: int, victim: int, fraction: float, load_only: bool
+) -> None:
+    logs, expected = root / "logs", root / "expected"
+    ckpts = root / "ckpt"
+    strategy = get_strategy({**BASE_CONFIG, **config})
+    rank = strategy.get_rank()
+    model, optim, sched = build(strategy)
+    record: dict[str, Any] = {"trial": trial, "rank": rank}
+    if trial > 0:
+        path, _ = strategy.load_ckpt(model, ckpts)
+        tag = Path(path).name
+        want = torch.load(expected / f"{tag}.pt", weights_only=True)
+        got = full_params(strategy, model)
+        record.update(
+            loaded=tag,
+            max_diff=max(float((got[k] - want["params"][k]).abs().max()) for k in want["params"]),
+            same_names=sorted(got) == sorted(want["params"]),
+            global_step=strategy.train_state(model).global_step,
+            expected_step=int(want["global_step"]),
+        )
+    _log(logs, trial, rank, record)
+    if load_only:
+        return
+    batches = make_batches(100 + trial, 2, strategy.config.train_batch_size)
+    train_steps(strategy, model, optim, sched, batches[:1])
+    tag_a, tag_b = f"t{trial:03d}a", f"t{trial:03d}b"
+    _expect(strategy, model, expected, tag_a)
+    start = time.perf_counter()
+    strategy.save_ckpt(model, ckpts, tag=tag_a, max_num=3)
+    took = float(strategy.all_reduce(time.perf_counter() - start, "max"))
+    record.update(saved=tag_a, save_seconds=took)
+    _log(logs, trial, rank, record)
+    train_steps(strategy, model, optim, sched, batches[1:])
+    _expect(strategy, model, expected, tag_b)
+    record["in_killed_save"] = True  # from here on, a rank may fail because its peer died
+    _log(logs, trial, rank, record)
+    if rank == victim:
+        record["kill_after"] = fraction * took
+        _log(logs, trial, rank, record)
+        timer = threading.Timer(fraction * took, _die)
+        timer.daemon = True
+        timer.start()
+    strategy.save_ckpt(model, ckpts, tag=tag_b, max_num=3)
+    record["returned"] = tag_b
+    _log(logs, trial, rank, record)
+    if rank == victim:
+        _die()  # the timer was later than the save: die right after it
+    time.sleep(3600)  # the parent kills this rank once the victim is dead, as torchrun would
+
+
+def _run_world(
+    config: dict[str, Any],
+    world_size: int,
+    root: Path,
+    trial: int,
+    victim: int,
+    fraction: float,
+    load_only: bool,
+) -> dict[str, Any]:
+    port = str(_free_port())
+    pids: dict[int, int] = {}
+    for rank in range(world_size):
+        pid = os.fork()
+        if pid == 0:  # the rank
+            code = 0
+            try:
+                os.environ.update(
+                    RANK=str(rank),
+                    LOCAL_RANK=str(rank),
+                    WORLD_SIZE=str(world_size),
+                    LOCAL_WORLD_SIZE=str(world_size),
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=port,
+                )
+                _trial_rank(config, root, trial, victim, fraction, load_only)
+            except BaseException:
+                (root / "logs" / f"t{trial}_r{rank}.err").write_text(traceback.format_exc())
+                code = 1
+            os._exit(code)
+        pids[pid] = rank
+    statuses: dict[int, str] = {}
+    deadline = time.monotonic() + 300
+    while len(statuses) < world_size:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            if time.monotonic() > deadline:
+                for p in pids:
+                    if pids[p] not in statuses:
+                        os.kill(p, signal.SIGKILL)
+                statuses.setdefault(-1, "timeout")
+            time.sleep(0.01)
+            continue
+        rank = pids[pid]
+        statuses[rank] = (
+            f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
+        )
+        if not load_only:  # one rank is gone: stop the others, as torchrun does
+            for p, r in pids.items():
+                if r not in statuses:
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+    return {str(k): v for k, v in statuses.items()}
+
+
+def _phase(ckpts: Path, tag_b: str) -> str:
+    """How far the killed save got, read from the disk."""
+    staging = ckpts / f"{ckpt.TMP_PREFIX}{tag_b}"
+    if staging.is_dir():
+        return "manifest written, not renamed" if (staging / integrity.MANIFEST).is_file() else "writing"
+    if not (ckpts / tag_b).is_dir():
+        return "not started"
+    if ckpt.read_latest(ckpts) != tag_b:
+        return "renamed, latest not updated"
+    if any(ckpts.glob(f"{ckpt.DELETING_PREFIX}*")) or len(ckpt.list_checkpoints(ckpts)) > 3:
+        return "rotating"
+    return "finished"
+
+
+def _inspect(ckpts: Path) -> dict[str, Any]:
+    published = [p.name for p in ckpt.list_checkpoints(ckpts)]
+    errors = {}
+    for name in published:
+        try:
+            integrity.verify_checkpoint(ckpts / name)
+        except CheckpointError as e:
+            errors[name] = str(e)
+    return {"published": published, "latest": ckpt.read_latest(ckpts), "verify_errors": errors}
+
+
+def _warm_up(config: dict[str, Any], scratch: Path) -> None:
+    """Imports, in this process, what every forked rank would otherwise import again (the
+    backend, torch's optimizer machinery, DeepSpeed's engine): a fake save and load, no group."""
+    from lightrft.config import StrategyConfig
+    from lightrft.strategy.registry import load_strategy_class
+
+    load_strategy_class(StrategyConfig.from_args({**BASE_CONFIG, **config}).backend)
+    if StrategyConfig.from_args({**BASE_CONFIG, **config}).backend == "deepspeed":
+        import deepspeed.runtime.engine  # noqa: F401
+        import deepspeed.runtime.zero.stage3  # noqa: F401
+        import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
+        from deepspeed.comm.torch import build_shm_op
+
+        # Its JIT build (or the load of the cached build) once here: the forked ranks reuse the
+        # loaded module, and no rank SIGKILLed later can leave torch's build lock behind.
+        build_shm_op()
+    fake = get_strategy({**BASE_CONFIG, "strategy": "fake"})
+    model, optim, sched = build(fake)
+    train_steps(fake, model, optim, sched, make_batches(0, 1, fake.config.train_batch_size))
+    fake.save_ckpt(model, scratch, tag="warm")
+    fake.load_ckpt(model, scratch)
+    shutil.rmtree(scratch)
+
+
+def run_crash_trials(
+    config: dict[str, Any], world_size: int, trials: int, root: str | os.PathLike, seed: int = 0
+) -> dict[str, Any]:
+    """Runs ``trials`` crash trials (then one load-only round) of ``world_size`` forked ranks.
+    Kill points are stratified over 0 to 1.15 x the duration of the trial's complete save, so that
+    every phase of a save (writing, checksums, manifest, rename, ``latest``, rotation) is hit."""
+    root = Path(root)
+    for sub in ("logs", "expected", "ckpt"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    _warm_up(config, root / "warm")
+    rng = random.Random(seed)
+    fractions = [(i + rng.random()) * 1.15 / trials for i in range(trials)]
+    rng.shuffle(fractions)
+    out: list[dict[str, Any]] = []
+    for trial in range(trials + 1):
+        load_only = trial == trials
+        victim = rng.randrange(world_size)
+        fraction = fractions[trial] if not load_only else 0.0
+        started = time.perf_counter()
+        exits = _run_world(config, world_size, root, trial, victim, fraction, load_only)
+        logs = {}
+        for rank in range(world_size):
+            f = root / "logs" / f"t{trial}_r{rank}.json"
+            err = root / "logs" / f"t{trial}_r{rank}.err"
+            logs[str(rank)] = json.loads(f.read_text()) if f.is_file() else {}
+            if err.is_file():
+                logs[str(rank)]["error"] = err.read_text()
+        entry = {
+            "trial": trial,
+            "victim": victim,
+            "fraction": fraction,
+            "exits": exits,
+            "ranks": logs,
+            "seconds": time.perf_counter() - started,
+            **_inspect(root / "ckpt"),
+        }
+        if not load_only:
+            entry["phase"] = _phase(root / "ckpt", f"t{trial:03d}b")
+        out.append(entry)
+    return {"world_size": world_size, "trials": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lightrft.testing.checkpoint_faults --config JSON --world-size N --trials T
+    --root DIR --out FILE``: runs :func:`run_crash_trials` and writes its result as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m lightrft.testing.checkpoint_faults")
+    parser.add_argument("--config", default="{}", help="StrategyConfig overrides, as JSON")
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    config = json.loads(args.config)
+    if config.get("strategy", "deepspeed") == "deepspeed":
+        import deepspeed  # noqa: F401 - imported once here, not in every forked rank
+    result = run_crash_trials(config, args.world_size, args.trials, args.root, args.seed)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ------------------------------------------------------------------------------ what to expect
+def expected_words(kind: str, file: str, how: str) -> list[str]:
+    """Words the error for damaging ``file`` (of ``kind``) by ``how`` must contain (any one of)."""
+    if kind == "manifest":
+        return {
+            "delete": ["has no manifest.json"],
+            "truncate": ["manifest.json is not valid JSON"],
+            "corrupt": ["manifest.json is not valid JSON", "manifest.json is corrupted"],
+        }[how]
+    return [f"{file} is " + {"delete": "missing", "truncate": "truncated", "corrupt": "corrupted"}[how]]
+
+
+def damage_problems(per_rank: list[dict[str, Any]], last_good: str = "good2") -> list[str]:
+    """What is wrong with the results of :func:`check_damaged_loads` (rank 0 first): an empty
+    list when every damaged load failed on every rank with the same CheckpointError naming the
+    file, what is wrong and ``tag=<last_good>``, and left the state untouched."""
+    problems = []
+    for i, case in enumerate(per_rank[0]["cases"]):
+        name = f"{case['kind']}/{case['how']} ({case['file']})"
+        messages = {r["cases"][i]["message"] for r in per_rank}
+        if len(messages) != 1:
+            problems.append(f"{name}: ranks disagree: {sorted(messages)}")
+        for r in per_rank:
+            c = r["cases"][i]
+            if c["type"] != "CheckpointError":
+                problems.append(f"{name}: rank {r['rank']} raised {c['type']}: {c['message']}")
+                continue
+            if not any(w in c["message"] for w in expected_words(c["kind"], c["file"], c["how"])):
+                problems.append(
+                    f"{name}: rank {r['rank']}: message lacks {expected_words(c['kind'], c['file'], c['how'])}: {c['message']}"
+                )
+            if f"tag={last_good!r}" not in c["message"] or c["last_good"] != last_good:
+                problems.append(f"{name}: rank {r['rank']}: no tag={last_good!r} suggested: {c['message']}")
+            for what in ("params", "optim", "loader", "rng"):
+                if not c[f"{what}_same"]:
+                    problems.append(f"{name}: rank {r['rank']}: {what} changed by the failed load")
+    return problems
+
+
+def crash_problems(result: dict[str, Any], max_num: int = 3) -> list[str]:
+    """What is wrong with the result of :func:`run_crash_trials`: an empty list when no rank
+    failed, every published checkpoint verified after every kill, each trial loaded the checkpoint
+    ``latest`` named after the previous one with exactly the parameters and step saved, ``latest``
+    named the trial's complete save (or the killed one, when that one got through), and the newest
+    ``max_num`` complete checkpoints were all still there."""
+    problems: list[str] = []
+    complete: list[str] = []
+    previous_latest: str | None = None
+    for t in result["trials"]:
+        k = t["trial"]
+        for rank, log in t["ranks"].items():
+            # A survivor of the killed save raises on its dead peer (as it should): not a problem.
+            if "error" in log and not (log.get("in_killed_save") and int(rank) != t["victim"]):
+                problems.append(f"trial {k} rank {rank} failed:\n{log['error']}")
+            if k > 0:
+                if log.get("loaded") != previous_latest:
+                    problems.append(
+                        f"trial {k} rank {rank} loaded {log.get('loaded')!r}, latest was {previous_latest!r}"
+                    )
+                if log.get("max_diff") != 0.0 or not log.get("same_names"):
+                    problems.append(
+                        f"trial {k} rank {rank}: loaded parameters differ from the saved ones: {log}"
+                    )
+                if log.get("global_step") != log.get("expected_step"):
+                    problems.append(
+                        f"trial {k} rank {rank}: step {log.get('global_step')} != {log.get('expected_step')}"
+                    )
+        if "timeout" in t["exits"].values():
+            problems.append(f"trial {k} timed out: {t['exits']}")
+        if t["verify_errors"]:
+            problems.append(f"trial {k}: published checkpoints fail verification: {t['verify_errors']}")
+        if "phase" in t:
+            tag_a, tag_b = f"t{k:03d}a", f"t{k:03d}b"
+            complete.append(tag_a)
+            if tag_b in t["published"]:
+                complete.append(tag_b)
+            if t["latest"] not in (tag_a, tag_b):
+                problems.append(f"trial {k}: latest is {t['latest']!r}, expected {tag_a!r} or {tag_b!r}")
+            lost = [c for c in complete[-max_num:] if c not in t["published"]]
+            if lost:
+                problems.append(f"trial {k}: complete checkpoints lost: {lost} (published: {t['published']})")
+        previous_latest = t["latest"]
+    return problems

@@ -14,7 +14,9 @@ from lightrft.testing import run_distributed
 
 # Not finished (issue 11 part 3): every writer saves, but a DeepSpeed reader fails on a fresh ZeRO
 # optimizer (KeyError 'exp_avg' in _load_portable); the pairs after it were never reached.
-pytestmark = pytest.mark.skip(reason="DeepSpeed portable load unfinished: KeyError 'exp_avg' on a fresh optimizer")
+pytestmark = pytest.mark.skip(
+    reason="DeepSpeed portable load unfinished: KeyError 'exp_avg' on a fresh optimizer"
+)
 
 FN = "lightrft.testing.portable_resume:write_then_read"
 ALL_WS1 = ["fake", "fsdp", "ds1", "ds2", "ds3"]

@@ -4,15 +4,11 @@ cost the newest complete checkpoint nor an older one."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from lightrft.testing import run_distributed
-from lightrft.testing.checkpoint_faults import crash_problems, damage_problems
+from lightrft.testing.checkpoint_faults import damage_problems, sigkill_trial_problems
 
 CONFIG: dict[str, Any] = {"strategy": "deepspeed", "zero_stage": 2}
 TRIALS = 20
@@ -37,23 +33,4 @@ def test_every_damaged_file_fails_on_both_ranks_with_the_same_message(tmp_path: 
 
 
 def test_sigkill_at_random_points_of_save_never_loses_a_complete_checkpoint(tmp_path: Path) -> None:
-    out = tmp_path / "result.json"
-    cmd = [
-        sys.executable, "-m", "lightrft.testing.checkpoint_faults", "--config", json.dumps(CONFIG),
-        "--world-size", "2", "--trials", str(TRIALS), "--seed", "1", "--root", str(tmp_path / "run"),
-        "--out", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
-    assert len(result["trials"]) == TRIALS + 1
-    assert crash_problems(result) == []
-    killed = [t for t in result["trials"] if "phase" in t]
-    # The kills landed inside the save, not only after it: the test tests something.
-    assert sum(t["phase"] != "finished" for t in killed) >= TRIALS // 2, [t["phase"] for t in killed]
-    # The victim died of SIGKILL; the survivor was killed too, or raised on its dead peer first.
-    for t in killed:
-        assert t["exits"][str(t["victim"])] == "signal 9", t["exits"]
-        assert set(t["exits"].values()) <= {"signal 9", "exit 1"}, t["exits"]
+    assert sigkill_trial_problems(CONFIG, tmp_path, trials=TRIALS) == []

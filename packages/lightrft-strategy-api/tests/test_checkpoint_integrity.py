@@ -12,15 +12,16 @@ from lightrft.strategy import CheckpointError, get_fake_strategy, integrity
 from lightrft.strategy import checkpoint as ck
 from lightrft.testing import FakeStrategy
 from lightrft.testing.checkpoint_faults import check_damaged_loads, damage, damage_problems
-from lightrft.testing.conformance.checks import BASE_CONFIG, build, full_params, train_steps
+from lightrft.testing.conformance.spec import BASE_CONFIG, tiny_model
+from lightrft.testing.harness import build, full_params, train
 from lightrft.testing.models import make_batches
 
 
 def _trained(tmp_path, tags=("good",)):
     strategy = get_fake_strategy(BASE_CONFIG)
-    model, optim, sched = build(strategy)
+    model, optim, sched = build(strategy, tiny_model())
     for i, tag in enumerate(tags):
-        train_steps(strategy, model, optim, sched, make_batches(i, 1, strategy.config.train_batch_size))
+        train(strategy, model, optim, sched, make_batches(i, 1, strategy.config.train_batch_size))
         strategy.save_ckpt(model, tmp_path, tag=tag)
         time.sleep(0.01)  # distinct modification times
     return strategy, model, optim
@@ -102,7 +103,7 @@ def test_another_backend_cannot_load_a_native_checkpoint(tmp_path):
 
     other = Other(BASE_CONFIG)
     other.setup_distributed()
-    model, optim, sched = build(other)
+    model, optim, sched = build(other, tiny_model())
     before = full_params(other, model)
     with pytest.raises(CheckpointError, match="written by backend 'fake' in its native layout.*'other'"):
         other.load_ckpt(model, tmp_path)

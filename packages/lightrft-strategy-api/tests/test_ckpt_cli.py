@@ -9,15 +9,16 @@ from safetensors.torch import load_file
 from lightrft.strategy import get_fake_strategy
 from lightrft.strategy.ckpt_cli import main
 from lightrft.testing.checkpoint_faults import damage
-from lightrft.testing.conformance.checks import BASE_CONFIG, build, train_steps
+from lightrft.testing.conformance.spec import BASE_CONFIG, tiny_model
+from lightrft.testing.harness import build, train
 from lightrft.testing.models import make_batches
 
 
 def _save_two(root):
     strategy = get_fake_strategy(BASE_CONFIG)
-    model, optim, sched = build(strategy)
+    model, optim, sched = build(strategy, tiny_model())
     for i, tag in enumerate(["s1", "s2"]):
-        train_steps(strategy, model, optim, sched, make_batches(i, 1, strategy.config.train_batch_size))
+        train(strategy, model, optim, sched, make_batches(i, 1, strategy.config.train_batch_size))
         strategy.save_ckpt(model, root, tag=tag)
         time.sleep(0.01)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -34,7 +34,8 @@ import torch
 from lightrft.strategy import CheckpointError, StrategyBase, get_strategy, integrity
 from lightrft.strategy import checkpoint as ckpt
 
-from .conformance.checks import BASE_CONFIG, build, full_params, train_steps
+from .conformance.spec import BASE_CONFIG, tiny_model
+from .harness import build, full_params, train
 from .models import make_batches
 
 HOWS = ("truncate", "delete", "corrupt")
@@ -103,20 +104,20 @@ def check_damaged_loads(config: dict[str, Any], root: str) -> dict[str, Any]:
     damaged copy of ``good2``. Records each error's type and message and whether the state stayed
     untouched; finally loads ``good2`` itself (verification splits the checksums over ranks)."""
     strategy = get_strategy({**BASE_CONFIG, **config})
-    model, optim, sched = build(strategy)
+    model, optim, sched = build(strategy, tiny_model())
     data = [torch.tensor([i]) for i in range(64)]
     loader = strategy.setup_dataloader(data, batch_size=2, shuffle=True)
     batches = make_batches(21, 3, strategy.config.train_batch_size)
     base = Path(root)
     rank0 = strategy.is_rank_0()
-    train_steps(strategy, model, optim, sched, batches[:1])
+    train(strategy, model, optim, sched, batches[:1])
     strategy.save_ckpt(model, base, tag="good1")
-    train_steps(strategy, model, optim, sched, batches[1:2])
+    train(strategy, model, optim, sched, batches[1:2])
     it = iter(loader)
     next(it)
     strategy.save_ckpt(model, base, tag="good2")
     # Move on, so that an unintended partial load would show as a change.
-    train_steps(strategy, model, optim, sched, batches[2:])
+    train(strategy, model, optim, sched, batches[2:])
     next(it)
     torch.manual_seed(4321)
     before = _snapshot(strategy, model, optim, loader)
@@ -198,7 +199,7 @@ def _trial_rank(
     ckpts = root / "ckpt"
     strategy = get_strategy({**BASE_CONFIG, **config})
     rank = strategy.get_rank()
-    model, optim, sched = build(strategy)
+    model, optim, sched = build(strategy, tiny_model())
     record: dict[str, Any] = {"trial": trial, "rank": rank}
     if trial > 0:
         path, _ = strategy.load_ckpt(model, ckpts)
@@ -216,7 +217,7 @@ def _trial_rank(
     if load_only:
         return
     batches = make_batches(100 + trial, 2, strategy.config.train_batch_size)
-    train_steps(strategy, model, optim, sched, batches[:1])
+    train(strategy, model, optim, sched, batches[:1])
     tag_a, tag_b = f"t{trial:03d}a", f"t{trial:03d}b"
     _expect(strategy, model, expected, tag_a)
     start = time.perf_counter()
@@ -224,7 +225,7 @@ def _trial_rank(
     took = float(strategy.all_reduce(time.perf_counter() - start, "max"))
     record.update(saved=tag_a, save_seconds=took)
     _log(logs, trial, rank, record)
-    train_steps(strategy, model, optim, sched, batches[1:])
+    train(strategy, model, optim, sched, batches[1:])
     _expect(strategy, model, expected, tag_b)
     record["in_killed_save"] = True  # from here on, a rank may fail because its peer died
     _log(logs, trial, rank, record)
@@ -340,8 +341,8 @@ def _warm_up(config: dict[str, Any], scratch: Path) -> None:
         # loaded module, and no rank SIGKILLed later can leave torch's build lock behind.
         build_shm_op()
     fake = get_strategy({**BASE_CONFIG, "strategy": "fake"})
-    model, optim, sched = build(fake)
-    train_steps(fake, model, optim, sched, make_batches(0, 1, fake.config.train_batch_size))
+    model, optim, sched = build(fake, tiny_model())
+    train(fake, model, optim, sched, make_batches(0, 1, fake.config.train_batch_size))
     fake.save_ckpt(model, scratch, tag="warm")
     fake.load_ckpt(model, scratch)
     shutil.rmtree(scratch)
@@ -494,4 +495,42 @@ def crash_problems(result: dict[str, Any], max_num: int = 3) -> list[str]:
             if lost:
                 problems.append(f"trial {k}: complete checkpoints lost: {lost} (published: {t['published']})")
         previous_latest = t["latest"]
+    return problems
+
+
+def sigkill_trial_problems(
+    config: dict[str, Any], root: str | os.PathLike, trials: int = 20, world_size: int = 2, seed: int = 1
+) -> list[str]:
+    """Runs :func:`run_crash_trials` in a fresh process (``python -m``, as CI does) and returns
+    everything wrong with it: :func:`crash_problems`, kills that missed the save (at least half of
+    them must land inside it, or the trials test nothing) and ranks that ended otherwise than by
+    SIGKILL (the victim) or by raising on their dead peer (a survivor)."""
+    import subprocess
+
+    out = Path(root) / "result.json"
+    cmd = [
+        sys.executable, "-m", "lightrft.testing.checkpoint_faults", "--config", json.dumps(config),
+        "--world-size", str(world_size), "--trials", str(trials), "--seed", str(seed),
+        "--root", str(Path(root) / "run"), "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return [f"crash trials exited with {proc.returncode}:\n{proc.stderr[-4000:]}"]
+    result = json.loads(out.read_text())
+    problems = crash_problems(result)
+    if len(result["trials"]) != trials + 1:
+        problems.append(f"{len(result['trials'])} trials recorded, expected {trials + 1}")
+    killed = [t for t in result["trials"] if "phase" in t]
+    inside = sum(t["phase"] != "finished" for t in killed)
+    if inside < trials // 2:
+        problems.append(
+            f"only {inside} of {len(killed)} kills landed inside the save: {[t['phase'] for t in killed]}"
+        )
+    for t in killed:
+        if t["exits"][str(t["victim"])] != "signal 9" or not set(t["exits"].values()) <= {
+            "signal 9",
+            "exit 1",
+        }:
+            problems.append(f"trial {t['trial']}: unexpected exits {t['exits']}")
     return problems

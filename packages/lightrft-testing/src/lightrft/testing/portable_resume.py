@@ -16,7 +16,8 @@ import torch
 
 from lightrft.strategy import clean_param_name, get_strategy
 
-from .conformance.checks import BASE_CONFIG, build, full_params, train_steps
+from .conformance.spec import BASE_CONFIG, tiny_model
+from .harness import build, full_params, train
 from .models import make_batches
 
 SAVED_STEPS = 2
@@ -70,10 +71,10 @@ def _optimizer_summary(strategy: Any, model: Any, optim: Any) -> dict[str, Any]:
 def write(backend: str, root: str, layout: str = "portable") -> dict[str, Any]:
     """Trains SAVED_STEPS, saves ``root/<backend>-ws<N>`` in the portable layout, trains on."""
     strategy = _strategy(backend, layout)
-    model, optim, sched = build(strategy)
+    model, optim, sched = build(strategy, tiny_model())
     loader = strategy.setup_dataloader(DATASET, batch_size=2, shuffle=True)
     batches = make_batches(5, SAVED_STEPS + RESUMED_STEPS, strategy.config.train_batch_size)
-    train_steps(strategy, model, optim, sched, batches[:SAVED_STEPS])
+    train(strategy, model, optim, sched, batches[:SAVED_STEPS])
     it = iter(loader)
     next(it), next(it)
     name = f"{backend}-ws{strategy.world_size}"
@@ -83,7 +84,7 @@ def write(backend: str, root: str, layout: str = "portable") -> dict[str, Any]:
         "lr": sched.get_last_lr(),
         "saved_params": full_params(strategy, model),
     }
-    after = train_steps(strategy, model, optim, sched, batches[SAVED_STEPS:])
+    after = train(strategy, model, optim, sched, batches[SAVED_STEPS:])
     out = {"name": name, "losses": after["losses"], "params": full_params(strategy, model), **saved}
     out["loader"] = loader.state_dict()
     return out
@@ -97,7 +98,7 @@ def read(backend: str, root: str, names: list[str]) -> dict[str, Any]:
     for name in names:
         strategy = _strategy(backend)  # a fresh one per checkpoint: its own dataloader list
         world_size = strategy.world_size
-        model, optim, sched = build(strategy, seed=4242)
+        model, optim, sched = build(strategy, tiny_model(4242))
         loader = strategy.setup_dataloader(DATASET, batch_size=2, shuffle=True)
         strategy.load_ckpt(model, Path(root) / name)
         loaded = {
@@ -107,7 +108,7 @@ def read(backend: str, root: str, names: list[str]) -> dict[str, Any]:
             "global_step": strategy.train_state(model).global_step,
         }
         batches = make_batches(5, SAVED_STEPS + RESUMED_STEPS, strategy.config.train_batch_size)
-        after = train_steps(strategy, model, optim, sched, batches[SAVED_STEPS:])
+        after = train(strategy, model, optim, sched, batches[SAVED_STEPS:])
         out[name] = {**loaded, "losses": after["losses"], "params": full_params(strategy, model)}
     return {"reader": f"{backend}-ws{world_size}", "results": out}
 

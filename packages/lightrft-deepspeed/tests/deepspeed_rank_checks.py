@@ -152,6 +152,36 @@ def check_zero_init_load_model(strategy: DeepspeedStrategy) -> dict[str, Any]:
     }
 
 
+def check_zero3_from_pretrained(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """The package README's pattern: ``from_pretrained`` inside ``init_model_context`` at ZeRO-3
+    partitions the model and loads the checkpoint into the partitions (logits equal the saved
+    model's); transformers' DeepSpeed switch is off again after the context."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    reference = make_tiny_llama(seed=23, vocab_size=LLAMA_VOCAB)
+    with shared_tmpdir(strategy, "hf-pretrained") as root:
+        own = root / f"ref{strategy.get_rank()}"
+        reference.save_pretrained(str(own))
+        strategy.barrier()
+        with strategy.init_model_context():
+            inside = is_deepspeed_zero3_enabled()
+            model = AutoModelForCausalLM.from_pretrained(str(root / "ref0"))
+        partitioned = [n for n, p in model.named_parameters() if hasattr(p, "ds_id") and p.numel() == 0]
+        ids = _llama_ids(strategy)
+        engine = strategy.prepare(model)
+        with torch.no_grad():
+            got = engine(ids).logits.float()
+            want = reference.to(strategy.device)(ids).logits.float()
+    return {
+        "enabled_inside": inside,
+        "enabled_after": is_deepspeed_zero3_enabled(),
+        "partitioned": len(partitioned),
+        "num_params": len(list(model.parameters())),
+        "max_diff": float((got - want).abs().max()),
+    }
+
+
 def check_skip_keeps_optimizer_state(strategy: DeepspeedStrategy) -> dict[str, Any]:
     """A non-finite norm leaves parameters, optimizer state (master weights, Adam moments, step)
     and the learning-rate schedule untouched; the step is counted in skipped_steps."""
@@ -297,6 +327,7 @@ CHECKS: dict[str, tuple[int, Callable[[DeepspeedStrategy], dict[str, Any]], dict
     "zero3_buckets": (3, check_zero3_buckets_bounded, {}),
     "peft_save_zero3": (3, check_peft_save_model, {}),
     "grad_ckpt_zero2": (2, check_gradient_checkpointing, {"gradient_checkpointing": True}),
+    "zero3_from_pretrained": (3, check_zero3_from_pretrained, {}),
     "parity_zero0": (0, check_parity, {}),
     "parity_zero1": (1, check_parity, {}),
     "parity_zero2": (2, check_parity, {}),
@@ -314,7 +345,7 @@ CHECKS: dict[str, tuple[int, Callable[[DeepspeedStrategy], dict[str, Any]], dict
 #: The checks of the CPU run (gloo, fp32).
 CPU_CHECKS = [name for name in CHECKS if not name.startswith(("gpu_", "adam_offload"))]
 #: The checks of the GPU run (NCCL, bf16 where it applies).
-GPU_CHECKS = ["zero_init_load_model", "hf_save_zero2", "hf_save_zero3", "skip_state_zero2", "skip_state_zero3",
+GPU_CHECKS = ["zero_init_load_model", "zero3_from_pretrained", "hf_save_zero2", "hf_save_zero3", "skip_state_zero2", "skip_state_zero3",
               "zero3_buckets", "gpu_training_zero2", "gpu_training_zero3"]  # fmt: skip
 
 

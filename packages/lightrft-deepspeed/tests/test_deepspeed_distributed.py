@@ -51,6 +51,13 @@ def test_zero3_processes_exit_cleanly(ranks: list[dict[str, Any]]) -> None:
     assert all(r["skip_state_zero3"]["ok"] and r["zero3_buckets"]["ok"] for r in ranks)
 
 
+def test_from_pretrained_inside_init_model_context_loads_into_partitions(ranks: list[dict[str, Any]]) -> None:
+    for r in result(ranks, "zero3_from_pretrained"):
+        assert (r["enabled_inside"], r["enabled_after"]) == (True, False)
+        assert r["partitioned"] == r["num_params"] == 21
+        assert r["max_diff"] == 0.0
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_save_model_loads_in_transformers_with_identical_logits(
     ranks: list[dict[str, Any]], stage: int

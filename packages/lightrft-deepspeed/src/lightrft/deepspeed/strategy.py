@@ -132,16 +132,33 @@ class DeepspeedStrategy(StrategyBase):
     def init_model_context(self, meta_init: bool = False) -> contextlib.AbstractContextManager[Any]:
         """Under ZeRO-3, ``deepspeed.zero.Init``: parameters are partitioned as modules are built.
 
-        transformers' modeling code is imported first: zero.Init wraps the ``__init__`` of module
-        classes defined while it is active, and transformers' lazily imported classes then fail with
-        a signature mismatch."""
+        With transformers installed, its DeepSpeed integration is switched on for the same span
+        (``HfDeepSpeedConfig``), so ``from_pretrained`` inside the context partitions the model and
+        loads the checkpoint into the partitions (without it, transformers 5 fills the
+        already-partitioned, empty parameters and refuses the size mismatch). transformers' modeling
+        code is imported first: zero.Init wraps the ``__init__`` of module classes defined while it
+        is active, and transformers' lazily imported classes then fail with a signature mismatch."""
         if self.stage != 3:
             return contextlib.nullcontext()
-        deepspeed = _import_deepspeed()
-        with contextlib.suppress(ImportError):
-            import transformers.modeling_utils  # noqa: F401
+        return self._zero3_init(self.get_ds_train_config())
 
-        return deepspeed.zero.Init(config_dict_or_path=self.get_ds_train_config())
+    @contextlib.contextmanager
+    def _zero3_init(self, ds_config: dict[str, Any]) -> Iterator[None]:
+        deepspeed = _import_deepspeed()
+        try:
+            import transformers.modeling_utils  # noqa: F401
+            from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+        except ImportError:
+            hf_config = None
+        else:
+            hf_config = HfDeepSpeedConfig(ds_config)  # registered while this object lives
+        try:
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                yield
+        finally:
+            if hf_config is not None:
+                unset_hf_deepspeed_config()
+                del hf_config
 
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
         """AdamW with decay on weights only: DeepSpeedCPUAdam with ``adam_offload``, FusedAdam on

@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from demo_helpers import DEMO, FAST, assert_improves, demo_env, free_port, kill_tree, steps_of
 
 from lightrft_demo import read_metrics
+from lightrft_demo.testing import DEMO, FAST, assert_improves, demo_env, free_port, kill_tree, steps_of
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import gc
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -74,7 +75,11 @@ def add_common_args(parser: Any) -> None:
     parser.add_argument("--label", default=None, help="name of the implementation in tables (before/after)")
     parser.add_argument("--models", default=default_models, help=f"comma list of {sorted(MODELS)}")
     parser.add_argument("--variants", default="raw,strategy", help="comma list; 'raw' is the reference")
-    parser.add_argument("--micro-batch", type=int, default=8 if CUDA else 2)
+    parser.add_argument(
+        "--micro-batch",
+        default="8" if CUDA else "2",
+        help="sequences per GPU per step: one number for every model, or per model, e.g. small=48,1b=24",
+    )
     parser.add_argument("--seq", type=int, default=1024 if CUDA else 32)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after setup")
     parser.add_argument("--block", type=int, default=3, help="steps per variant per round")
@@ -97,7 +102,9 @@ def check_args(args: Any, known_variants: tuple[str, ...]) -> None:
         raise SystemExit(
             f"--variants={args.variants!r} is invalid: name 'raw' and at least one other, once each"
         )
-    for flag in ("micro_batch", "seq", "block", "min_rounds", "max_rounds"):
+    for m in args.models.split(","):
+        micro_batch_for(args, m)  # raises a clear error for a bad --micro-batch
+    for flag in ("seq", "block", "min_rounds", "max_rounds"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')}={getattr(args, flag)} is invalid: must be >= 1")
     if args.warmup < 1:
@@ -110,6 +117,33 @@ def check_args(args: Any, known_variants: tuple[str, ...]) -> None:
         )
     if args.min_rounds < 4:
         raise SystemExit(f"--min-rounds={args.min_rounds} is invalid: at least 4 rounds for an interval")
+
+
+def micro_batch_for(args: Any, preset: str) -> int:
+    """``--micro-batch`` for one model: ``8`` (every model) or ``small=48,1b=24`` (per model)."""
+    spec = str(args.micro_batch)
+    try:
+        if "=" not in spec:
+            value = int(spec)
+        else:
+            table = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in spec.split(","))}
+            if preset not in table:
+                raise SystemExit(f"--micro-batch={spec!r} is invalid: it names no value for model {preset!r}")
+            value = table[preset]
+    except ValueError:
+        raise SystemExit(
+            f"--micro-batch={spec!r} is invalid: a whole number or model=number pairs, e.g. small=48,1b=24"
+        ) from None
+    if value < 1:
+        raise SystemExit(f"--micro-batch={spec!r} is invalid: must be >= 1 for model {preset!r}")
+    return value
+
+
+def args_for_model(args: Any, preset: str) -> Any:
+    """A copy of ``args`` whose ``micro_batch`` is that model's (an int)."""
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), "micro_batch": micro_batch_for(args, preset)})
 
 
 # ---------------------------------------------------------------------------- implementation
@@ -201,6 +235,10 @@ class Variant:
     """Releases what the variant built (a DeepSpeed engine must be destroyed)."""
     persistent_bytes: int = 0
     block_times: list[float] = field(default_factory=list)
+    enqueue: list[float] = field(default_factory=list)
+    """Per block: the time until the Python loop has queued its last kernel / the block's wall
+    time. Near 1 for ``raw`` (which never waits for the GPU inside a block): the step is
+    host-bound (the GPU waits for launches), so host jitter, not GPU work, sets the step time."""
     transient_peaks: list[int] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)
     steps_done: int = 0
@@ -257,8 +295,11 @@ def interleave(variants: dict[str, Variant], batches: list[torch.Tensor], args: 
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 v.run(batches, args.block)
+                queued = time.perf_counter() - t0
                 sync()
-                v.block_times.append(time.perf_counter() - t0)
+                wall = time.perf_counter() - t0
+                v.block_times.append(wall)
+                v.enqueue.append(queued / wall)
                 v.transient_peaks.append((torch.cuda.max_memory_allocated() - base) if CUDA else 0)
             rounds += 1
             gc.collect()
@@ -291,6 +332,7 @@ def summarize(variants: dict[str, Variant], block: int, tokens_per_step: int) ->
         out["variants"][name] = {
             "time": t,
             "tokens_per_s": tokens_per_step / t["median_step_s"],
+            "enqueue": statistics.median(_max_over_ranks(v.enqueue)),
             "block_times_s": times,
             "persistent_gib": persistent / 2**30,
             "transient_peak_gib": transient / 2**30,
@@ -346,18 +388,19 @@ def table(
         f"# {bench}: {env['world_size']} x {env['card']}, torch {env['torch']}, impl {impl['label']}"
         + (f" ({impl.get('revision', '')} {impl.get('sources_sha256', '')})" if "path" in impl else ""),
         f"rounds of {args.block} steps per variant, ABBA order, {args.warmup} warm-up steps; "
-        f"micro-batch {args.micro_batch} x {args.seq} tokens per GPU; ratio = median of paired per-round "
+        f"micro-batch {args.micro_batch} x {args.seq} tokens per GPU; queued = time until the last kernel "
+        "is queued / block time (near 100% for raw: host-bound); ratio = median of paired per-round "
         "ratios [95% bootstrap CI]; geomean [95% t CI]; memory = (persistent + transient peak) / raw's",
         "",
-        "| config | variant | step (s) | tokens/s | peak GiB (persist + transient) | time / raw [95% CI] "
+        "| config | variant | step (s) | tokens/s | queued | peak GiB (persist + transient) | time / raw [95% CI] "
         "| geomean [95% CI] | verdict <= 1.01 | steps for ±1% | mem / raw | max loss diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cfg in configs:
         for name, row in cfg["variants"].items():
             cmp = cfg["comparisons"].get(name)
             mem = f"{row['peak_gib']:.2f} ({row['persistent_gib']:.2f} + {row['transient_peak_gib']:.2f})"
-            head = f"| {cfg['name']} | {name} | {row['time']['median_step_s']:.4f} | {row['tokens_per_s']:,.0f} | {mem} "
+            head = f"| {cfg['name']} | {name} | {row['time']['median_step_s']:.4f} | {row['tokens_per_s']:,.0f} | {row.get('enqueue', float('nan')):.0%} | {mem} "
             if cmp is None:
                 lines.append(head + f"| {cfg['rounds']} rounds | | | | | |")
                 continue

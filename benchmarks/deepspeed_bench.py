@@ -182,24 +182,26 @@ def main() -> None:
     names = args.variants.split(",")
     configs = []
     for preset in args.models.split(","):
-        batches = H.make_batches(preset, args.micro_batch, args.seq)
+        margs = H.args_for_model(args, preset)
+        batches = H.make_batches(preset, margs.micro_batch, args.seq)
         for stage in stages:
             builders = {
-                n: partial(strategy_variant, preset, stage, args)
+                n: partial(strategy_variant, preset, stage, margs)
                 if n == "strategy"
-                else partial(raw_variant, preset, stage, args, n == "raw_norm")
+                else partial(raw_variant, preset, stage, margs, n == "raw_norm")
                 for n in names
             }
             variants = H.setup_variants(builders, batches, args.warmup)
             raw_engine = variants["raw"].keep[0]
             diffs = {n: config_diff(raw_engine, v.keep[0]) for n, v in variants.items() if n != "raw"}
             rounds = H.interleave(variants, batches, args)
-            cfg = H.summarize(variants, args.block, args.micro_batch * args.seq * dist.get_world_size())
+            cfg = H.summarize(variants, args.block, margs.micro_batch * args.seq * dist.get_world_size())
             params = sum(int(getattr(p, "ds_numel", p.numel())) for p in raw_engine.module.parameters())
             cfg.update(
                 {
                     "name": f"{preset}/zero{stage}",
                     "model": preset,
+                    "micro_batch": margs.micro_batch,
                     "stage": stage,
                     "params": params,
                     "rounds": rounds,

@@ -7,9 +7,13 @@ Run under torchrun on the GPU machine (see scripts/gpu-vllm.sh):
 In one run it measures, for a Llama of about 1B parameters (``--layers``/``--hidden`` to change it):
 
 - ``bucketed``: ``strategy.update_engine_weights(actor)`` (full-parameter buckets of
-  ``weight_sync_bucket_mb`` into the workers' ``load_weights``);
-- ``per_param``: the same path with one tensor per push (what OpenRLHF and LightRFT do);
-- ``bound``: the bytes over the all-gather bandwidth measured in this run, plus one device copy;
+  ``weight_sync_bucket_mb`` in the engine's dtype, gathered per bucket, replayed into the
+  workers through the recorded copy plan);
+- ``load_weights``: the same buckets through vLLM's ``load_weights`` every time (the plan off);
+  the parameters must be bitwise the same as after the plan's push;
+- ``per_param``: one tensor per push through ``load_weights`` (what OpenRLHF and LightRFT do);
+- ``bound``: the engine's bytes over the all-gather bandwidth measured in this run, plus one
+  device copy;
 - sleep level 1 / 2 and wake times, the device memory each frees, outputs identical after wake;
 - generation tokens/s of vLLM against the ``hf`` engine on the same prompts.
 
@@ -97,7 +101,7 @@ def main() -> None:
     ap.add_argument("--mem_util", type=float, default=0.35)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--hf_prompts", type=int, default=4)
+    ap.add_argument("--hf_prompts", type=int, default=4, help="0: no hf comparison")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -150,14 +154,26 @@ def main() -> None:
         strategy.backward(actor(input_ids=ids, labels=ids).loss, actor, optim)
         strategy.optimizer_step(optim, actor, None)
 
-    total_bytes = sum(tensor_nbytes(t) for b in strategy.iter_weight_buckets(actor) for _, t in b)
+    engine = strategy.engine_lifecycle.engine
+    # The bytes the engine holds (its dtype): what any sync must gather and copy at least once.
+    total_bytes = sum(
+        tensor_nbytes(t) for b in strategy.iter_weight_buckets(actor, dtype=engine.weight_dtype) for _, t in b
+    )
     res["weight_gib"] = total_bytes / 2**30
     ag_bw, cp_bw = allgather_bandwidth(), copy_bandwidth()
     res["allgather_gbps"], res["copy_gbps"] = ag_bw / 1e9, cp_bw / 1e9
     res["bound_s"] = total_bytes / ag_bw + total_bytes / cp_bw
-    strategy.update_engine_weights(actor)  # warm-up
-    res["bucketed_s"] = _timed(lambda: strategy.update_engine_weights(actor), repeat=3)
+    strategy.update_engine_weights(actor)  # warm-up: records the copy plan
+    res["bucketed_s"] = _timed(lambda: strategy.update_engine_weights(actor), repeat=5)
+    checksum_plan = engine.param_checksum()
+    # The same buckets through vLLM's load_weights every time: the plan must give the same bits.
+    engine.set_copy_plan(False)
+    res["load_weights_s"] = _timed(lambda: strategy.update_engine_weights(actor), repeat=3)
+    res["plan_equals_load_weights"] = engine.param_checksum() == checksum_plan
+    # The peers: one full tensor per push, each through load_weights.
     res["per_param_s"] = _timed(lambda: strategy.update_engine_weights(actor, bucket_bytes=1))
+    stats = engine.set_copy_plan(True)
+    res["plan_replayed"], res["plan_loaded"] = stats.get("replayed", 0), stats.get("loaded", 0)
     res["bucketed_over_bound"] = res["bucketed_s"] / res["bound_s"]
     res["per_param_over_bucketed"] = res["per_param_s"] / res["bucketed_s"]
 
@@ -193,22 +209,23 @@ def main() -> None:
     strategy.engine_lifecycle.shutdown()
     torch.cuda.empty_cache()
 
-    # hf engine on the same trained weights: reference outputs and tokens/s.
-    strategy.setup_inference_engine(model=hf_ref_model, engine_type="hf")
-    strategy.update_engine_weights(actor)
-    hf_sp = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0)
-    sub = prompts[: a.hf_prompts]
-    _sync()
-    t0 = time.perf_counter()
-    hf_out = gen(hf_sp, sub)
-    _sync()
-    res["hf_tok_s"] = len(sub) * a.new_tokens / (time.perf_counter() - t0)
-    # Reported, not gated: in bf16 a random model's near-ties make kernels pick different argmaxes.
-    prefix = [
-        next((i for i, (x, y) in enumerate(zip(h, v)) if x != y), len(h)) for h, v in zip(hf_out, awake)
-    ]
-    res["vllm_hf_common_prefix_frac"] = sum(prefix) / (len(prefix) * a.new_tokens)
-    strategy.engine_lifecycle.shutdown()
+    if a.hf_prompts > 0:
+        # hf engine on the same trained weights: reference outputs and tokens/s.
+        strategy.setup_inference_engine(model=hf_ref_model, engine_type="hf")
+        strategy.update_engine_weights(actor)
+        hf_sp = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0)
+        sub = prompts[: a.hf_prompts]
+        _sync()
+        t0 = time.perf_counter()
+        hf_out = gen(hf_sp, sub)
+        _sync()
+        res["hf_tok_s"] = len(sub) * a.new_tokens / (time.perf_counter() - t0)
+        # Reported, not gated: in bf16 a random model's near-ties make kernels pick different argmaxes.
+        prefix = [
+            next((i for i, (x, y) in enumerate(zip(h, v)) if x != y), len(h)) for h, v in zip(hf_out, awake)
+        ]
+        res["vllm_hf_common_prefix_frac"] = sum(prefix) / (len(prefix) * a.new_tokens)
+        strategy.engine_lifecycle.shutdown()
 
     all_res = strategy.all_gather_object(res)
     if rank == 0:
@@ -219,7 +236,12 @@ def main() -> None:
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(all_res, f, indent=2)
-    ok = res["identical_after_wake1"] and res["identical_after_wake2"] and res["sleep_fraction_freed"] >= 0.9
+    ok = (
+        res["identical_after_wake1"]
+        and res["identical_after_wake2"]
+        and res["sleep_fraction_freed"] >= 0.9
+        and res["plan_equals_load_weights"]
+    )
     strategy.shutdown()
     if not ok:
         raise SystemExit(f"rank {rank}: check failed: {json.dumps(res)}")

@@ -122,21 +122,23 @@ def main() -> None:
     names = args.variants.split(",")
     configs = []
     for preset in args.models.split(","):
-        batches = H.make_batches(preset, args.micro_batch, args.seq)
+        margs = H.args_for_model(args, preset)
+        batches = H.make_batches(preset, margs.micro_batch, args.seq)
         builders = {
-            n: partial(strategy_variant, preset, args)
+            n: partial(strategy_variant, preset, margs)
             if n == "strategy"
-            else partial(raw_variant, preset, args, n == "raw_norm")
+            else partial(raw_variant, preset, margs, n == "raw_norm")
             for n in names
         }
         variants = H.setup_variants(builders, batches, args.warmup)
         rounds = H.interleave(variants, batches, args)
-        cfg = H.summarize(variants, args.block, args.micro_batch * args.seq * dist.get_world_size())
+        cfg = H.summarize(variants, args.block, margs.micro_batch * args.seq * dist.get_world_size())
         model = variants["raw"].keep[0]
         cfg.update(
             {
                 "name": preset,
                 "model": preset,
+                "micro_batch": margs.micro_batch,
                 "params": sum(p.numel() for p in model.parameters()),
                 "rounds": rounds,
             }

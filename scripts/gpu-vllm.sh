@@ -25,5 +25,17 @@ run() {  # name, timeout, args...
   [ $rc -eq 0 ] || status=1
 }
 run fsdp_tp2 175 --strategy fsdp --engine_tp_size 2
-run deepspeed_tp1 175 --strategy deepspeed --engine_tp_size 1
+run deepspeed_tp1 150 --strategy deepspeed --engine_tp_size 1 --hf_prompts 0
+
+# The demo (issue 12) with the vllm engine: FSDP2 on both GPUs, one TP-1 engine per rank, sleeping
+# while the policy trains; reward, tokens/s and weight-sync time per iteration in metrics.jsonl.
+t0=$SECONDS
+timeout "${DEMO_TIMEOUT:-200}" python3 -m lightrft_demo --strategy fsdp --engine vllm --nproc 2 --bf16 \
+  --engine_tp_size 1 --enable_engine_sleep --engine_mem_util 0.2 --engine_enforce_eager --hidden-size 256 \
+  --num-layers 2 --iterations "${DEMO_ITERS:-20}" --output-dir /tmp/demo-vllm --overwrite > "$OUT/demo_vllm.log" 2>&1
+rc=$?
+echo "== demo --engine vllm: rc=$rc in $((SECONDS - t0)) s"; tail -25 "$OUT/demo_vllm.log"
+cp /tmp/demo-vllm/metrics.jsonl "$OUT/demo_vllm_metrics.jsonl" 2>/dev/null
+cp /tmp/demo-vllm/reward_curve.png "$OUT/demo_vllm_reward.png" 2>/dev/null
+[ $rc -eq 0 ] || status=1
 exit $status

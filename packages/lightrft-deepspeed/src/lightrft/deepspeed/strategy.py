@@ -474,9 +474,19 @@ class DeepspeedStrategy(StrategyBase):
             optimizer.refresh_fp32_params()
 
     @staticmethod
-    def _plan(names: list[str], tensors: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
+    def _plan(
+        names: list[str],
+        tensors: Mapping[str, torch.Tensor],
+        bucket_bytes: int,
+        dtype: torch.dtype | None = None,
+    ) -> list[list[str]]:
+        def itemsize(t: torch.Tensor) -> int:
+            if dtype is not None and t.is_floating_point():
+                return torch.empty((), dtype=dtype).element_size()
+            return t.element_size()
+
         return plan_buckets(
-            ((n, _full_numel(tensors[n]) * tensors[n].element_size()) for n in names), bucket_bytes
+            ((n, _full_numel(tensors[n]) * itemsize(tensors[n])) for n in names), bucket_bytes
         )
 
     def _iter_full_parameters(self, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -488,24 +498,48 @@ class DeepspeedStrategy(StrategyBase):
             else:
                 yield name, p.detach()
 
-    def iter_weight_buckets(self, model: Any, bucket_bytes: int | None = None) -> Iterator[WeightBucket]:
-        """Full parameters in buckets of at most ``bucket_bytes`` (one larger tensor alone). Under
-        ZeRO-3 the buckets are planned from the full sizes (``ds_numel``) and each is gathered
-        with one ``GatheredParameters``, copied, and released before the next: never the whole
-        model at once."""
+    def iter_weight_buckets(
+        self,
+        model: Any,
+        bucket_bytes: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        transient: bool = False,
+    ) -> Iterator[WeightBucket]:
+        """Full parameters in buckets of at most ``bucket_bytes`` (one larger tensor alone), in
+        ``dtype`` when given. Under ZeRO-3 the buckets are planned from the full sizes
+        (``ds_numel``) and each is gathered with one ``GatheredParameters`` and released before the
+        next: never the whole model at once. ``transient=True`` hands out the gathered tensors
+        themselves while the bucket is gathered (no copy; valid until the next bucket)."""
         module = self.unwrap_model(model)
         if not _has_zero3_params(module):
-            return super().iter_weight_buckets(model, bucket_bytes)
+            return super().iter_weight_buckets(model, bucket_bytes, dtype=dtype, transient=transient)
         size = bucket_bytes or self.config.weight_sync_bucket_mb << 20
-        return self._iter_zero3_buckets(module, size)
+        return self._iter_zero3_buckets(module, size, dtype, transient)
 
-    def _iter_zero3_buckets(self, module: nn.Module, bucket_bytes: int) -> Iterator[WeightBucket]:
+    def _iter_zero3_buckets(
+        self, module: nn.Module, bucket_bytes: int, dtype: torch.dtype | None, transient: bool
+    ) -> Iterator[WeightBucket]:
         named = dict(module.named_parameters())
-        for bucket in self._plan(list(named), named, bucket_bytes):
+
+        def out(p: torch.Tensor) -> torch.Tensor:
+            t = p.detach()
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                return t.to(dtype)  # a new tensor: outlives the gather
+            return t if transient else t.clone()
+
+        for bucket in self._plan(list(named), named, bucket_bytes, dtype):
             params = [named[n] for n in bucket]
             with _gathered(params):
-                out = [(clean_param_name(n), p.detach().clone()) for n, p in zip(bucket, params)]
-            yield out
+                tensors = [(clean_param_name(n), out(p)) for n, p in zip(bucket, params)]
+                if transient:
+                    yield tensors  # consumed while gathered; released when the next is asked for
+                    if torch.cuda.is_available() and any(t.is_cuda for _, t in tensors):
+                        # The consumer's copies are queued; the gathered buffers may belong to
+                        # another stream's pool: let the copies finish before they are freed.
+                        torch.cuda.current_stream().synchronize()
+            if not transient:
+                yield tensors
 
 
 def _adam_step(optimizer: Optimizer) -> float:

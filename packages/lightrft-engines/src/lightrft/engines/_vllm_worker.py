@@ -10,19 +10,33 @@ from typing import Any
 import torch
 
 from . import _vllm_compat as compat
+from ._copy_plan import CopyPlan
 
 
 class LightRFTWorkerExtension:
     """Weight loading and inspection inside a vLLM worker."""
 
     def lrft_load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
-        """Casts the bucket once to the model's dtype and device and loads it (vLLM shards for TP).
+        """Casts the bucket to the model's dtype and device (a no-op for what the strategy already
+        sent in that dtype) and loads it: on CUDA through a :class:`CopyPlan` (``load_weights``
+        recorded once, then replayed as plain copies), on CPU through the backend's reload.
         Returns the number of tensors loaded."""
         model = compat.model_of(self)
         ref = next(model.parameters())
         cast = [(n, t.detach().to(device=ref.device, dtype=ref.dtype)) for n, t in bucket]
-        compat.load_weights(self, cast)
+        if compat.on_cpu() or not self.__dict__.get("_lrft_use_plan", True):
+            compat.load_weights(self, cast)
+            return len(cast)
+        plan = self.__dict__.setdefault("_lrft_plan", CopyPlan())
+        plan.push(model, cast, lambda weights: compat.load_weights(self, weights))
         return len(cast)
+
+    def lrft_set_copy_plan(self, enabled: bool) -> dict[str, int]:
+        """Turns the copy plan on or off (off: every push goes through ``load_weights``; the
+        benchmark compares both). Returns the plan's counters so far."""
+        self.__dict__["_lrft_use_plan"] = bool(enabled)
+        plan = self.__dict__.get("_lrft_plan")
+        return dict(plan.stats) if plan is not None else {}
 
     def lrft_finish_update(self) -> None:
         """Ends one update (the CPU backend reloads and repacks here)."""

@@ -24,6 +24,9 @@ from ._common import is_sharded
 class HFEngine:
     """An InferenceEngine over ``transformers`` ``generate`` (greedy or sampled)."""
 
+    #: update_weights copies each bucket into the model before asking for the next.
+    consumes_buckets_at_once = True
+
     def __init__(
         self,
         strategy: Any = None,
@@ -68,6 +71,8 @@ class HFEngine:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
         if self.dtype is not None:
             self.model.to(self.dtype)
+        #: The strategy sends the pushed weights in this dtype (None: as they are).
+        self.weight_dtype: torch.dtype | None = self.dtype
         self.model.to(self.device)
         self.tokenizer = tokenizer
         self.sleeping_level = 0

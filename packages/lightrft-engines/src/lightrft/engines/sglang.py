@@ -129,6 +129,8 @@ class SGLangEngine:
             )
         self.dtype_name = _dtype_name(cfg)
         self.dtype = _DTYPES[self.dtype_name]
+        #: The strategy casts (sharded backends: before gathering) the pushed weights to this.
+        self.weight_dtype = self.dtype
         self.context_length = _context_length(cfg, strategy, model, engine_kwargs)
         self._lora = lora_scalings(model) if model is not None else {}
         self.expected_names = _engine_names(model, self._lora) if model is not None else None

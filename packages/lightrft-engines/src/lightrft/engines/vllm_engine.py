@@ -41,6 +41,10 @@ _EXTENSION = "lightrft.engines._vllm_worker.LightRFTWorkerExtension"
 class VLLMEngine:
     """The ``vllm`` InferenceEngine (``engine_type="vllm"``, extra ``lightrft-engines[vllm]``)."""
 
+    #: Every bucket is copied into the in-process workers before the next is asked for, so the
+    #: strategy may hand out its gathered buffers without a copy (``transient`` buckets).
+    consumes_buckets_at_once = True
+
     def __init__(
         self,
         strategy: Any = None,
@@ -108,6 +112,8 @@ class VLLMEngine:
             _common.remove_dir(self._dir)
             raise
         self.max_model_len: int = int(self.llm.llm_engine.model_config.max_model_len)
+        #: The strategy casts (and gathers) the pushed weights in this dtype: the engine's own.
+        self.weight_dtype: torch.dtype | None = _torch_dtype(self.llm.llm_engine.model_config.dtype)
         self._asleep: set[str] = set()
         self._level = 0
         self._needs_push = False
@@ -173,6 +179,12 @@ class VLLMEngine:
         self._check_open("reset_prefix_cache")
         if not self._asleep:
             self.llm.reset_prefix_cache()
+
+    def set_copy_plan(self, enabled: bool) -> dict[str, int]:
+        """Pushes through the recorded copy plan (default) or through ``load_weights`` every time
+        (benchmarks compare them). Returns the plan's counters of this rank's worker."""
+        self._check_open("set_copy_plan")
+        return dict(self.llm.collective_rpc("lrft_set_copy_plan", args=(enabled,))[0])
 
     def param_checksum(self) -> float:
         """Sum over this rank's worker parameters (tests)."""
@@ -287,6 +299,12 @@ class VLLMEngine:
         gc.collect()
         _common.empty_device_cache()
         _common.remove_dir(self._dir)
+
+
+def _torch_dtype(value: Any) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, str(value), None) if isinstance(value, str) else None
 
 
 def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -27,8 +27,9 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy.engine import WeightBucket
 from lightrft.strategy.utils import HostScalar
-from lightrft.strategy.weights import clean_param_name
+from lightrft.strategy.weights import clean_param_name, plan_buckets
 
 from . import sharding
 from .offload import offload_optimizer_states, reload_optimizer_states
@@ -300,6 +301,121 @@ class FSDPV2Strategy(StrategyBase):
             # One parameter's full tensor at a time: the extra memory is the largest parameter
             # plus the bucket being filled.
             yield name, (p.full_tensor() if isinstance(p, DTensor) else p.detach())
+
+    def iter_weight_buckets(
+        self,
+        model: Any,
+        bucket_bytes: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        transient: bool = False,
+    ) -> Iterator[WeightBucket]:
+        """Full parameters in buckets of at most ``bucket_bytes`` (in ``dtype`` when given). The
+        parameters FSDP2 shards on dim 0 of one mesh dimension (all of them, unless the layout is
+        custom) are cast to ``dtype`` as shards, then gathered *per bucket* in one coalesced
+        all-gather into one buffer where every full tensor is contiguous: one collective per
+        bucket instead of one per parameter, and only ``dtype``'s bytes move. Other parameters
+        (custom placements, CPU-offloaded shards) take ``full_tensor()``. Extra memory: one bucket
+        plus its shards."""
+        size = bucket_bytes or self.config.weight_sync_bucket_mb << 20
+        return _gathered_buckets(list(model.named_parameters()), size, dtype)
+
+
+def _dim0_shard_group(p: torch.Tensor) -> Any:
+    """The process group over which ``p`` is sharded on dim 0 (a DTensor whose placements are
+    Replicate except one ``Shard(0)``, on the current CUDA/CPU device), or None."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not isinstance(p, DTensor) or p.dim() == 0:
+        return None
+    shard_dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+    if len(shard_dims) != 1 or p.placements[shard_dims[0]].dim != 0:
+        return None
+    if not all(isinstance(pl, (Shard, Replicate)) for pl in p.placements):
+        return None
+    local = p.to_local()
+    if local.device.type != p.device_mesh.device_type:
+        return None  # e.g. CPU-offloaded shards of a CUDA mesh
+    return p.device_mesh.get_group(shard_dims[0])
+
+
+def _gathered_buckets(
+    named: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None
+) -> Iterator[WeightBucket]:
+    def out_dtype(p: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and p.is_floating_point() else p.dtype
+
+    sizes = ((n, p.numel() * torch.empty((), dtype=out_dtype(p)).element_size()) for n, p in named)
+    by_name = dict(named)
+    for names in plan_buckets(sizes, bucket_bytes):
+        bucket: WeightBucket = []
+        # Parameters sharded on dim 0 over the same group and with the same dtype gather together.
+        groups: dict[tuple[Any, torch.dtype], list[str]] = {}
+        full: dict[str, torch.Tensor] = {}
+        for n in names:
+            p = by_name[n]
+            group = _dim0_shard_group(p)
+            if group is None:
+                t = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+                full[n] = t.to(out_dtype(p)) if t.dtype != out_dtype(p) else t
+            else:
+                groups.setdefault((group, out_dtype(p)), []).append(n)
+        for (group, dt), members in groups.items():
+            full.update(_gather_dim0(group, [(n, by_name[n]) for n in members], dt))
+        for n in names:
+            bucket.append((clean_param_name(n), full[n]))
+        yield bucket
+
+
+def _gather_dim0(
+    group: Any, params: list[tuple[str, torch.Tensor]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """All-gathers dim-0 shards into one buffer, each full tensor contiguous in it. A rank's shard
+    of a tensor with ``rows`` rows is rows ``[r * ceil(rows / W), ...)`` (torch.chunk), so padding
+    every shard to ``ceil(rows / W)`` rows makes the rank-major concatenation the full tensor
+    followed by padding."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    locals_ = [p.to_local() for _, p in params]
+    device = locals_[0].device
+    padded = []  # elements of one rank's padded shard, per parameter
+    for _, p in params:
+        rest = math.prod(p.shape[1:])
+        padded.append(-(-p.shape[0] // world) * rest)
+    total = sum(padded)
+    inp = torch.empty(total, dtype=dtype, device=device)
+    out = torch.empty(total * world, dtype=dtype, device=device)
+    offset = 0
+    for loc, n_pad in zip(locals_, padded):
+        if loc.numel():
+            inp[offset : offset + loc.numel()].copy_(loc.reshape(-1))
+        offset += n_pad
+    # One all-gather per parameter, coalesced into one collective where the backend can.
+    outs, ins, offset = [], [], 0
+    for n_pad in padded:
+        outs.append(out[offset * world : (offset + n_pad) * world])
+        ins.append(inp[offset : offset + n_pad])
+        offset += n_pad
+    _all_gather_coalesced(outs, ins, group)
+    result = {}
+    for (name, p), o in zip(params, outs):
+        result[name] = o[: p.numel()].view(p.shape)
+    return result
+
+
+def _all_gather_coalesced(outs: list[torch.Tensor], ins: list[torch.Tensor], group: Any) -> None:
+    import torch.distributed as dist
+
+    coalescing = getattr(dist.distributed_c10d, "_coalescing_manager", None)
+    nccl = ins[0].device.type == "cuda" and "nccl" in str(dist.get_backend(group))
+    if coalescing is not None and nccl and len(ins) > 1:
+        with coalescing(group=group, device=ins[0].device):
+            for o, i in zip(outs, ins):
+                dist.all_gather_into_tensor(o, i, group=group)
+        return
+    for o, i in zip(outs, ins):
+        dist.all_gather_into_tensor(o, i, group=group)
 
 
 def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

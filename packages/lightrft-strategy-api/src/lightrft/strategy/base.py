@@ -40,7 +40,7 @@ from .hf_io import read_hf_state_dict, write_hf_directory
 from .integrity import CheckpointError
 from .schedulers import create_scheduler
 from .utils import get_rng_state, set_rng_state, set_seed
-from .weights import bucket_named_tensors, clean_param_name
+from .weights import bucket_named_tensors, cast_named_tensors, clean_param_name
 
 RANK_STATE = "lightrft_rank{rank:05d}.pt"
 CLIENT_STATE = "lightrft_client_state.pt"
@@ -724,11 +724,25 @@ class StrategyBase(ABC):
         """Loads a full state dict (same on every rank) into the (possibly sharded) model."""
 
     # ------------------------------------------------------------ weight sync
-    def iter_weight_buckets(self, model: Any, bucket_bytes: int | None = None) -> Iterator[WeightBucket]:
+    def iter_weight_buckets(
+        self,
+        model: Any,
+        bucket_bytes: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        transient: bool = False,
+    ) -> Iterator[WeightBucket]:
         """The model's full parameters as buckets of at most ``bucket_bytes`` (one tensor may exceed
-        it alone), with clean names; only one bucket is materialised at a time."""
+        it alone), with clean names; only one bucket is materialised at a time.
+
+        ``dtype``: the tensors arrive in this dtype (an engine's), cast once; a sharded backend
+        casts its shards before gathering them, so fewer bytes move. ``transient=True``: a
+        bucket's tensors are valid only until the next bucket is requested (the consumer copies
+        them at once, in stream order); a backend may then hand out its gathered buffers without a
+        copy. Consumers that keep buckets (``list(...)``) must leave it False."""
         size = bucket_bytes or self.config.weight_sync_bucket_mb << 20
-        return bucket_named_tensors(self._iter_full_parameters(model), size, clean_param_name)
+        named = cast_named_tensors(self._iter_full_parameters(model), dtype)
+        return bucket_named_tensors(named, size, clean_param_name)
 
     @abstractmethod
     def _iter_full_parameters(self, model: Any) -> Iterator[tuple[str, torch.Tensor]]:

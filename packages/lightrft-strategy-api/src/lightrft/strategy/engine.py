@@ -90,6 +90,12 @@ class InferenceEngine(Protocol):
     #: The torch.distributed group of the ranks that share this engine (None: this rank's own).
     tp_group: Any
 
+    # Optional (read with getattr by EngineLifecycle):
+    # - ``weight_dtype: torch.dtype | None``: the dtype the engine holds its weights in; the
+    #   strategy casts (sharded backends: before gathering) and sends that dtype.
+    # - ``consumes_buckets_at_once: bool``: update_weights copies each bucket before asking for the
+    #   next (in this process, in stream order), so buckets may be ``transient``.
+
 
 _PROTOCOL_MEMBERS = (
     "generate",
@@ -215,10 +221,18 @@ class EngineLifecycle:
             warnings.warn(msg, EngineNotSetUpWarning, stacklevel=3)
             return False
         engine = self.engine
-        if engine.is_sleeping:
+        was_sleeping = engine.is_sleeping
+        if was_sleeping:
             engine.wake_up(tags=["weights"])
-        engine.update_weights(self.strategy.iter_weight_buckets(model, bucket_bytes))
-        _empty_device_cache()
+        buckets = self.strategy.iter_weight_buckets(
+            model,
+            bucket_bytes,
+            dtype=getattr(engine, "weight_dtype", None),
+            transient=bool(getattr(engine, "consumes_buckets_at_once", False)),
+        )
+        engine.update_weights(buckets)
+        if was_sleeping:
+            _empty_device_cache()  # what the push used goes back before the KV cache is woken
         if engine.is_sleeping:
             engine.wake_up(tags=None)
         reset = getattr(engine, "reset_prefix_cache", None)

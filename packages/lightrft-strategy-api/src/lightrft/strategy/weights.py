@@ -46,6 +46,17 @@ def plan_buckets(sizes: Iterable[tuple[str, int]], bucket_bytes: int) -> list[li
     return buckets
 
 
+def cast_named_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs with floating-point tensors cast to ``dtype`` (None: unchanged;
+    integer and bool tensors are never cast)."""
+    for name, tensor in named_tensors:
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        yield name, tensor
+
+
 def bucket_named_tensors(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     bucket_bytes: int,

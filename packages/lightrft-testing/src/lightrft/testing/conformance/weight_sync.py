@@ -24,6 +24,25 @@ def measure(strategy: StrategyBase) -> dict[str, Any]:
     buckets = list(strategy.iter_weight_buckets(model, bucket_bytes))
     sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in buckets]
     multi_tensor_over = [s for s, b in zip(sizes, buckets) if len(b) > 1 and s > bucket_bytes]
+    # In an engine's dtype (sharded backends cast shards before gathering) and transient (each
+    # bucket copied before the next is asked for): the same values, cast once.
+    in_bf16 = {
+        n: t.clone()
+        for b in strategy.iter_weight_buckets(model, bucket_bytes, dtype=torch.bfloat16)
+        for n, t in b
+    }
+    transient = {
+        n: t.clone()
+        for b in strategy.iter_weight_buckets(model, bucket_bytes, dtype=torch.bfloat16, transient=True)
+        for n, t in b
+    }
+    cast_diffs = [
+        float((d[k].float() - v.to(torch.bfloat16).float()).abs().max())
+        if d[k].dtype == torch.bfloat16
+        else -1.0
+        for d in (in_bf16, transient)
+        for k, v in expected.items()
+    ]
     engine = strategy.setup_inference_engine(model=tiny_model(), engine_type="fake")
     strategy.update_engine_weights(model, bucket_bytes=bucket_bytes)
     engine_sd = dict(engine.model.named_parameters())  # type: ignore[attr-defined]
@@ -57,6 +76,8 @@ def measure(strategy: StrategyBase) -> dict[str, Any]:
         "names": sorted(engine.names_received),  # type: ignore[attr-defined]
         "expected_names": sorted(expected),
         "max_diff": max_diff,
+        "cast_diffs": cast_diffs,
+        "cast_names": [sorted(in_bf16), sorted(transient)],
         "bucket_sizes": sizes,
         "bucket_bytes": bucket_bytes,
         "largest": largest,
@@ -74,6 +95,9 @@ def test_weight_sync_to_engine(suite: Any) -> None:
     for r in suite.results("weight_sync"):
         assert r["names"] == r["expected_names"]
         assert r["max_diff"] == 0.0
+        # bf16 buckets (plain and transient) hold every weight, cast exactly once (-1: not bf16).
+        assert r["cast_names"] == [r["expected_names"]] * 2
+        assert max(r["cast_diffs"]) == 0.0 and min(r["cast_diffs"]) == 0.0
         assert r["num_buckets"] > 1
         assert r["multi_tensor_over"] == [], "a bucket of several tensors exceeded bucket_bytes"
         assert max(r["bucket_sizes"]) <= max(r["bucket_bytes"], r["largest"])

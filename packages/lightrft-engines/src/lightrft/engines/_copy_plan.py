@@ -1,0 +1,215 @@
+"""Replaying a model's ``load_weights`` as plain copies (the fast path of a weight push).
+
+An engine's ``load_weights(named_tensors)`` maps each full Hugging Face tensor onto its own
+parameters: fused projections (``q/k/v`` into ``qkv_proj``), the tensor-parallel shard, vocabulary
+padding. For standard loaders all of that is views of the incoming tensor copied into views of
+the parameters (``narrow`` + ``copy_``), decided by names and shapes only. Per update that Python
+costs far more than the copies themselves.
+
+:class:`CopyPlan` runs ``load_weights`` once under a :class:`~torch.utils._python_dispatch.
+TorchDispatchMode` that records every operation writing into the model's parameters, with the
+view of the incoming tensor it read (offset, sizes and strides into that tensor). Later pushes of
+tensors with the same names, shapes, strides and dtypes replay the recorded writes against the
+new tensors: the same result, a few microseconds per copy.
+
+A write the plan cannot replay exactly (one that reads a tensor computed by the loader, such as a
+cast or a concatenation, or an in-place op that is not a copy or a fill) makes the plan *refuse*
+that name: it is loaded by ``load_weights`` every time. A changed name, shape or dtype records the
+bucket again. Nothing is ever replayed that was not recorded from the same kind of input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_REPLAYABLE = {"copy_", "fill_", "zero_"}
+
+
+@dataclass
+class _Write:
+    """One recorded write: ``op`` applied to ``dst`` (a view of a parameter) with arguments that are
+    constants or views of the incoming tensor (``("src", size, stride, offset)``)."""
+
+    op: Any
+    dst: torch.Tensor
+    args: tuple[Any, ...]
+
+
+@dataclass
+class _Entry:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    writes: list[_Write] = field(default_factory=list)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _Recorder(TorchDispatchMode):
+    """Records writes into parameter storage during one ``load_weights`` call."""
+
+    def __init__(self, params: Sequence[torch.Tensor], inputs: Sequence[tuple[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.param_storages = {_storage_key(p) for p in params}
+        # Incoming tensors may share one storage (a gathered bucket): find them by address range.
+        self.inputs = [(n, t, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for n, t in inputs]
+        self.writes: list[tuple[str | None, _Write]] = []
+        self.refused: set[str] = set()
+        self.last_name: str | None = None
+        self.unowned: list[_Write] = []  # writes seen before any input was read
+
+    def _which_input(self, t: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        if t.device.type == "meta" or t.numel() == 0:
+            return None
+        ptr = t.data_ptr()
+        for name, base, lo, hi in self.inputs:
+            if _storage_key(t) == _storage_key(base) and lo <= ptr < hi:
+                return name, base
+        return None
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Which input does this op read (for ownership of the writes that follow)?
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                hit = self._which_input(a)
+                if hit is not None:
+                    self.last_name = hit[0]
+        schema = func._schema
+        written = [
+            args[i] if i < len(args) else kwargs.get(arg.name)
+            for i, arg in enumerate(schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write
+        ]
+        targets = [
+            t for t in written if isinstance(t, torch.Tensor) and _storage_key(t) in self.param_storages
+        ]
+        if not targets:
+            return out
+        name = self.last_name
+        opname = schema.name.split("::")[-1]
+        if opname not in _REPLAYABLE or kwargs or len(targets) != 1 or args[0] is not targets[0]:
+            self._refuse(name)
+            return out
+        rec_args: list[Any] = []
+        for a in args[1:]:
+            if isinstance(a, torch.Tensor):
+                hit = self._which_input(a)
+                if hit is None:
+                    self._refuse(name)  # reads a tensor the loader computed: not replayable
+                    return out
+                src_name, base = hit
+                if (name is not None and src_name != name) or a.dtype != base.dtype:
+                    self._refuse(name)
+                    return out
+                name = src_name
+                offset = (a.data_ptr() - base.data_ptr()) // a.element_size()
+                rec_args.append(("src", tuple(a.shape), tuple(a.stride()), offset, a.dtype))
+            else:
+                rec_args.append(a)
+        write = _Write(func, args[0], tuple(rec_args))
+        if name is None:
+            self.unowned.append(write)
+        else:
+            self.writes.append((name, write))
+        return out
+
+    def _refuse(self, name: str | None) -> None:
+        if name is None:
+            self.refused.add("*")
+        else:
+            self.refused.add(name)
+
+
+class CopyPlan:
+    """Per-name recorded writes of a model's ``load_weights`` (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _Entry] = {}
+        self.refused: set[str] = set()
+        self.disabled = False
+        self.stats = {"recorded": 0, "replayed": 0, "loaded": 0}
+
+    def _matches(self, name: str, t: torch.Tensor) -> bool:
+        e = self.entries.get(name)
+        return (
+            e is not None
+            and e.shape == tuple(t.shape)
+            and e.stride == tuple(t.stride())
+            and e.dtype == t.dtype
+        )
+
+    def push(
+        self,
+        model: torch.nn.Module,
+        bucket: Sequence[tuple[str, torch.Tensor]],
+        load_weights: Callable[[list[tuple[str, torch.Tensor]]], Any],
+    ) -> None:
+        """Loads ``bucket`` into ``model``: replays what it can, records or loads the rest."""
+        if self.disabled:
+            load_weights(list(bucket))
+            self.stats["loaded"] += len(bucket)
+            return
+        replay = [(n, t) for n, t in bucket if n not in self.refused and self._matches(n, t)]
+        rest = [(n, t) for n, t in bucket if not (n not in self.refused and self._matches(n, t))]
+        with torch.no_grad():
+            for name, t in replay:
+                self._replay(name, t)
+        self.stats["replayed"] += len(replay)
+        if rest:
+            fresh = [(n, t) for n, t in rest if n not in self.refused]
+            known = [(n, t) for n, t in rest if n in self.refused]
+            if known:
+                load_weights(known)
+                self.stats["loaded"] += len(known)
+            if fresh:
+                self._record(model, fresh, load_weights)
+
+    def _record(
+        self,
+        model: torch.nn.Module,
+        bucket: list[tuple[str, torch.Tensor]],
+        load_weights: Callable[[list[tuple[str, torch.Tensor]]], Any],
+    ) -> None:
+        params = [*model.parameters(), *model.buffers()]
+        rec = _Recorder(params, bucket)
+        with rec:
+            load_weights(bucket)
+        if "*" in rec.refused or rec.unowned and len(bucket) > 1:
+            # A write no input can be tied to: replaying per name would misplace it.
+            self.disabled = True
+            return
+        for n, _ in bucket:
+            self.entries.pop(n, None)
+            if n in rec.refused:
+                self.refused.add(n)
+        owned: dict[str, list[_Write]] = {}
+        if rec.unowned:
+            owned.setdefault(bucket[0][0], []).extend(rec.unowned)
+        for n, w in rec.writes:
+            owned.setdefault(n, []).append(w)
+        for n, t in bucket:
+            if n in self.refused:
+                continue
+            self.entries[n] = _Entry(tuple(t.shape), tuple(t.stride()), t.dtype, owned.get(n, []))
+        self.stats["recorded"] += len(bucket)
+
+    def _replay(self, name: str, t: torch.Tensor) -> None:
+        for w in self.entries[name].writes:
+            args = [
+                t.as_strided(a[1], a[2], t.storage_offset() + a[3])
+                if isinstance(a, tuple) and len(a) == 5 and a[0] == "src"
+                else a
+                for a in w.args
+            ]
+            w.op(w.dst, *args)

@@ -1,0 +1,157 @@
+"""CopyPlan: a recorded load_weights replayed as copies gives exactly what load_weights gives.
+
+The model below loads weights the way vLLM's loaders do (fused q/k/v and gate/up projections, a
+tensor-parallel shard taken with ``narrow``, a vocabulary padded and zero-filled), so the plan sees
+the same kinds of writes; one loader computes a tensor (a transpose made contiguous), which the
+plan must refuse and leave to load_weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightrft.engines._copy_plan import CopyPlan
+
+H, INTER, V, V_PAD, TP, RANK = 8, 12, 10, 16, 2, 1
+
+
+class VLLMLike(nn.Module):
+    """Rank ``RANK`` of a tensor-parallel group of ``TP``: column-parallel fused projections keep
+    rows ``[RANK * n / TP, ...)``, row-parallel ones columns, the embedding a padded vocabulary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Parameter(torch.zeros(3 * H // TP, H))
+        self.gate_up = nn.Parameter(torch.zeros(2 * INTER // TP, H))
+        self.down = nn.Parameter(torch.zeros(H, INTER // TP))
+        self.embed = nn.Parameter(torch.full((V_PAD, H), 7.0))
+        self.odd = nn.Parameter(torch.zeros(H, H))
+        self.calls = 0
+
+    @torch.no_grad()
+    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> set[str]:
+        self.calls += 1
+        stacked = {
+            "q": ("qkv", 0, H),
+            "k": ("qkv", 1, H),
+            "v": ("qkv", 2, H),
+            "gate": ("gate_up", 0, INTER),
+            "up": ("gate_up", 1, INTER),
+        }
+        for name, w in weights:
+            if name in stacked:
+                target, idx, rows = stacked[name]
+                shard = rows // TP
+                dst = getattr(self, target).data.narrow(0, idx * shard, shard)
+                dst.copy_(w.narrow(0, RANK * shard, shard))
+            elif name == "down":
+                shard = INTER // TP
+                self.down.data.copy_(w.narrow(1, RANK * shard, shard))
+            elif name == "embed":
+                self.embed.data[: w.shape[0]].copy_(w)
+                self.embed.data[w.shape[0] :].fill_(0)
+            elif name == "odd":
+                self.odd.data.copy_(w.t().contiguous())  # a computed tensor: not replayable
+            else:
+                raise KeyError(name)
+        return {n for n, _ in weights}
+
+
+def hf_weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "q": (H, H),
+        "k": (H, H),
+        "v": (H, H),
+        "gate": (INTER, H),
+        "up": (INTER, H),
+        "down": (H, INTER),
+        "embed": (V, H),
+        "odd": (H, H),
+    }
+    return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+
+
+def flat_bucket(weights: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """All tensors as views of one buffer (as a gathered bucket arrives)."""
+    total = sum(t.numel() for t in weights.values())
+    buf = torch.empty(total)
+    out, off = [], 0
+    for n, t in weights.items():
+        view = buf[off : off + t.numel()].view(t.shape)
+        view.copy_(t)
+        out.append((n, view))
+        off += t.numel()
+    return out
+
+
+def state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+def test_replay_equals_load_weights_and_skips_the_loader():
+    reference, model, plan = VLLMLike(), VLLMLike(), CopyPlan()
+    for seed in range(3):
+        w = hf_weights(seed)
+        reference.load_weights(list(w.items()))
+        plan.push(model, flat_bucket(w), model.load_weights)
+        for k, v in state(reference).items():
+            assert torch.equal(state(model)[k], v), (seed, k)
+    # Recorded once (7 replayable names + the refused one); after that only 'odd' is loaded.
+    assert plan.stats["recorded"] == 8
+    assert plan.stats["replayed"] == 2 * 7
+    assert plan.stats["loaded"] == 2
+    assert plan.refused == {"odd"}
+    assert model.calls == 1 + 2  # the recording call, then one call per push for 'odd'
+
+
+def test_replay_writes_the_padding_again():
+    model, plan = VLLMLike(), CopyPlan()
+    plan.push(model, list(hf_weights(0).items()), model.load_weights)
+    model.embed.data.fill_(5.0)  # e.g. garbage after a weight-discarding sleep
+    plan.push(model, list(hf_weights(1).items()), model.load_weights)
+    assert torch.equal(model.embed.data[V:], torch.zeros(V_PAD - V, H))
+    assert torch.equal(model.embed.data[:V], hf_weights(1)["embed"])
+
+
+def test_changed_shape_or_dtype_records_again():
+    model, plan = VLLMLike(), CopyPlan()
+    w = hf_weights(0)
+    plan.push(model, list(w.items()), model.load_weights)
+    calls = model.calls
+    # Same names, other layout (a strided view): recorded again, not replayed with stale strides.
+    q_t = hf_weights(1)["q"].t().contiguous().t()
+    plan.push(model, [("q", q_t)], model.load_weights)
+    assert model.calls == calls + 1
+    expected = VLLMLike()
+    expected.load_weights(list(w.items()))
+    expected.load_weights([("q", q_t)])
+    assert torch.equal(model.qkv.data, expected.qkv.data)
+    # Replayed with the new strides from now on.
+    plan.push(model, [("q", hf_weights(2)["q"].t().contiguous().t())], model.load_weights)
+    assert model.calls == calls + 1
+    expected.load_weights([("q", hf_weights(2)["q"].t().contiguous().t())])
+    assert torch.equal(model.qkv.data, expected.qkv.data)
+
+
+def test_bucketing_may_change_between_pushes():
+    reference, model, plan = VLLMLike(), VLLMLike(), CopyPlan()
+    w0 = list(hf_weights(0).items())
+    for i in range(0, len(w0), 3):  # recorded in buckets of 3
+        plan.push(model, flat_bucket(dict(w0[i : i + 3])), model.load_weights)
+    w1 = hf_weights(1)
+    plan.push(model, flat_bucket(w1), model.load_weights)  # replayed as one bucket
+    reference.load_weights(list(w1.items()))
+    for k, v in state(reference).items():
+        assert torch.equal(state(model)[k], v), k
+
+
+def test_unknown_name_is_an_error_from_the_loader_not_a_silent_skip():
+    model, plan = VLLMLike(), CopyPlan()
+    try:
+        plan.push(model, [("nope", torch.zeros(2))], model.load_weights)
+    except KeyError as e:
+        assert "nope" in str(e)
+    else:
+        raise AssertionError("an unknown weight name must reach load_weights and fail there")

@@ -55,12 +55,28 @@ class RunResult:
     start_step: int
 
 
-def sequence_logprobs(model: Any, seqs: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Sum of log-probabilities of the generated tokens of each sequence."""
+def sequence_logprobs(
+    model: Any, seqs: torch.Tensor, prompt_len: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum of log-probabilities of the generated tokens of each sequence (``mask``: 1 for a real
+    generated token, 0 for padding after a completion that stopped early)."""
     out = model(seqs)
     logits = (out if torch.is_tensor(out) else out.logits).float()[:, :-1]
-    logp = torch.log_softmax(logits, -1).gather(-1, seqs[:, 1:, None]).squeeze(-1)
-    return logp[:, prompt_len - 1 :].sum(-1)
+    logp = torch.log_softmax(logits, -1).gather(-1, seqs[:, 1:, None]).squeeze(-1)[:, prompt_len - 1 :]
+    return (logp * mask).sum(-1) if mask is not None else logp.sum(-1)
+
+
+def pad_completions(outputs: Any, new_tokens: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + completion per output, right-padded to ``new_tokens`` generated positions, and the
+    mask of real generated tokens. Engines stop a completion at its end-of-sequence token (vLLM,
+    SGLang), so completions can be shorter than ``new_tokens``."""
+    rows, mask = [], []
+    for o in outputs:
+        gen = list(o.output_token_ids)[:new_tokens]
+        pad = new_tokens - len(gen)
+        rows.append(list(o.prompt_token_ids) + gen + [pad_id] * pad)
+        mask.append([1.0] * len(gen) + [0.0] * pad)
+    return torch.tensor(rows), torch.tensor(mask)
 
 
 def build_policy(args: argparse.Namespace, seed: int) -> Any:
@@ -199,9 +215,11 @@ def _grpo_step(
     outputs = strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=sp)
     t_gen = time.perf_counter() - t0
     strategy.maybe_sleep_inference_engine()  # the engine's memory goes back to training
-    seqs = torch.tensor([o.prompt_token_ids + o.output_token_ids for o in outputs])
-    new_tokens = seqs.shape[0] * (seqs.shape[1] - PROMPT_LEN)
-    rewards = (seqs[:, PROMPT_LEN:] == args.target_token).float().mean(-1)
+    seqs, gen_mask = pad_completions(outputs, args.new_tokens)
+    new_tokens = int(gen_mask.sum())
+    # The share of the args.new_tokens positions that hold the target (a completion that stopped
+    # early scores its missing positions as misses).
+    rewards = ((seqs[:, PROMPT_LEN:] == args.target_token).float() * gen_mask).sum(-1) / args.new_tokens
     grouped = rewards.view(-1, args.group_size)
     adv = ((grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + 1e-4)).view(-1)
 
@@ -209,9 +227,10 @@ def _grpo_step(
     norm, losses, kls = None, [], []
     for start in range(0, len(seqs), args.micro_train_batch_size):
         mb = seqs[start : start + args.micro_train_batch_size].to(strategy.device)
-        logp = sequence_logprobs(actor, mb, PROMPT_LEN)
+        mb_mask = gen_mask[start : start + args.micro_train_batch_size].to(strategy.device)
+        logp = sequence_logprobs(actor, mb, PROMPT_LEN, mb_mask)
         with torch.no_grad():
-            ref_logp = sequence_logprobs(reference, mb, PROMPT_LEN)
+            ref_logp = sequence_logprobs(reference, mb, PROMPT_LEN, mb_mask)
         kl = logp - ref_logp
         loss = -(adv[start : start + len(mb)].to(logp.device) * logp).mean() + args.kl_coef * (kl**2).mean()
         strategy.backward(loss, actor, optim)

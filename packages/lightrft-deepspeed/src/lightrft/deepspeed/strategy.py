@@ -537,7 +537,9 @@ def _ensure_adam_state(zero_optimizer: Any) -> None:
     0), where it has none yet: ZeRO creates optimizer state lazily, in its first ``step``, and the
     fragment API reads and writes only existing state. Zero moments at step 0 are exactly Adam's
     starting point, so this changes no result. ZeRO-1/2 then re-link each parameter to its
-    fragments of the state (a link made before the state existed stays empty)."""
+    fragments of the state: DeepSpeed links them once, right after the first param group's first
+    step, when the other groups have no state yet, and those links stay empty (so does a link
+    made before any state existed, or before a native load replaced the state tensors)."""
     base = zero_optimizer.optimizer
     for flat in _hp_partitions(zero_optimizer):
         st = base.state[flat]

@@ -50,6 +50,13 @@ def _optimizer_summary(strategy: Any, model: Any, optim: Any) -> dict[str, Any]:
     if strategy.name == "deepspeed":
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        # ZeRO-1/2 link each parameter to its Adam state fragments after the first param group's
+        # first step, when the other groups have no state yet, and never again: link again so
+        # the fragment API reads the state the optimizer holds.
+        link = getattr(model.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            model.optimizer._hp_optimizer_states_linked = False
+            link()
         moments = {}
         for name, p in strategy.unwrap_model(model).named_parameters():
             for m in ("exp_avg", "exp_avg_sq"):

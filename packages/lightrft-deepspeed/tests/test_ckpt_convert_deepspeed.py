@@ -22,11 +22,13 @@ def _convert(src: Path, out: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # offline: nothing to join
-    cmd = [sys.executable, "-m", "lightrft.strategy.ckpt_cli", "convert", str(src), "--to", "portable", str(out)]
+    cmd = [sys.executable, "-m", "lightrft.strategy.ckpt_cli", "convert", str(src), "--to", "portable", str(out)]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_native_zero2_and_zero3_checkpoints_convert_offline_and_resume_on_fsdp_and_fake(tmp_path: Path) -> None:
+def test_native_zero2_and_zero3_checkpoints_convert_offline_and_resume_on_fsdp_and_fake(
+    tmp_path: Path,
+) -> None:
     native = run_matrix(str(tmp_path / "native"), [(2, ["ds2", "ds3"], {})], layout="native")
     converted = tmp_path / "converted"
     for name in NAMES:
@@ -47,8 +49,15 @@ def test_native_zero2_and_zero3_checkpoints_convert_offline_and_resume_on_fsdp_a
             str(src),
         )
         files = set(m["files"])
-        assert {"portable/.metadata", "lightrft_scheduler.pt", "lightrft_rank00000.pt", "lightrft_rank00001.pt"} <= files
-        assert not any(f.endswith(("model_states.pt", "optim_states.pt")) for f in files)  # nothing native left
+        wanted = (
+            "portable/.metadata",
+            "lightrft_scheduler.pt",
+            "lightrft_rank00000.pt",
+            "lightrft_rank00001.pt",
+        )
+        assert set(wanted) <= files
+        # Nothing native is left.
+        assert not any(f.endswith(("model_states.pt", "optim_states.pt")) for f in files)
         # Converting again refuses to overwrite; a portable checkpoint is not converted twice.
         again = _convert(src, converted / name / "saved")
         assert again.returncode == 1 and "exists" in again.stderr

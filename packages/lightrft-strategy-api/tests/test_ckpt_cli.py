@@ -78,7 +78,9 @@ def test_convert_to_portable_names_the_backend_and_what_it_reads(tmp_path, capsy
     assert not (tmp_path / "out").exists() and not (tmp_path / ".tmp-out").exists()
 
 
-def test_convert_a_deepspeed_checkpoint_without_lightrft_deepspeed_names_the_package(tmp_path, capsys, monkeypatch):
+def test_convert_a_deepspeed_checkpoint_without_lightrft_deepspeed_names_the_package(
+    tmp_path, capsys, monkeypatch
+):
     import sys
 
     from lightrft.strategy import integrity

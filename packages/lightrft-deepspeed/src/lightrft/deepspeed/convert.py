@@ -113,7 +113,9 @@ def portable_state(path: Path) -> tuple[dict[str, Any], Any]:
             folder = zero / raw_name
             name = clean_param_name(raw_name)
             model[name] = _tensor(folder / "fp32.pt").float().reshape(tuple(shape)).clone()
-            moments = {k: _tensor(folder / f"{k}.pt").float().reshape(tuple(shape)).clone() for k in _ADAM_KEYS}
+            moments = {
+                k: _tensor(folder / f"{k}.pt").float().reshape(tuple(shape)).clone() for k in _ADAM_KEYS
+            }
             step = _tensor(folder / "step.pt") if (folder / "step.pt").is_file() else common_step
             if step is None:
                 raise ValueError(f"{str(path)!r}: no Adam step count for {raw_name!r}")

@@ -363,7 +363,9 @@ class DeepspeedStrategy(StrategyBase):
             safe_set_full_fp32_param(p, full.to(self.device))
             if load_optimizer_states:
                 for key in _ADAM_KEYS:
-                    safe_set_full_optimizer_state(p, state["optimizer"]["state"][name][key].to(self.device), key)
+                    safe_set_full_optimizer_state(
+                        p, state["optimizer"]["state"][name][key].to(self.device), key
+                    )
         if load_optimizer_states:
             steps = {float(v["step"]) for v in state["optimizer"]["state"].values()}
             if len(steps) > 1:

@@ -152,7 +152,9 @@ def run_matrix(
             {"writers": writers, "reads": reads, "root": root, "layout": layout},
             timeout=timeout,
         )
-        out["expected"] += [f"{reader}-ws{world_size} <- {name}" for reader, names in reads.items() for name in names]
+        out["expected"] += [
+            f"{reader}-ws{world_size} <- {name}" for reader, names in reads.items() for name in names
+        ]
         for w in per_rank[0]["written"]:
             out["written"][w["name"]] = w
         for i, r in enumerate(per_rank[0]["read"]):
@@ -192,20 +194,33 @@ def resume_problems(matrix: dict[str, Any], atol: float = 1e-5, moment_atol: flo
         if want is None:
             problems.append(f"{key}: the writer's uninterrupted run was not recorded")
             continue
-        if len(got["losses"]) != RESUMED_STEPS or max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) > atol:
-            problems.append(f"{key}: resumed losses {got['losses']} != uninterrupted {want['losses']} (atol {atol})")
+        if (
+            len(got["losses"]) != RESUMED_STEPS
+            or max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) > atol
+        ):
+            problems.append(
+                f"{key}: resumed losses {got['losses']} != uninterrupted {want['losses']} (atol {atol})"
+            )
         if sorted(got["params"]) != sorted(want["params"]):
-            problems.append(f"{key}: parameter names differ: {sorted(got['params'])} != {sorted(want['params'])}")
+            problems.append(
+                f"{key}: parameter names differ: {sorted(got['params'])} != {sorted(want['params'])}"
+            )
         elif (d := _max_diff(got["params"], want["params"])) > atol:
             problems.append(f"{key}: final parameters differ by {d:.3g} (atol {atol})")
         g_opt, w_opt = got["optimizer"], want["optimizer"]
         if not (g_opt["steps"] == w_opt["steps"] == [float(SAVED_STEPS)]):
-            problems.append(f"{key}: Adam steps {g_opt['steps']} loaded, {w_opt['steps']} saved, expected [{SAVED_STEPS}.0]")
+            problems.append(
+                f"{key}: Adam steps {g_opt['steps']} loaded, {w_opt['steps']} saved, expected [{SAVED_STEPS}.0]"
+            )
         if sorted(g_opt["moments"]) != sorted(w_opt["moments"]) or not w_opt["moments"]:
-            problems.append(f"{key}: Adam moments {sorted(g_opt['moments'])} loaded, {sorted(w_opt['moments'])} saved")
+            problems.append(
+                f"{key}: Adam moments {sorted(g_opt['moments'])} loaded, {sorted(w_opt['moments'])} saved"
+            )
         elif (d := _max_diff(g_opt["moments"], w_opt["moments"])) > moment_atol:
             problems.append(f"{key}: Adam moments differ by {d:.3g} (atol {moment_atol})")
-        if len(got["lr"]) != len(want["lr"]) or any(abs(a - b) > 1e-12 * max(1.0, abs(b)) for a, b in zip(got["lr"], want["lr"])):
+        if len(got["lr"]) != len(want["lr"]) or any(
+            abs(a - b) > 1e-12 * max(1.0, abs(b)) for a, b in zip(got["lr"], want["lr"])
+        ):
             problems.append(f"{key}: learning rates {got['lr']} != saved {want['lr']}")
         if got["loader"] != want["loader"] or not want["loader"].get("consumed_samples"):
             problems.append(f"{key}: dataloader state {got['loader']} != saved {want['loader']}")

@@ -88,9 +88,14 @@ def test_convert_a_deepspeed_checkpoint_without_lightrft_deepspeed_names_the_pac
     _save_two(tmp_path / "ckpt")
     # A DeepSpeed manifest on a Fake checkpoint: the converter is looked up before any file is read.
     manifest = integrity.read_manifest(tmp_path / "ckpt" / "s2")
-    monkeypatch.setattr(integrity, "verify_checkpoint", lambda *a, **k: {**manifest, "backend": "deepspeed"})
+    ds = {**manifest, "backend": "deepspeed", "zero_stage": 2}
+    monkeypatch.setattr(integrity, "verify_checkpoint", lambda *a, **k: ds)
     monkeypatch.setitem(sys.modules, "lightrft.deepspeed.convert", None)  # import fails
     assert main(["convert", str(tmp_path / "ckpt"), "--to", "portable", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "needs lightrft-deepspeed" in err and "`uv add lightrft-deepspeed`" in err
     assert not (tmp_path / "out").exists()
+    # ZeRO-0 keeps no optimizer partitions to merge: refused, naming the field and what is valid.
+    ds["zero_stage"] = 0
+    assert main(["convert", str(tmp_path / "ckpt"), "--to", "portable", str(tmp_path / "out")]) == 1
+    assert "has zero_stage=0" in (err := capsys.readouterr().err) and "reads ZeRO stages 1, 2 and 3" in err

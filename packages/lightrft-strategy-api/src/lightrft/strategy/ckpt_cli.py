@@ -186,6 +186,13 @@ def _to_portable(path: Path, manifest: dict[str, Any], out: Path) -> dict[str, A
             "native 'fsdp' and 'deepspeed' checkpoints",
             path=str(path),
         )
+    if backend == "deepspeed" and manifest.get("zero_stage") not in (1, 2, 3):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has zero_stage={manifest.get('zero_stage')!r}; offline conversion of a "
+            "DeepSpeed checkpoint to the portable layout reads ZeRO stages 1, 2 and 3 (their optimizer "
+            "partitions); convert --to hf takes the weights of any stage",
+            path=str(path),
+        )
     if out.exists():
         raise FileExistsError(f"{str(out)!r} exists: convert writes a new checkpoint directory")
     staging = out.parent / f"{ckpt.TMP_PREFIX}{out.name}"

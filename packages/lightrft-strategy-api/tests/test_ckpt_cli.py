@@ -68,3 +68,34 @@ def test_convert_to_hf_safetensors(tmp_path, capsys):
 def test_missing_path_is_an_error_not_a_traceback(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nope")]) == 1
     assert "lightrft-ckpt verify:" in capsys.readouterr().err
+
+
+def test_convert_to_portable_names_the_backend_and_what_it_reads(tmp_path, capsys):
+    _save_two(tmp_path / "ckpt")
+    assert main(["convert", str(tmp_path / "ckpt"), "--to", "portable", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "has backend='fake'" in err and "reads native 'fsdp' and 'deepspeed' checkpoints" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".tmp-out").exists()
+
+
+def test_convert_a_deepspeed_checkpoint_without_lightrft_deepspeed_names_the_package(
+    tmp_path, capsys, monkeypatch
+):
+    import sys
+
+    from lightrft.strategy import integrity
+
+    _save_two(tmp_path / "ckpt")
+    # A DeepSpeed manifest on a Fake checkpoint: the converter is looked up before any file is read.
+    manifest = integrity.read_manifest(tmp_path / "ckpt" / "s2")
+    ds = {**manifest, "backend": "deepspeed", "zero_stage": 2}
+    monkeypatch.setattr(integrity, "verify_checkpoint", lambda *a, **k: ds)
+    monkeypatch.setitem(sys.modules, "lightrft.deepspeed.convert", None)  # import fails
+    assert main(["convert", str(tmp_path / "ckpt"), "--to", "portable", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "needs lightrft-deepspeed" in err and "`uv add lightrft-deepspeed`" in err
+    assert not (tmp_path / "out").exists()
+    # ZeRO-0 keeps no optimizer partitions to merge: refused, naming the field and what is valid.
+    ds["zero_stage"] = 0
+    assert main(["convert", str(tmp_path / "ckpt"), "--to", "portable", str(tmp_path / "out")]) == 1
+    assert "has zero_stage=0" in (err := capsys.readouterr().err) and "reads ZeRO stages 1, 2 and 3" in err

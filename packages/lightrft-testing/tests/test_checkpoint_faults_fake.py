@@ -20,3 +20,30 @@ def test_sigkill_at_random_points_of_save_never_loses_a_complete_checkpoint(tmp_
     # The last round only loads: the newest complete checkpoint, bit for bit.
     last = result["trials"][-1]
     assert last["exits"] == {"0": "exit 0"} and last["ranks"]["0"]["loaded"] == result["trials"][-2]["latest"]
+
+
+def _one_killed_trial(error: str, rank: str = "1", in_killed_save: bool = True) -> dict:
+    log = {"trial": 0, "rank": int(rank), "in_killed_save": in_killed_save, "error": error}
+    ranks = {"0": {"trial": 0, "rank": 0}, "1": {"trial": 0, "rank": 1}}
+    ranks[rank] = log
+    trial = {
+        "trial": 0, "victim": 0, "exits": {"0": "signal 9", "1": "exit 1"}, "ranks": ranks,
+        "published": ["t000a"], "latest": "t000a", "verify_errors": {}, "phase": "writing",
+    }  # fmt: skip
+    return {"world_size": 2, "trials": [trial]}
+
+
+GLOO_PEER_DIED = (
+    "Traceback (most recent call last):\n  ...\nRuntimeError: [gloo/transport/tcp/pair.cc:561] "
+    "Connection closed by peer [127.0.0.1]:26791. This is typically caused by a remote worker crashing."
+)
+
+
+def test_a_survivor_may_fail_only_on_its_dead_peer_during_the_killed_save() -> None:
+    assert crash_problems(_one_killed_trial(GLOO_PEER_DIED)) == []
+    # Another error of the survivor in the same save is a bug, not the crash.
+    bug = "Traceback (most recent call last):\n  ...\nKeyError: 'exp_avg'"
+    assert [p.splitlines()[0] for p in crash_problems(_one_killed_trial(bug))] == ["trial 0 rank 1 failed:"]
+    # The peer-lost error outside the killed save, or on the victim itself, is a problem too.
+    assert crash_problems(_one_killed_trial(GLOO_PEER_DIED, in_killed_save=False))
+    assert crash_problems(_one_killed_trial(GLOO_PEER_DIED, rank="0"))

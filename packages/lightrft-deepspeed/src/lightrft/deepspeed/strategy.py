@@ -272,16 +272,26 @@ class DeepspeedStrategy(StrategyBase):
                     os.replace(path.parent / script, path / script)
 
     # The portable layout from DeepSpeed: full fp32 weights and Adam moments per parameter name,
-    # gathered one parameter at a time through DeepSpeed's fragment API (collective under ZeRO),
-    # in the format of torch's get_state_dict so FSDP and Fake read it (and this reads theirs).
+    # gathered (saving) or scattered (loading) one parameter at a time through DeepSpeed's public
+    # fragment API (deepspeed.utils.safe_{get,set}_full_{fp32_param,optimizer_state}; collective
+    # under ZeRO), in the format of torch's get_state_dict so FSDP and Fake read it (and this
+    # reads theirs). The API needs Adam state to exist: _ensure_adam_state creates it first.
     def _zero_groups(self, engine: Any) -> list[list[nn.Parameter]]:
+        """The trained parameters by optimizer param group (ZeRO-3 sub-groups merged back into
+        the param group they belong to)."""
         opt = engine.optimizer
-        groups = getattr(opt, "bit16_groups", None) or getattr(opt, "fp16_groups", None)
-        if groups is None or self.stage == 0:
+        if self.stage == 3 and hasattr(opt, "fp16_groups"):
+            groups: list[list[nn.Parameter]] = [[] for _ in opt.optimizer.param_groups]
+            for sub, params in enumerate(opt.fp16_groups):
+                groups[opt.sub_group_to_group_id[sub]].extend(params)
+            return groups
+        bit16 = getattr(opt, "bit16_groups", None)
+        if bit16 is None or self.stage == 0:
             raise NotImplementedError(
-                f"layout='portable' with DeepSpeed needs ZeRO stage 1, 2 or 3 (zero_stage={self.stage})"
+                f"layout='portable' with DeepSpeed needs ZeRO stage 1, 2 or 3 (zero_stage={self.stage}); "
+                "save with layout='native' or train with zero_stage 1, 2 or 3"
             )
-        return groups
+        return bit16
 
     def _save_portable(self, model: Any, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict_saver import save
@@ -291,8 +301,8 @@ class DeepspeedStrategy(StrategyBase):
         engine = self._engine_of(model)
         names = {id(p): clean_param_name(n) for n, p in engine.module.named_parameters()}
         groups = self._zero_groups(engine)
-        _link_optimizer_fragments(engine.optimizer)
-        step = _adam_step(engine.optimizer.optimizer)
+        _ensure_adam_state(engine.optimizer)
+        step = _adam_step(engine.optimizer)
         model_sd: dict[str, torch.Tensor] = {}
         optim_state: dict[str, dict[str, torch.Tensor]] = {}
         for group in groups:
@@ -301,12 +311,12 @@ class DeepspeedStrategy(StrategyBase):
                 model_sd[name] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
                 optim_state[name] = {
                     key: safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
-                    for key in ("exp_avg", "exp_avg_sq")
+                    for key in _ADAM_KEYS
                 }
-                optim_state[name]["step"] = torch.tensor(float(step))
+                optim_state[name]["step"] = torch.tensor(step)
         param_groups = [
             {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in group]}
-            for g, group in zip(engine.optimizer.param_groups, groups)
+            for g, group in zip(engine.optimizer.optimizer.param_groups, groups)
         ]
         state = {"model": model_sd, "optimizer": {"state": optim_state, "param_groups": param_groups}}
         save(state, checkpoint_id=str(path / portable.PORTABLE_DIR), no_dist=self.world_size == 1)
@@ -343,10 +353,8 @@ class DeepspeedStrategy(StrategyBase):
             planner=DefaultLoadPlanner(allow_partial_load=not load_module_strict),
             no_dist=self.world_size == 1,
         )
-        base_optimizer = engine.optimizer.optimizer
         if load_optimizer_states:
-            _init_adam_state(base_optimizer)
-            _link_optimizer_fragments(engine.optimizer)
+            _ensure_adam_state(engine.optimizer)
         for p in params:
             name = names[id(p)]
             full = state["model"][name]
@@ -354,14 +362,18 @@ class DeepspeedStrategy(StrategyBase):
                 p.data.copy_(full.to(p.dtype).view_as(p.data))
             safe_set_full_fp32_param(p, full.to(self.device))
             if load_optimizer_states:
-                for key in ("exp_avg", "exp_avg_sq"):
+                for key in _ADAM_KEYS:
                     safe_set_full_optimizer_state(
                         p, state["optimizer"]["state"][name][key].to(self.device), key
                     )
         if load_optimizer_states:
             steps = {float(v["step"]) for v in state["optimizer"]["state"].values()}
-            for st in base_optimizer.state.values():
-                st["step"] = torch.tensor(max(steps, default=0.0))
+            if len(steps) > 1:
+                raise ValueError(
+                    f"the portable checkpoint's Adam step counts differ between parameters ({sorted(steps)}); "
+                    "DeepSpeed keeps one step count per flat partition, so they must be equal"
+                )
+            _set_adam_step(engine.optimizer, steps.pop() if steps else 0.0)
         train = self._train_states.get(id(model))
         sched_file = path / portable.SCHEDULER_FILE
         if (
@@ -542,34 +554,66 @@ class DeepspeedStrategy(StrategyBase):
                 yield tensors
 
 
-def _adam_step(optimizer: Optimizer) -> float:
-    """The step count of a torch Adam over ZeRO's flat partitions (the same for all of them)."""
-    for st in optimizer.state.values():
-        if "step" in st:
-            return float(st["step"])
-    return 0.0
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _link_optimizer_fragments(zero_optimizer: Any) -> None:
-    """ZeRO-1/2 map each parameter to its Adam state fragments only inside DeepSpeed's own step
-    (``_lazy_init_hp_params_optimizer_state``); the fragment API needs that map, so make it now."""
+def _hp_partitions(zero_optimizer: Any) -> list[torch.Tensor]:
+    """The flat fp32 partitions ZeRO's base optimizer steps (its Adam state is keyed by them):
+    ZeRO-1/2 ``single_partition_of_fp32_groups``, ZeRO-3 ``fp32_partitioned_groups_flat`` (which
+    ZeRO-3 puts into the base optimizer's param groups only for the duration of a step)."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        flat = getattr(zero_optimizer, attr, None)
+        if flat is not None:
+            return list(flat)
+    raise NotImplementedError(f"{type(zero_optimizer).__name__} is not a ZeRO-1/2/3 optimizer")
+
+
+def _ensure_adam_state(zero_optimizer: Any) -> None:
+    """Gives every flat partition the Adam state its first step would create (zero moments, step
+    0), where it has none yet: ZeRO creates optimizer state lazily, in its first ``step``, and the
+    fragment API reads and writes only existing state. Zero moments at step 0 are exactly Adam's
+    starting point, so this changes no result. ZeRO-1/2 then re-link each parameter to its
+    fragments of the state: DeepSpeed links them once, right after the first param group's first
+    step, when the other groups have no state yet, and those links stay empty (so does a link
+    made before any state existed, or before a native load replaced the state tensors)."""
+    base = zero_optimizer.optimizer
+    for flat in _hp_partitions(zero_optimizer):
+        st = base.state[flat]
+        if not all(k in st for k in _ADAM_KEYS):
+            st.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+            for key in _ADAM_KEYS:
+                st.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
     link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        # Linked once, possibly while the Adam state was still empty: link again.
+    if link is not None:  # ZeRO-1/2; a native load may also have replaced the state tensors
         zero_optimizer._hp_optimizer_states_linked = False
         link()
 
 
-def _init_adam_state(optimizer: Optimizer) -> None:
-    """Zero Adam states for ZeRO's flat partitions that have none yet (before the first step)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not optimizer.state.get(p):
-                optimizer.state[p] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
+def _adam_step(zero_optimizer: Any) -> float:
+    """The step count of the Adam under ZeRO (the same for every flat partition): in the param
+    groups for optimizers that keep it there (DeepSpeed's FusedAdam), else in the state."""
+    base = zero_optimizer.optimizer
+    for group in base.param_groups:
+        if "step" in group:
+            return float(group["step"])
+    for flat in _hp_partitions(zero_optimizer):
+        if "step" in base.state.get(flat, {}):
+            return float(base.state[flat]["step"])
+    return 0.0
+
+
+def _set_adam_step(zero_optimizer: Any, step: float) -> None:
+    """Sets the step count where :func:`_adam_step` reads it (keeping its type: tensor or int)."""
+    base = zero_optimizer.optimizer
+    for group in base.param_groups:
+        if "step" in group:
+            group["step"] = int(step) if isinstance(group["step"], int) else step
+    for flat in _hp_partitions(zero_optimizer):
+        st = base.state[flat]
+        if torch.is_tensor(st.get("step")):
+            st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
+        elif "step" in st:
+            st["step"] = int(step) if isinstance(st["step"], int) else step
 
 
 def _deepspeed_safe_globals() -> list[Any]:

@@ -595,6 +595,7 @@ class StrategyBase(ABC):
                 f"({type(e).__name__}: {e}); the model and optimizer may be partly loaded",
                 path=str(path),
             )
+            failure.__cause__ = e  # the traceback of what failed travels with the agreed error
         integrity.agree(failure, self.all_gather_object)
         if rank_state is not None:
             if rank_state["world_size"] == self.world_size:

@@ -6,10 +6,10 @@
   1 and the reason when a checkpoint is damaged.
 - ``lightrft-ckpt convert PATH --to hf OUT [--hf-config DIR]``: the model weights of a native
   Fake, FSDP (DCP) or DeepSpeed (ZeRO 0-3) checkpoint as a Hugging Face safetensors directory.
-- ``lightrft-ckpt convert PATH --to portable OUT``: a native FSDP checkpoint as the portable layout
-  (its DCP files are already keyed by parameter name: renamed, not rewritten), loadable by every
-  backend. A DeepSpeed checkpoint becomes portable online: ``load_ckpt`` it with DeepspeedStrategy,
-  then ``save_ckpt(..., layout="portable")``.
+- ``lightrft-ckpt convert PATH --to portable OUT``: a native FSDP or DeepSpeed (ZeRO 1-3)
+  checkpoint as the portable layout, loadable by every backend at any world size. FSDP's DCP files
+  are already keyed by parameter name (renamed, not rewritten); DeepSpeed's partitions are merged
+  per parameter by DeepSpeed's ``ds_to_universal`` (needs lightrft-deepspeed installed).
 
 ``PATH`` is a checkpoint directory, or a save directory (its ``latest`` checkpoint, or every one
 with ``verify --all``).
@@ -18,6 +18,7 @@ with ``verify --all``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +37,8 @@ from .weights import clean_param_name
 FAKE_STATE = "fake_state.pt"
 DCP_DIR = "dcp"
 DS_MODEL_STATES = "mp_rank_00_model_states.pt"
+LIGHTRFT_PREFIX = "lightrft_"
+"""LightRFT's own files in a checkpoint (per-rank state, client state), whatever the backend."""
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
 
@@ -160,26 +163,61 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return status
 
 
+def _deepspeed_writer() -> Any:
+    try:
+        from lightrft.deepspeed.convert import write_portable
+    except ImportError as e:
+        raise ImportError(
+            "converting a DeepSpeed checkpoint needs lightrft-deepspeed (and DeepSpeed): "
+            "`uv add lightrft-deepspeed`"
+        ) from e
+    return write_portable
+
+
 def _to_portable(path: Path, manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     from .portable import PORTABLE_DIR, SCHEDULER_FILE
 
+    backend = manifest.get("backend")
     if manifest.get("layout") == "portable":
         raise CheckpointError(f"checkpoint {str(path)!r} has the portable layout already", path=str(path))
-    if manifest.get("backend") != "fsdp":
+    if backend not in ("fsdp", "deepspeed"):
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is a native {manifest.get('backend')!r} checkpoint; offline conversion to the "
-            "portable layout reads native FSDP checkpoints (for DeepSpeed: load_ckpt it with DeepspeedStrategy, then "
-            "save_ckpt(..., layout='portable'))",
+            f"checkpoint {str(path)!r} has backend={backend!r}; offline conversion to the portable layout reads "
+            "native 'fsdp' and 'deepspeed' checkpoints",
+            path=str(path),
+        )
+    if backend == "deepspeed" and manifest.get("zero_stage") not in (1, 2, 3):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has zero_stage={manifest.get('zero_stage')!r}; offline conversion of a "
+            "DeepSpeed checkpoint to the portable layout reads ZeRO stages 1, 2 and 3 (their optimizer "
+            "partitions); convert --to hf takes the weights of any stage",
             path=str(path),
         )
     if out.exists():
         raise FileExistsError(f"{str(out)!r} exists: convert writes a new checkpoint directory")
     staging = out.parent / f"{ckpt.TMP_PREFIX}{out.name}"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(path, staging, ignore=shutil.ignore_patterns(integrity.MANIFEST))
-    os.replace(staging / DCP_DIR, staging / PORTABLE_DIR)
-    if (staging / "lr_scheduler.pt").is_file():
-        os.replace(staging / "lr_scheduler.pt", staging / SCHEDULER_FILE)
+    if backend == "fsdp":
+        # FSDP's DCP files are keyed by parameter name already: renamed, not rewritten.
+        shutil.copytree(path, staging, ignore=shutil.ignore_patterns(integrity.MANIFEST))
+        os.replace(staging / DCP_DIR, staging / PORTABLE_DIR)
+        if (staging / "lr_scheduler.pt").is_file():
+            os.replace(staging / "lr_scheduler.pt", staging / SCHEDULER_FILE)
+    else:
+        # DeepSpeed's partitions are merged per parameter (its ds_to_universal); LightRFT's own
+        # files (per-rank RNG / dataloader / train state, client state) are copied as they are.
+        # DeepSpeed logs (and its converter prints) on stdout, which is this command's report.
+        with contextlib.redirect_stdout(sys.stderr):
+            write_portable = _deepspeed_writer()
+            staging.mkdir(parents=True)
+            for rel in integrity.list_files(path):
+                if rel.startswith(LIGHTRFT_PREFIX):
+                    shutil.copy2(path / rel, staging / rel)
+            try:
+                write_portable(path, staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
     algorithm = manifest["algorithm"]
     files = {
         rel: {"size": (staging / rel).stat().st_size, "hash": integrity.file_digest(staging / rel, algorithm)}
@@ -237,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes-only", action="store_true", help="skip the checksums (a stat per file)")
     p.set_defaults(fn=cmd_verify)
     p = sub.add_parser(
-        "convert", help="a native checkpoint's model weights as a Hugging Face safetensors directory"
+        "convert",
+        help="a native checkpoint's model weights as a Hugging Face safetensors directory (--to hf), or the "
+        "whole checkpoint in the portable layout (--to portable: FSDP, DeepSpeed ZeRO 1-3)",
     )
     p.add_argument("path")
     p.add_argument("--to", choices=["hf", "portable"], required=True, help="target format")
@@ -255,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (CheckpointError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"lightrft-ckpt {args.command}: {e}", file=sys.stderr)
         return 1
 

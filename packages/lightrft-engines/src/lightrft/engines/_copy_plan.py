@@ -163,8 +163,7 @@ class CopyPlan:
         replay = [(n, t) for n, t in bucket if n not in self.refused and self._matches(n, t)]
         rest = [(n, t) for n, t in bucket if not (n not in self.refused and self._matches(n, t))]
         with torch.no_grad():
-            for name, t in replay:
-                self._replay(name, t)
+            self._replay(replay)
         self.stats["replayed"] += len(replay)
         if rest:
             fresh = [(n, t) for n, t in rest if n not in self.refused]
@@ -204,12 +203,42 @@ class CopyPlan:
             self.entries[n] = _Entry(tuple(t.shape), tuple(t.stride()), t.dtype, owned.get(n, []))
         self.stats["recorded"] += len(bucket)
 
-    def _replay(self, name: str, t: torch.Tensor) -> None:
-        for w in self.entries[name].writes:
-            args = [
-                t.as_strided(a[1], a[2], t.storage_offset() + a[3])
-                if isinstance(a, tuple) and len(a) == 5 and a[0] == "src"
-                else a
-                for a in w.args
-            ]
-            w.op(w.dst, *args)
+    def _replay(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Re-applies the recorded writes of ``named`` in order; runs of plain copies go to the
+        device as one ``_foreach_copy_`` (a write that is not a copy ends a run, and a copy whose
+        target overlaps one already in the run starts a new one, so the order is kept)."""
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        spans: list[tuple[int, int]] = []
+
+        def flush() -> None:
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+                dsts.clear(), srcs.clear(), spans.clear()
+
+        for name, t in named:
+            for w in self.entries[name].writes:
+                args = [
+                    t.as_strided(a[1], a[2], t.storage_offset() + a[3])
+                    if isinstance(a, tuple) and len(a) == 5 and a[0] == "src"
+                    else a
+                    for a in w.args
+                ]
+                if w.op is torch.ops.aten.copy_.default and len(args) == 1:
+                    span = _span(w.dst)
+                    if any(lo < span[1] and span[0] < hi for lo, hi in spans):
+                        flush()
+                    dsts.append(w.dst)
+                    srcs.append(args[0])
+                    spans.append(span)
+                else:
+                    flush()
+                    w.op(w.dst, *args)
+        flush()
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes of ``t``'s storage that ``t`` can touch (a conservative range for overlap)."""
+    start = t.data_ptr()
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0) + 1
+    return start, start + extent * t.element_size()

@@ -44,6 +44,8 @@ class VLLMEngine:
     #: Every bucket is copied into the in-process workers before the next is asked for, so the
     #: strategy may hand out its gathered buffers without a copy (``transient`` buckets).
     consumes_buckets_at_once = True
+    #: update_weights ends with reset_prefix_cache(): the lifecycle need not call it again.
+    resets_prefix_cache_on_update = True
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class VLLMEngine:
         self.tp_group, self.tp_ranks = _common.engine_tp_groups(cfg.engine_tp_size)
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
+        self._on_cpu = compat.on_cpu()
         self._sleep_ok = compat.sleep_supported() and cfg.enable_engine_sleep
         if self._sleep_ok and _common.expandable_segments_enabled():
             raise RuntimeError(
@@ -163,7 +166,8 @@ class VLLMEngine:
             if bucket:
                 self.llm.collective_rpc("lrft_load_weights", args=(bucket,))
                 seen.update(n for n, _ in bucket)
-        self.llm.collective_rpc("lrft_finish_update")
+        if self._on_cpu:
+            self.llm.collective_rpc("lrft_finish_update")  # the CPU backend reloads and repacks here
         if self._needs_push and self._expected_names:
             missing = self._expected_names - seen
             if missing:

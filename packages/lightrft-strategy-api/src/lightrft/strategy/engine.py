@@ -95,6 +95,7 @@ class InferenceEngine(Protocol):
     #   strategy casts (sharded backends: before gathering) and sends that dtype.
     # - ``consumes_buckets_at_once: bool``: update_weights copies each bucket before asking for the
     #   next (in this process, in stream order), so buckets may be ``transient``.
+    # - ``resets_prefix_cache_on_update: bool``: update_weights resets the prefix cache itself.
 
 
 _PROTOCOL_MEMBERS = (
@@ -236,7 +237,7 @@ class EngineLifecycle:
         if engine.is_sleeping:
             engine.wake_up(tags=None)
         reset = getattr(engine, "reset_prefix_cache", None)
-        if callable(reset):
+        if callable(reset) and not getattr(engine, "resets_prefix_cache_on_update", False):
             reset()
         self.strategy.barrier()
         return True

@@ -275,9 +275,20 @@ def _run_world(
         pids[pid] = rank
     statuses: dict[int, str] = {}
     deadline = time.monotonic() + 300
-    while len(statuses) < world_size:
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid == 0:
+    while len([r for r in statuses if r >= 0]) < world_size:
+        # Only the ranks' own pids: waitpid(-1) would also reap (and lose) other children of this
+        # process, e.g. a pytest process's helpers, and then fail on a pid it does not know.
+        ended = []
+        for pid, rank in pids.items():
+            if rank not in statuses and (done := os.waitpid(pid, os.WNOHANG))[0] != 0:
+                status = done[1]
+                statuses[rank] = (
+                    f"signal {os.WTERMSIG(status)}"
+                    if os.WIFSIGNALED(status)
+                    else f"exit {os.WEXITSTATUS(status)}"
+                )
+                ended.append(rank)
+        if not ended:
             if time.monotonic() > deadline:
                 for p in pids:
                     if pids[p] not in statuses:
@@ -285,10 +296,6 @@ def _run_world(
                 statuses.setdefault(-1, "timeout")
             time.sleep(0.01)
             continue
-        rank = pids[pid]
-        statuses[rank] = (
-            f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
-        )
         if not load_only:  # one rank is gone: stop the others, as torchrun does
             for p, r in pids.items():
                 if r not in statuses:

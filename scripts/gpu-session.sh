@@ -96,6 +96,6 @@ demo-sglang)
   cp /tmp/demo-sglang/reward_curve.png "$OUT/demo_sglang_reward.png" 2>/dev/null; exit $rc
   ;;
 *)
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2
   ;;
 esac

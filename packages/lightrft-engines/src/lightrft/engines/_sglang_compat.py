@@ -35,9 +35,10 @@ Version facts this module encodes:
   torch before pytorch PR #191989 (August 2026; torch 2.11 is older) then makes *every* rank a
   client of a store at that port that nobody hosts: the scheduler waits in connect-retry until the
   store timeout (10 min on NCCL) while ``Engine()`` sits in ``_wait_for_scheduler_ready``, which is
-  how both torchrun jobs of the 2026-11-27 GPU session hung. AReaL and slime set the variable to
-  False before their own ``tcp://`` groups; LMFlow removes torchrun's whole set before it starts an
-  engine subprocess. We remove the set for the duration of ``Engine()`` (the only time SGLang
+  how both torchrun jobs of the 2026-11-27 GPU session hung. AReaL (its per-pipeline-stage NCCL
+  weight update) sets the variable to False before its own ``tcp://`` groups; LMFlow removes
+  torchrun's whole set (``MEMORY_SAFE_VLLM_INFERENCE_ENV_VAR_TO_REMOVE``) before it starts an engine
+  subprocess. We remove the set for the duration of ``Engine()`` (the only time SGLang
   spawns) and restore it afterwards.
 - Logging (:func:`logging_config`): ``configure_logger`` (``srt/utils/common.py``, 0.5.12 to 0.5.23)
   loads ``SGLANG_LOGGING_CONFIG_PATH`` (a ``logging.config.dictConfig`` JSON) in the engine's

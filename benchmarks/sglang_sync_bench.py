@@ -22,6 +22,11 @@ once. For each backend:
 It checks what it measures: SGLang's copy of the weights equals the trained ones (bf16, exact)
 after each backend's push, the release frees >= 90 % of the engine's memory, and outputs are
 identical after resume + push. Rank 0 prints a table and writes ``--out`` (JSON).
+
+SGLang's log: ``LIGHTRFT_SGLANG_LOG_DIR`` / ``LIGHTRFT_SGLANG_LOG_LEVEL`` (scripts/gpu-sglang.sh sets
+``$OUT/sglang-logs`` and ``info``); the engine start fails after ``LIGHTRFT_SGLANG_START_TIMEOUT``
+seconds with the last scheduler lines and stacks. Decode CUDA graphs are captured up to
+``--prompts`` requests (the batch this script generates).
 """
 
 from __future__ import annotations
@@ -123,6 +128,8 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = first.setup_inference_engine(model=engine_model, **graphs)
     res["engine_start_s"] = time.perf_counter() - t0
+    if engine.is_leader:
+        print(f"rank {rank}: SGLang log {engine.log_path}", flush=True)
     res["sglang"] = ".".join(map(str, engine.version))
     del engine_model
     torch.cuda.empty_cache()

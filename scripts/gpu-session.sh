@@ -10,7 +10,10 @@
 #              bash scripts/gpu-session.sh stash vllm56/partNN   (or sglang56/partNN)
 #   then     bash scripts/gpu-session.sh vllm     (waits for the benchmark, installs vLLM, runs
 #                                                  scripts/gpu-vllm.sh and the demo with vllm)
-#            bash scripts/gpu-session.sh sglang   (installs SGLang, runs scripts/gpu-sglang.sh)
+#            bash scripts/gpu-session.sh sglang-probe (installs SGLang, runs scripts/gpu-sglang-probe.py:
+#                                                  which start-up configuration works; <= 540 s)
+#            bash scripts/gpu-session.sh sglang-tests (scripts/gpu-sglang.sh tests; <= 450 s)
+#            bash scripts/gpu-session.sh sglang-bench (scripts/gpu-sglang.sh bench; <= 300 s)
 #            bash scripts/gpu-session.sh demo-sglang
 # Everything stays in /tmp while the machine is warm (30 s after a call): no gaps between calls.
 set -uo pipefail
@@ -70,12 +73,18 @@ vllm)
   export PYTHONPATH=/tmp/site:/tmp/vsite:/tmp/dsite
   OUT=$OUT bash scripts/gpu-vllm.sh
   ;;
-sglang)
+sglang-probe|sglang-tests|sglang-bench)
   install_workspace || exit 1
   [ -d /tmp/ssite ] || BUNDLE=/tmp/sb SITE=/tmp/ssite bash /tmp/sb/part01/assemble.sh > "$OUT/sglang_install.log" 2>&1 \
     || { tail -20 "$OUT/sglang_install.log"; exit 1; }
   export PYTHONPATH=/tmp/site:/tmp/ssite:/tmp/dsite
-  OUT=$OUT bash scripts/gpu-sglang.sh
+  unset PYTORCH_CUDA_ALLOC_CONF
+  case "$1" in
+  sglang-probe) python3 scripts/gpu-sglang-probe.py --out "$OUT/probe" --budget "${PROBE_BUDGET_S:-520}" \
+                  ${PROBE_ONLY:+--only "$PROBE_ONLY"} ;;
+  sglang-tests) OUT=$OUT bash scripts/gpu-sglang.sh tests ;;
+  sglang-bench) OUT=$OUT bash scripts/gpu-sglang.sh bench ;;
+  esac
   ;;
 demo-sglang)
   export PYTHONPATH=/tmp/site:/tmp/ssite:/tmp/dsite
@@ -87,6 +96,6 @@ demo-sglang)
   cp /tmp/demo-sglang/reward_curve.png "$OUT/demo_sglang_reward.png" 2>/dev/null; exit $rc
   ;;
 *)
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2
   ;;
 esac

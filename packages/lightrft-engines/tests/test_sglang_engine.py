@@ -26,8 +26,12 @@ from lightrft.testing import make_tiny_llama, run_distributed
 transformers = pytest.importorskip("transformers")
 
 # ServerArgs fields of the releases the double imitates (only the ones the engine looks at).
-FIELDS_0_5_12 = frozenset({"model_path", "disable_piecewise_cuda_graph", "enable_weights_cpu_backup"})
-FIELDS_0_5_16 = frozenset({"model_path", "cuda_graph_backend_prefill", "enable_weights_cpu_backup"})
+FIELDS_0_5_12 = frozenset(
+    {"model_path", "disable_piecewise_cuda_graph", "enable_weights_cpu_backup", "cuda_graph_max_bs"}
+)
+FIELDS_0_5_16 = frozenset(
+    {"model_path", "cuda_graph_backend_prefill", "enable_weights_cpu_backup", "cuda_graph_max_bs_decode"}
+)
 
 
 class RecordingSGLangEngine:
@@ -161,8 +165,15 @@ class RecordingSGLangRuntime:
         self.server_fields = fields
         self.engines: list[RecordingSGLangEngine] = []
         self.sender_prepared = 0
+        #: ``os.environ`` while each engine was created (what SGLang's schedulers would inherit).
+        self.env_at_create: list[dict[str, str]] = []
+        #: Called before each engine is built (a test's stand-in for a slow or hanging start).
+        self.on_create: Any = None
 
     def create_engine(self, **server_args: Any) -> RecordingSGLangEngine:
+        self.env_at_create.append(dict(os.environ))
+        if self.on_create is not None:
+            self.on_create()
         cls = RecordingSGLangEngine if self.version >= (0, 5, 21) else RecordingSGLangEngineBefore0521
         engine = cls(self, **server_args)
         self.engines.append(engine)
@@ -272,6 +283,65 @@ def test_compat_version_rules() -> None:
         "disable_cuda_graph": True,
         "disable_piecewise_cuda_graph": True,
     }
+    # decode graphs: up to the next power of two of an RL engine's concurrency, in [8, 256]
+    assert [compat.rl_decode_graph_max_bs(c) for c in (1, 8, 9, 48, 1000)] == [8, 8, 16, 64, 256]
+    assert compat.decode_graph_args(FIELDS_0_5_16, 16, {}) == {"cuda_graph_max_bs_decode": 16}
+    assert compat.decode_graph_args(FIELDS_0_5_12, 16, {}) == {"cuda_graph_max_bs": 16}
+    for chosen in ("cuda_graph_max_bs", "cuda_graph_bs_decode", "disable_cuda_graph", "cuda_graph_config"):
+        assert compat.decode_graph_args(FIELDS_0_5_16, 16, {chosen: 1}) == {}
+    # float32 has no fa3 kernels: triton, unless the caller chose
+    assert compat.attention_args("float32", {}) == {"attention_backend": "triton"}
+    assert compat.attention_args("bfloat16", {}) == {}
+    assert compat.attention_args("float32", {"attention_backend": "flashinfer"}) == {}
+
+
+def test_scheduler_env_removes_torchruns_variables_and_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    torchrun = {
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RUN_ID": "x",
+    }
+    for k, v in torchrun.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PYTHONPATH", "/keep")
+    changes = compat.scheduler_env(os.environ, "/tmp/cfg.json")
+    assert changes == {**{k: None for k in torchrun}, "SGLANG_LOGGING_CONFIG_PATH": "/tmp/cfg.json"}
+    monkeypatch.delenv("SGLANG_LOGGING_CONFIG_PATH", raising=False)
+    with compat.scoped_env(changes):
+        assert not set(torchrun) & set(os.environ)
+        assert (
+            os.environ["SGLANG_LOGGING_CONFIG_PATH"] == "/tmp/cfg.json"
+            and os.environ["PYTHONPATH"] == "/keep"
+        )
+    assert {k: os.environ[k] for k in torchrun} == torchrun and "SGLANG_LOGGING_CONFIG_PATH" not in os.environ
+
+
+def test_logging_config_leaves_other_loggers_alone(tmp_path: Path) -> None:
+    import logging
+    import logging.config
+
+    other = logging.getLogger("lightrft-test-other")
+    handler = logging.StreamHandler()
+    other.addHandler(handler)
+    root_handlers = list(logging.getLogger().handlers)
+    log = tmp_path / "s.log"
+    logging.config.dictConfig(compat.logging_config(str(log), "warning"))
+    try:
+        logging.getLogger("sglang.srt.managers.scheduler").info("Load weight end")
+        logging.getLogger("sglang.srt.managers.scheduler").debug("not in the file")
+        assert "Load weight end" in log.read_text() and "not in the file" not in log.read_text()
+        assert not other.disabled and handler in other.handlers
+        assert logging.getLogger().handlers == root_handlers
+        assert not (tmp_path / "s.log.stacks").exists()  # faulthandler is moved in SGLang's children only
+    finally:
+        for h in logging.getLogger("sglang").handlers:
+            h.close()
+        logging.getLogger("sglang").handlers.clear()
+        other.removeHandler(handler)
 
 
 def test_sampling_dict() -> None:
@@ -340,6 +410,10 @@ def test_server_args_from_strategy_config() -> None:
     assert args["enable_memory_saver"] is True and args["load_format"] == "dummy"
     assert args["cuda_graph_backend_prefill"] == "disabled" and "enable_weights_cpu_backup" not in args
     assert "disable_cuda_graph" not in args  # CUDA graphs stay on by default (decode)
+    # decode graphs up to micro_rollout_batch_size (8) x n_samples_per_prompt (1) x engine_tp_size (1)
+    assert args["cuda_graph_max_bs_decode"] == 8 and "attention_backend" not in args
+    assert args["log_level"] == "warning" and engine.log_path is not None
+    assert engine.log_path.name.endswith(".log")
     assert double.payload_dtypes == {torch.bfloat16}  # the initial push was cast once, to bf16
     path = args["model_path"]
     strategy.engine_lifecycle.shutdown()
@@ -353,10 +427,94 @@ def test_server_args_version_0_5_12_sleep_level_1_and_caller_overrides() -> None
     assert args["disable_piecewise_cuda_graph"] is True and "cuda_graph_backend_prefill" not in args
     assert args["enable_weights_cpu_backup"] is True and args["context_length"] == 64
     assert args["mem_fraction_static"] == 0.2  # the caller's keyword wins
+    assert args["cuda_graph_max_bs"] == 8 and "cuda_graph_max_bs_decode" not in args
+    assert args["dtype"] == "float32" and args["attention_backend"] == "triton"  # bf16=False: no fa3
     strategy2 = _strategy(enable_engine_sleep=False)
     _, double2 = _setup(strategy2, make_tiny_llama(seed=0))
     assert double2.server_args["enable_memory_saver"] is False
     assert "cuda_graph_backend_prefill" not in double2.server_args
+
+
+def test_decode_graph_batch_from_the_rollout_config_and_caller_choices() -> None:
+    strategy = get_fake_strategy(
+        {**CONFIG, "micro_rollout_batch_size": 6, "rollout_batch_size": 12, "n_samples_per_prompt": 4}
+    )
+    _, double = _setup(strategy, make_tiny_llama(seed=0))
+    assert double.server_args["cuda_graph_max_bs_decode"] == 32  # 6 x 4 -> 32
+    _, double = _setup(_strategy(), make_tiny_llama(seed=0), cuda_graph_bs_decode=[1, 2])
+    assert "cuda_graph_max_bs_decode" not in double.server_args  # the caller chose
+    _, double = _setup(_strategy(engine_enforce_eager=True), make_tiny_llama(seed=0))
+    assert (
+        double.server_args["disable_cuda_graph"] is True
+        and "cuda_graph_max_bs_decode" not in double.server_args
+    )
+    _, double = _setup(_strategy(), make_tiny_llama(seed=0), log_level="info", attention_backend="fa3")
+    assert double.server_args["log_level"] == "info" and double.server_args["attention_backend"] == "fa3"
+
+
+def test_engine_starts_outside_torchruns_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """SGLang's schedulers inherit the environment of ``Engine()``: torchrun's variables are gone
+    there (TORCHELASTIC_USE_AGENT_STORE hangs their init_process_group on torch < PR #191989), the
+    logging config is set, and everything is back afterwards."""
+    import json
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    monkeypatch.setenv("LIGHTRFT_SGLANG_LOG_DIR", str(tmp_path))
+    engine, double = _setup(_strategy(), make_tiny_llama(seed=0))
+    env = double.runtime.env_at_create[0]
+    assert "TORCHELASTIC_USE_AGENT_STORE" not in env and "MASTER_PORT" not in env
+    config = json.loads(Path(env["SGLANG_LOGGING_CONFIG_PATH"]).read_text())
+    assert config["handlers"]["file"]["filename"] == str(engine.log_path)
+    assert engine.log_path.parent == tmp_path and engine.log_path.name.startswith("sglang-rank0-")
+    assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True" and os.environ["MASTER_PORT"] == "29511"
+    assert "SGLANG_LOGGING_CONFIG_PATH" not in os.environ
+
+
+#: A stand-in for an SGLang scheduler: configures SGLang's logging as ``configure_logger`` does,
+#: logs, then hangs (as the schedulers did in init_process_group on the H100 machine).
+_HANGING_SCHEDULER = """
+import json, logging.config, os, time
+logging.config.dictConfig(json.load(open(os.environ["SGLANG_LOGGING_CONFIG_PATH"])))
+logging.getLogger("sglang.srt.model_executor").info("Capture cuda graph begin")
+def wait_for_store():
+    time.sleep(300)
+wait_for_store()
+"""
+
+
+def test_start_deadline_stops_the_schedulers_and_quotes_their_log_and_stacks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``sglang.Engine()`` waits for its schedulers without a limit; past ``start_timeout_s`` they
+    are stopped (SIGABRT: faulthandler writes their stacks), ``Engine()`` sees a dead scheduler and
+    raises, and the error quotes the scheduler's log and stacks."""
+    import multiprocessing
+    import time
+
+    monkeypatch.setenv("LIGHTRFT_SGLANG_LOG_DIR", str(tmp_path))
+    procs: list[Any] = []
+
+    def hanging_start() -> None:  # what Engine() does: spawn, then poll the scheduler until it dies
+        proc = multiprocessing.get_context("spawn").Process(target=exec, args=(_HANGING_SCHEDULER, {}))
+        proc.start()
+        procs.append(proc)
+        while proc.is_alive():
+            time.sleep(0.1)
+        raise RuntimeError(f"Rank 0 scheduler died during initialization (exit code: {proc.exitcode})")
+
+    cls = engine_class()
+    cls.recording_runtime.on_create = hanging_start
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        cls(strategy=_strategy(), model=make_tiny_llama(seed=0), start_timeout_s=10)
+    took = time.monotonic() - t0
+    message = str(info.value)
+    assert "TimeoutError: SGLang engine was not ready after 10 s" in message, message
+    assert "Capture cuda graph begin" in message  # the scheduler's log, quoted
+    assert "wait_for_store" in message  # its stack at the deadline (faulthandler, SIGABRT)
+    assert procs[0].exitcode == -6 and took < 30
+    assert not cls.recording_runtime.engines
 
 
 def test_first_push_of_a_whole_model_is_bucketed() -> None:

@@ -4,6 +4,11 @@ One ``torchrun`` job runs :func:`sglang_gpu_checks` on 2 ranks: a tensor-paralle
 for both ranks), then a tensor-parallel-1 engine per rank, each colocated with FSDP2 and DeepSpeed
 ZeRO-3 training in the same processes, so each engine starts once (SGLang takes about a minute to
 start). ``scripts/gpu-sglang.sh`` runs this file on the GPU machine.
+
+SGLang logs at info to stderr and to ``$LIGHTRFT_SGLANG_LOG_DIR`` (scripts/gpu-sglang.sh: ``$OUT/sglang-logs``);
+an engine not ready within ``LIGHTRFT_SGLANG_START_TIMEOUT`` (200 s here) fails on every rank with
+the last scheduler lines and their Python stacks; ``LIGHTRFT_SGLANG_TEST_TIMEOUT`` (420 s) bounds
+the whole torchrun job.
 """
 
 from __future__ import annotations
@@ -114,14 +119,6 @@ def _train(strategy: Any, model: Any, steps: int) -> tuple[list[float], Any]:
     return losses, model
 
 
-def _fast_start() -> dict[str, Any]:
-    """Capture decode CUDA graphs for batch sizes up to 8 only (these checks never run more
-    requests at once): the engine starts sooner."""
-    from lightrft.engines._sglang_compat import decode_graph_batch_args, load_runtime
-
-    return decode_graph_batch_args(load_runtime().server_fields, 8)
-
-
 def _phase(tp: int, trained: dict[str, Any]) -> dict[str, Any]:
     """One engine of tensor-parallel size ``tp`` (per group), colocated with FSDP2 and ZeRO-3."""
     from lightrft.strategy import get_strategy
@@ -137,7 +134,8 @@ def _phase(tp: int, trained: dict[str, Any]) -> dict[str, Any]:
     # ---- start: one engine per TP group, weights pushed from the whole model
     free0 = _free()
     t0 = time.perf_counter()
-    engine = fsdp.setup_inference_engine(model=model, **_fast_start())
+    # Decode CUDA graphs up to micro_rollout_batch_size (8) x engine_tp_size: the engine's default.
+    engine = fsdp.setup_inference_engine(model=model)
     out["start_s"] = time.perf_counter() - t0
     out["engine_bytes"] = free0 - _free()  # this GPU's share of the engine (its scheduler)
     out["version"] = list(engine.version)
@@ -145,9 +143,9 @@ def _phase(tp: int, trained: dict[str, Any]) -> dict[str, Any]:
     out["group"] = engine.group_ranks
     if engine.is_leader:
         args = engine.server_args
-        out["server_args"] = {
-            k: str(args.get(k)) for k in ("tp_size", "base_gpu_id", "cuda_graph_backend_prefill")
-        }
+        keys = ("tp_size", "base_gpu_id", "cuda_graph_backend_prefill", "cuda_graph_max_bs_decode", "dtype")
+        out["server_args"] = {k: str(args.get(k)) for k in keys}
+        out["log_path"] = str(engine.log_path)
     out["initial_weights_match"] = _weights_match(
         engine, {n: p.detach() for n, p in model.named_parameters()}
     )
@@ -261,8 +259,15 @@ def _has_sglang() -> bool:
 def ranks() -> list[dict[str, Any]]:
     if not _has_sglang():
         pytest.skip("SGLang is not installed (GPU machine: PYTHONPATH=/tmp/ssite, see scripts/gpu-sglang.sh)")
-    env = {"PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    return run_distributed(sglang_gpu_checks, 2, env=env, timeout=300)
+    env = {
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+        # SGLang's log at info on stderr (and in a file), and a start that fails within 200 s with
+        # the last scheduler lines and stacks instead of waiting for the whole job's limit.
+        "LIGHTRFT_SGLANG_LOG_LEVEL": os.environ.get("LIGHTRFT_SGLANG_LOG_LEVEL", "info"),
+        "LIGHTRFT_SGLANG_START_TIMEOUT": os.environ.get("LIGHTRFT_SGLANG_START_TIMEOUT", "200"),
+    }
+    timeout = int(os.environ.get("LIGHTRFT_SGLANG_TEST_TIMEOUT", "420"))
+    return run_distributed(sglang_gpu_checks, 2, env=env, timeout=timeout)
 
 
 @pytest.fixture(params=["tp2", "tp1"])
@@ -284,6 +289,8 @@ def test_engine_per_tensor_parallel_group(checks: list[dict[str, Any]]) -> None:
         assert r1["server_args"]["base_gpu_id"] == "1"
     if tuple(r0["version"]) >= (0, 5, 16):  # the memory saver turns prefill graphs off
         assert r0["server_args"]["cuda_graph_backend_prefill"] == "disabled"
+        assert r0["server_args"]["cuda_graph_max_bs_decode"] == str(8 * tp)
+    assert r0["server_args"]["dtype"] == "bfloat16"
     assert r0["initial_weights_match"] is True
 
 

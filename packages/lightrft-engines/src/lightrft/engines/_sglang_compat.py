@@ -27,13 +27,49 @@ Version facts this module encodes:
   with illegal memory accesses on recent torch (NeMo-RL, which disables it for the same reason). So
   with the memory saver on, prefill runs eagerly; decode keeps its CUDA graphs. A caller who passes
   one of these arguments keeps it.
+- Scheduler environment (:func:`scheduler_env`). ``sglang.Engine`` spawns its schedulers with the
+  parent's environment, and each one calls ``torch.distributed.init_process_group(
+  init_method="tcp://127.0.0.1:<free port>")`` (``srt/distributed/bootstrap.py:170-186`` and
+  ``parallel_state.py:2064`` in 0.5.16). Under ``torchrun`` the parent carries
+  ``TORCHELASTIC_USE_AGENT_STORE=True`` (torch ``elastic/agent/server/local_elastic_agent.py``), and
+  torch before pytorch PR #191989 (August 2026; torch 2.11 is older) then makes *every* rank a
+  client of a store at that port that nobody hosts: the scheduler waits in connect-retry until the
+  store timeout (10 min on NCCL) while ``Engine()`` sits in ``_wait_for_scheduler_ready``, which is
+  how both torchrun jobs of the 2026-11-27 GPU session hung. AReaL (its per-pipeline-stage NCCL
+  weight update) sets the variable to False before its own ``tcp://`` groups; LMFlow removes
+  torchrun's whole set (``MEMORY_SAFE_VLLM_INFERENCE_ENV_VAR_TO_REMOVE``) before it starts an engine
+  subprocess. We remove the set for the duration of ``Engine()`` (the only time SGLang
+  spawns) and restore it afterwards.
+- Logging (:func:`logging_config`): ``configure_logger`` (``srt/utils/common.py``, 0.5.12 to 0.5.23)
+  loads ``SGLANG_LOGGING_CONFIG_PATH`` (a ``logging.config.dictConfig`` JSON) in the engine's
+  process and in every scheduler, instead of ``basicConfig(force=True)`` on the root logger. Ours
+  configures the ``sglang`` logger only: a file (INFO, rotated) that a start failure quotes, and
+  stderr at the chosen level; in the schedulers it also points ``faulthandler`` at a ``.stacks``
+  file, so a scheduler stopped with SIGABRT at the start deadline leaves its Python stacks there.
+- Decode CUDA graphs (:func:`decode_graph_args`): 0.5.16 captures decode graphs for batch sizes up
+  to 256 on an 80 GB GPU (``server_args.py:3957-3964``; 36 graphs, "Capturing batches (bs=256 ...)
+  0/36" on the H100), and the first of them is the scheduler's first forward, where SGLang's JIT
+  kernels (``sglang/jit_kernel``: norm, activation, rope, kvcache, built with nvcc through tvm-ffi
+  into ``~/.cache/tvm-ffi`` on first use) are compiled. A colocated RL engine runs at most
+  ``micro_rollout_batch_size x n_samples_per_prompt x engine_tp_size`` requests at once, so fewer
+  graphs are captured (larger batches run eagerly).
+- ``dtype="float32"``: 0.5.16 picks fa3 on Hopper whatever the dtype (``server_args.py:4880-4914``)
+  and FlashAttention-3 has fp16 / bf16 (and fp8) kernels only, so float32 engines get the triton
+  attention backend (:func:`attention_args`). ``dtype="auto"`` would turn a float32 config into
+  float16 (``configs/model_config.py:1633-1635``), which is why the engine always passes a dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import faulthandler
+import logging
+import logging.handlers
+import multiprocessing
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -116,6 +152,150 @@ def eager_args(server_fields: frozenset[str]) -> dict[str, Any]:
     elif "disable_piecewise_cuda_graph" in server_fields:
         out["disable_piecewise_cuda_graph"] = True
     return out
+
+
+#: What ``torchrun`` (torch.distributed.elastic's local agent) exports into each worker. None of it
+#: may reach SGLang's schedulers (see the module docstring: TORCHELASTIC_USE_AGENT_STORE).
+TORCHRUN_ENV_VARS = (
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_ERROR_FILE",
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+#: Decode CUDA-graph batch sizes captured at most / at least (SGLang's own default on an 80 GB GPU
+#: is 256, ``server_args.py:3957-3964`` in 0.5.16).
+DECODE_GRAPH_MAX_BS = 256
+DECODE_GRAPH_MIN_BS = 8
+#: Arguments by which a caller chooses the decode CUDA graphs himself.
+_DECODE_GRAPH_CHOICES = frozenset(
+    {
+        "cuda_graph_max_bs",
+        "cuda_graph_max_bs_decode",
+        "cuda_graph_bs",
+        "cuda_graph_bs_decode",
+        "cuda_graph_config",
+        "disable_cuda_graph",
+        "disable_decode_cuda_graph",
+        "cuda_graph_backend_decode",
+    }
+)
+
+
+def scheduler_env(
+    environ: Mapping[str, str], logging_config_path: str | None = None
+) -> dict[str, str | None]:
+    """The environment changes (None: remove) that ``Engine()`` must run under so that its
+    schedulers start outside torchrun's world: torchrun's variables removed, SGLang's logging
+    pointed at ``logging_config_path``."""
+    out: dict[str, str | None] = {k: None for k in TORCHRUN_ENV_VARS if k in environ}
+    if logging_config_path is not None:
+        out["SGLANG_LOGGING_CONFIG_PATH"] = logging_config_path
+    return out
+
+
+@contextlib.contextmanager
+def scoped_env(changes: Mapping[str, str | None]) -> Iterator[None]:
+    """Applies ``changes`` to ``os.environ`` (None removes) and restores the previous values."""
+    saved = {k: os.environ.get(k) for k in changes}
+    try:
+        for k, v in changes.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def logging_config(log_path: str, console_level: str) -> dict[str, Any]:
+    """The ``dictConfig`` for ``SGLANG_LOGGING_CONFIG_PATH``: the ``sglang`` logger to
+    ``log_path`` (INFO and above, rotated at 20 MB) and to stderr at ``console_level``; other
+    loggers (the training process's) are left alone."""
+    level = console_level.upper()
+    fmt = "[%(asctime)s %(processName)s pid=%(process)d] %(levelname)s %(name)s: %(message)s"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"sglang": {"format": fmt, "datefmt": "%H:%M:%S"}},
+        "handlers": {
+            "file": {
+                "()": "lightrft.engines._sglang_compat.scheduler_file_handler",
+                "filename": log_path,
+                "level": "INFO",
+                "formatter": "sglang",
+            },
+            "console": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "level": level,
+                "formatter": "sglang",
+            },
+        },
+        "loggers": {
+            "sglang": {
+                "level": "DEBUG" if level == "DEBUG" else "INFO",
+                "handlers": ["file", "console"],
+                "propagate": False,
+            }
+        },
+    }
+
+
+#: Files faulthandler writes to in this process (kept open for the process's life).
+_STACK_FILES: list[Any] = []
+
+
+def scheduler_file_handler(filename: str) -> logging.Handler:
+    """The file handler of :func:`logging_config` (built by ``dictConfig`` in SGLang's processes).
+    In a spawned child (a scheduler, the detokenizer) it also sends faulthandler's dumps to
+    ``<filename>.stacks``; the engine's own process keeps its faulthandler as it was."""
+    handler = logging.handlers.RotatingFileHandler(filename, maxBytes=20 << 20, backupCount=1)
+    if multiprocessing.parent_process() is not None and not _STACK_FILES:
+        stacks = open(filename + ".stacks", "a", buffering=1)  # noqa: SIM115  (open for the process's life)
+        _STACK_FILES.append(stacks)
+        faulthandler.enable(file=stacks, all_threads=True)
+    return handler
+
+
+def rl_decode_graph_max_bs(concurrency: int) -> int:
+    """The largest decode batch to capture a CUDA graph for: the next power of two >= the requests
+    an RL engine runs at once, within [DECODE_GRAPH_MIN_BS, DECODE_GRAPH_MAX_BS]."""
+    bs = 1 << max(0, int(concurrency) - 1).bit_length()
+    return max(DECODE_GRAPH_MIN_BS, min(DECODE_GRAPH_MAX_BS, bs))
+
+
+def decode_graph_args(
+    server_fields: frozenset[str], max_bs: int, user_kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """:func:`decode_graph_batch_args` unless the caller chose the decode graphs himself."""
+    if _DECODE_GRAPH_CHOICES & set(user_kwargs):
+        return {}
+    return decode_graph_batch_args(server_fields, max_bs)
+
+
+def attention_args(dtype_name: str, user_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``attention_backend="triton"`` for a float32 engine (fa3, SGLang's Hopper default, has no
+    float32 kernels); nothing when the caller chose a backend."""
+    if dtype_name != "float32" or {"attention_backend", "decode_attention_backend"} & set(user_kwargs):
+        return {}
+    return {"attention_backend": "triton"}
 
 
 def decode_graph_batch_args(server_fields: frozenset[str], max_bs: int) -> dict[str, Any]:

@@ -19,12 +19,33 @@ of the group:
   ``needs_weight_push`` stays True after a release until every weight was pushed again, and
   ``generate`` refuses to run.
 
+Starting (``sglang.Engine``) on the first rank:
+
+- under ``torchrun``, torchrun's environment variables are removed while ``Engine()`` spawns its
+  schedulers (``TORCHELASTIC_USE_AGENT_STORE`` makes their ``init_process_group`` wait for a store
+  nobody hosts; see ``_sglang_compat``);
+- SGLang's log goes to a file (``log_dir``, env ``LIGHTRFT_SGLANG_LOG_DIR``, default
+  ``$TMPDIR/lightrft-sglang``; ``self.log_path``) at INFO and to stderr at ``log_level`` (env
+  ``LIGHTRFT_SGLANG_LOG_LEVEL``, default ``warning``);
+- the engine must be ready within ``start_timeout_s`` (env ``LIGHTRFT_SGLANG_START_TIMEOUT``,
+  default 1200; 0 waits forever): otherwise its scheduler processes are stopped with SIGABRT
+  (their Python stacks land in ``<log_path>.stacks``) and every rank of the group raises a
+  ``TimeoutError`` quoting the last lines of both files.
+
 Version differences live in :mod:`lightrft.engines._sglang_compat`.
 """
 
 from __future__ import annotations
 
+import _thread
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -53,6 +74,10 @@ from ._common import (
 from ._sglang_compat import BucketEntry
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: Seconds ``sglang.Engine()`` may take before its schedulers are stopped (0: no limit).
+DEFAULT_START_TIMEOUT_S = 1200.0
+#: Lines of the scheduler log (and of the stack dump) quoted when the start fails.
+_TAIL_LINES = 40
 #: Byte alignment of each tensor inside a flattened bucket (``view(dtype)`` needs aligned offsets).
 _ALIGN = 16
 
@@ -89,7 +114,8 @@ class SGLangEngine:
     """An InferenceEngine over ``sglang.Engine``, one per tensor-parallel group (see the module
     docstring). Built by ``strategy.setup_inference_engine(model=hf_model)`` with
     ``engine_type="sglang"``; extra keyword arguments go to ``sglang.Engine`` unchanged (they win
-    over what the engine derives from StrategyConfig)."""
+    over what the engine derives from StrategyConfig), except ``start_timeout_s`` and ``log_dir``,
+    which are this class's (see the module docstring)."""
 
     #: Returns the SGLang runtime (``_sglang_compat.load_runtime``). The seam tests use to put a
     #: recording double of ``sglang.Engine`` behind the engine.
@@ -102,9 +128,24 @@ class SGLangEngine:
         tokenizer: Any = None,
         *,
         model_path: str | None = None,
+        start_timeout_s: float | None = None,
+        log_dir: str | os.PathLike | None = None,
         **engine_kwargs: Any,
     ) -> None:
         self.runtime = type(self).runtime_factory()  # raises the install hint first
+        if start_timeout_s is None:
+            start_timeout_s = float(os.environ.get("LIGHTRFT_SGLANG_START_TIMEOUT", DEFAULT_START_TIMEOUT_S))
+        self.start_timeout_s = float(start_timeout_s)
+        self.log_dir = Path(
+            log_dir
+            or os.environ.get("LIGHTRFT_SGLANG_LOG_DIR")
+            or Path(tempfile.gettempdir()) / "lightrft-sglang"
+        )
+        self.log_level = str(
+            engine_kwargs.get("log_level") or os.environ.get("LIGHTRFT_SGLANG_LOG_LEVEL", "warning")
+        )
+        #: SGLang's log (all its processes; set on the group's first rank when the engine starts).
+        self.log_path: Path | None = None
         self.closed = False
         if strategy is not None:
             self.config = strategy.config
@@ -132,6 +173,7 @@ class SGLangEngine:
         #: The strategy casts (sharded backends: before gathering) the pushed weights to this.
         self.weight_dtype = self.dtype
         self.context_length = _context_length(cfg, strategy, model, engine_kwargs)
+        self.decode_graph_max_bs = compat.rl_decode_graph_max_bs(_concurrency(cfg, strategy))
         self._lora = lora_scalings(model) if model is not None else {}
         self.expected_names = _engine_names(model, self._lora) if model is not None else None
         self._released: set[str] = set()
@@ -381,10 +423,26 @@ class SGLangEngine:
     def _start(self, model: Any, model_path: str | None, engine_kwargs: dict[str, Any]) -> None:
         self.server_args = self._server_args(model, model_path, engine_kwargs)
         try:
-            self.engine = self.runtime.create_engine(**self.server_args)
+            config_path = self._write_logging_config()
+            changes = compat.scheduler_env(os.environ, str(config_path))
+            with compat.scoped_env(changes):
+                self.engine = start_with_deadline(
+                    lambda: self.runtime.create_engine(**self.server_args),
+                    self.start_timeout_s,
+                    self.log_path,
+                )
         except BaseException:
             remove_dir(self._config_dir)
             raise
+
+    def _write_logging_config(self) -> Path:
+        """SGLang's logging config (``SGLANG_LOGGING_CONFIG_PATH``) and the log file it names."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"sglang-rank{self.rank}-pid{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.log_path = self.log_dir / f"{stem}.log"
+        config_path = self.log_dir / f"{stem}.logging.json"
+        config_path.write_text(json.dumps(compat.logging_config(str(self.log_path), self.log_level)))
+        return config_path
 
     def _server_args(
         self, model: Any, model_path: str | None, engine_kwargs: dict[str, Any]
@@ -409,15 +467,20 @@ class SGLangEngine:
             "context_length": self.context_length,
             "enable_memory_saver": self.memory_saver,
             "disable_radix_cache": not cfg.engine_enable_prefix_caching,
-            "log_level": "error",
+            # Used where SGLANG_LOGGING_CONFIG_PATH is not (the engine's logging: see _start).
+            "log_level": self.log_level,
         }
         if self.cpu_backup:
             args["enable_weights_cpu_backup"] = True
         if load_format is not None:
             args["load_format"] = load_format
+        fields = self.runtime.server_fields
         if cfg.engine_enforce_eager:
-            args.update(compat.eager_args(self.runtime.server_fields))
-        args.update(compat.prefill_graph_args(self.runtime.server_fields, self.memory_saver, engine_kwargs))
+            args.update(compat.eager_args(fields))
+        else:
+            args.update(compat.decode_graph_args(fields, self.decode_graph_max_bs, engine_kwargs))
+        args.update(compat.prefill_graph_args(fields, self.memory_saver, engine_kwargs))
+        args.update(compat.attention_args(self.dtype_name, engine_kwargs))
         args.update(engine_kwargs)
         return args
 
@@ -470,6 +533,120 @@ class SGLangEngine:
             raise RuntimeError(
                 f"SGLang {what} failed on rank {self.leader}: {message or 'no message'}"
             ) from error
+
+
+def start_with_deadline(create: Callable[[], Any], timeout_s: float, log_path: Path | None) -> Any:
+    """``create()`` (``sglang.Engine(...)``, which waits for its schedulers without a limit), with a
+    deadline: after ``timeout_s`` seconds the processes it spawned are sent SIGABRT (faulthandler
+    writes their stacks to ``<log_path>.stacks``), then SIGKILL; ``Engine()`` notices a dead
+    scheduler within 5 s (``_wait_for_scheduler_ready``, 0.5.16 ``engine.py:1370-1396``) and
+    raises, and if it still has not returned 30 s later the main thread is interrupted. Any failure
+    is raised with the last lines of the log (a ``TimeoutError`` when the deadline passed)."""
+    before = set(_child_pids())
+    done = threading.Event()
+    fired = threading.Event()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+
+    def watchdog() -> None:
+        if done.wait(timeout_s):
+            return
+        fired.set()
+        _stop_children(before)
+        if not done.wait(30.0) and in_main_thread:
+            _thread.interrupt_main()
+
+    t0 = time.monotonic()
+    if timeout_s > 0:
+        threading.Thread(target=watchdog, name="sglang-start-deadline", daemon=True).start()
+    try:
+        return create()
+    except BaseException as e:
+        took = time.monotonic() - t0
+        if fired.is_set():
+            raise TimeoutError(
+                f"SGLang engine was not ready after {timeout_s:.0f} s (start_timeout_s / "
+                f"LIGHTRFT_SGLANG_START_TIMEOUT); its scheduler processes were stopped.\n"
+                + _log_tails(log_path)
+            ) from e
+        if isinstance(e, Exception):
+            raise RuntimeError(
+                f"SGLang engine failed to start after {took:.0f} s: {type(e).__name__}: {e}\n"
+                + _log_tails(log_path)
+            ) from e
+        raise
+    finally:
+        done.set()
+
+
+def _child_pids(pid: int | None = None) -> list[int]:
+    """This process's direct children (psutil when there, else ``/proc``)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children()]
+    except ImportError:
+        pass
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _stop_children(before: set[int]) -> None:
+    """SIGABRT, then SIGKILL after 10 s, to the children spawned since ``before`` (SGLang's
+    schedulers and detokenizer; multiprocessing's resource tracker is left alone)."""
+    victims = [p for p in _child_pids() if p not in before and "resource_tracker" not in _cmdline(p)]
+    for sig in (signal.SIGABRT, signal.SIGKILL):
+        for p in victims:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10.0
+        while sig == signal.SIGABRT and time.monotonic() < deadline and any(map(_alive, victims)):
+            time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (exists and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        with open(path, errors="replace") as f:
+            return f.readlines()[-n:]
+    except OSError:
+        return []
+
+
+def _log_tails(log_path: Path | None) -> str:
+    """The last lines of SGLang's log and of the schedulers' stack dumps, for an error message."""
+    if log_path is None:
+        return "(no SGLang log file)"
+    parts = []
+    for path, what in ((log_path, "SGLang log"), (Path(str(log_path) + ".stacks"), "scheduler stacks")):
+        lines = _tail(path, _TAIL_LINES)
+        head = f"--- {what} {path} (last {len(lines)} lines) ---\n"
+        parts.append(head + ("".join(lines) if lines else "(empty)\n"))
+    return "".join(parts)
 
 
 def sampling_dict(sp: SamplingParams) -> dict[str, Any]:
@@ -550,6 +727,15 @@ def _context_length(cfg: Any, strategy: Any, model: Any, engine_kwargs: dict[str
     config = getattr(base_hf_model(model), "config", None) if model is not None else None
     value = getattr(config, "max_position_embeddings", None)
     return int(value) if value is not None else None
+
+
+def _concurrency(cfg: Any, strategy: Any) -> int:
+    """Requests one engine runs at once in an RL loop: each rank's generation micro-batch
+    (``micro_rollout_batch_size`` prompts x ``n_samples_per_prompt``), gathered over the group."""
+    n = 1
+    if strategy is not None and hasattr(strategy, "get_extra_arg"):
+        n = int(strategy.get_extra_arg("n_samples_per_prompt", 1) or 1)
+    return int(getattr(cfg, "micro_rollout_batch_size", 8)) * n * int(cfg.engine_tp_size)
 
 
 def _engine_names(model: Any, lora: dict[str, float]) -> set[str]:

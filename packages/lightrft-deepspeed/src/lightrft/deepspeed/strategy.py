@@ -22,7 +22,7 @@ from lightrft.strategy import portable
 from lightrft.strategy.base import StrategyBase, TrainState
 from lightrft.strategy.engine import WeightBucket
 from lightrft.strategy.utils import HostScalar
-from lightrft.strategy.weights import clean_param_name, plan_buckets
+from lightrft.strategy.weights import clean_param_name, plan_buckets, sync_dtype
 
 from . import config as ds_config
 
@@ -492,13 +492,9 @@ class DeepspeedStrategy(StrategyBase):
         bucket_bytes: int,
         dtype: torch.dtype | None = None,
     ) -> list[list[str]]:
-        def itemsize(t: torch.Tensor) -> int:
-            if dtype is not None and t.is_floating_point():
-                return torch.empty((), dtype=dtype).element_size()
-            return t.element_size()
-
         return plan_buckets(
-            ((n, _full_numel(tensors[n]) * itemsize(tensors[n])) for n in names), bucket_bytes
+            ((n, _full_numel(tensors[n]) * sync_dtype(tensors[n], dtype).itemsize) for n in names),
+            bucket_bytes,
         )
 
     def _iter_full_parameters(self, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -536,8 +532,8 @@ class DeepspeedStrategy(StrategyBase):
 
         def out(p: torch.Tensor) -> torch.Tensor:
             t = p.detach()
-            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                return t.to(dtype)  # a new tensor: outlives the gather
+            if t.dtype != sync_dtype(t, dtype):
+                return t.to(sync_dtype(t, dtype))  # a new tensor: outlives the gather
             return t if transient else t.clone()
 
         for bucket in self._plan(list(named), named, bucket_bytes, dtype):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,10 +30,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _REPLAYABLE = {"copy_", "fill_", "zero_"}
 
 
+class _Src(NamedTuple):
+    """A recorded argument that was a view of the incoming tensor (elements from its start)."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def of(self, t: torch.Tensor) -> torch.Tensor:
+        """The same view of another incoming tensor of the recorded shape, strides and dtype."""
+        return t.as_strided(self.size, self.stride, t.storage_offset() + self.offset)
+
+
 @dataclass
 class _Write:
     """One recorded write: ``op`` applied to ``dst`` (a view of a parameter) with arguments that are
-    constants or views of the incoming tensor (``("src", size, stride, offset)``)."""
+    constants or views of the incoming tensor (:class:`_Src`)."""
 
     op: Any
     dst: torch.Tensor
@@ -114,7 +126,7 @@ class _Recorder(TorchDispatchMode):
                     return out
                 name = src_name
                 offset = (a.data_ptr() - base.data_ptr()) // a.element_size()
-                rec_args.append(("src", tuple(a.shape), tuple(a.stride()), offset, a.dtype))
+                rec_args.append(_Src(tuple(a.shape), tuple(a.stride()), offset))
             else:
                 rec_args.append(a)
         write = _Write(func, args[0], tuple(rec_args))
@@ -160,19 +172,17 @@ class CopyPlan:
             load_weights(list(bucket))
             self.stats["loaded"] += len(bucket)
             return
-        replay = [(n, t) for n, t in bucket if n not in self.refused and self._matches(n, t)]
-        rest = [(n, t) for n, t in bucket if not (n not in self.refused and self._matches(n, t))]
+        replay, known, fresh = [], [], []  # replayed / always loaded (refused) / to record
+        for n, t in bucket:
+            (known if n in self.refused else replay if self._matches(n, t) else fresh).append((n, t))
         with torch.no_grad():
             self._replay(replay)
         self.stats["replayed"] += len(replay)
-        if rest:
-            fresh = [(n, t) for n, t in rest if n not in self.refused]
-            known = [(n, t) for n, t in rest if n in self.refused]
-            if known:
-                load_weights(known)
-                self.stats["loaded"] += len(known)
-            if fresh:
-                self._record(model, fresh, load_weights)
+        if known:
+            load_weights(known)
+            self.stats["loaded"] += len(known)
+        if fresh:
+            self._record(model, fresh, load_weights)
 
     def _record(
         self,
@@ -218,12 +228,7 @@ class CopyPlan:
 
         for name, t in named:
             for w in self.entries[name].writes:
-                args = [
-                    t.as_strided(a[1], a[2], t.storage_offset() + a[3])
-                    if isinstance(a, tuple) and len(a) == 5 and a[0] == "src"
-                    else a
-                    for a in w.args
-                ]
+                args = [a.of(t) if isinstance(a, _Src) else a for a in w.args]
                 if w.op is torch.ops.aten.copy_.default and len(args) == 1:
                     span = _span(w.dst)
                     if any(lo < span[1] and span[0] < hi for lo, hi in spans):

@@ -24,7 +24,9 @@ class LightRFTWorkerExtension:
         model = compat.model_of(self)
         ref = next(model.parameters())
         cast = [(n, t.detach().to(device=ref.device, dtype=ref.dtype)) for n, t in bucket]
-        if compat.on_cpu() or not self.__dict__.get("_lrft_use_plan", True):
+        if "_lrft_on_cpu" not in self.__dict__:  # once per worker, not per bucket
+            self.__dict__["_lrft_on_cpu"] = compat.on_cpu()
+        if self.__dict__["_lrft_on_cpu"] or not self.__dict__.get("_lrft_use_plan", True):
             compat.load_weights(self, cast)
             return len(cast)
         plan = self.__dict__.setdefault("_lrft_plan", CopyPlan())

@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lightrft.strategy.base import StrategyBase, TrainState
 from lightrft.strategy.engine import WeightBucket
 from lightrft.strategy.utils import HostScalar
-from lightrft.strategy.weights import clean_param_name, plan_buckets
+from lightrft.strategy.weights import clean_param_name, plan_buckets, sync_dtype
 
 from . import sharding
 from .offload import offload_optimizer_states, reload_optimizer_states
@@ -301,7 +301,7 @@ class FSDPV2Strategy(StrategyBase):
         for name, p in model.named_parameters():
             # One parameter's full tensor at a time: the extra memory is the largest parameter
             # plus the bucket being filled.
-            yield name, (p.full_tensor() if isinstance(p, DTensor) else p.detach())
+            yield name, _full_tensor(p)
 
     def iter_weight_buckets(
         self,
@@ -320,6 +320,11 @@ class FSDPV2Strategy(StrategyBase):
         plus its shards."""
         size = bucket_bytes or self.config.weight_sync_bucket_mb << 20
         return _gathered_buckets(list(model.named_parameters()), size, dtype)
+
+
+def _full_tensor(p: torch.Tensor) -> torch.Tensor:
+    """``p``'s full tensor (a collective for a DTensor: call it on every rank)."""
+    return p.full_tensor() if isinstance(p, DTensor) else p.detach()
 
 
 #: Per parameter: ``(group, world size, elements of one rank's padded shard)`` when it is sharded
@@ -358,7 +363,7 @@ def _gathered_buckets(
     named: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None
 ) -> Iterator[WeightBucket]:
     def out_dtype(p: torch.Tensor) -> torch.dtype:
-        return dtype if dtype is not None and p.is_floating_point() else p.dtype
+        return sync_dtype(p, dtype)
 
     sizes = ((n, p.numel() * out_dtype(p).itemsize) for n, p in named)
     by_name = dict(named)
@@ -370,8 +375,8 @@ def _gathered_buckets(
             p = by_name[n]
             layout = _dim0_layout(p)
             if layout is None:
-                t = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-                full[n] = t.to(out_dtype(p)) if t.dtype != out_dtype(p) else t
+                t = _full_tensor(p)
+                full[n] = t if t.dtype == out_dtype(p) else t.to(out_dtype(p))
             else:
                 groups.setdefault((layout[0], out_dtype(p)), []).append(n)
         for (_, dt), members in groups.items():

@@ -46,15 +46,19 @@ def plan_buckets(sizes: Iterable[tuple[str, int]], bucket_bytes: int) -> list[li
     return buckets
 
 
+def sync_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype ``tensor`` is sent to an engine in: ``dtype`` for floating-point tensors (None:
+    their own); integer and bool tensors are never cast."""
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
 def cast_named_tensors(
     named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` pairs with floating-point tensors cast to ``dtype`` (None: unchanged;
-    integer and bool tensors are never cast)."""
+    """``(name, tensor)`` pairs with each tensor in its :func:`sync_dtype`."""
     for name, tensor in named_tensors:
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        yield name, tensor
+        target = sync_dtype(tensor, dtype)
+        yield name, (tensor if tensor.dtype == target else tensor.to(target))
 
 
 def bucket_named_tensors(

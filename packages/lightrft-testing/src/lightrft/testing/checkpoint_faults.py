@@ -269,7 +269,12 @@ def _run_world(
                 )
                 _trial_rank(config, root, trial, victim, fraction, load_only)
             except BaseException:
-                (root / "logs" / f"t{trial}_r{rank}.err").write_text(traceback.format_exc())
+                # Atomically: the parent SIGKILLs the survivors once the victim is dead, possibly
+                # while this is written; a half-written file would read as an empty error.
+                err = root / "logs" / f"t{trial}_r{rank}.err"
+                tmp = err.with_name(f".{err.name}")
+                tmp.write_text(traceback.format_exc())
+                os.replace(tmp, err)
                 code = 1
             os._exit(code)
         pids[pid] = rank

@@ -10,6 +10,7 @@ ZeRO stage, isolated by ``harness.run_isolated``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -314,10 +315,24 @@ def check_adam_offload(strategy: DeepspeedStrategy) -> dict[str, Any]:
     }
 
 
+def check_cpu_comm_op(strategy: DeepspeedStrategy) -> dict[str, Any]:
+    """On CPU, DeepSpeed's torch backend was made without its shared-memory op (not built), and
+    DeepSpeed's builder function is back in place afterwards."""
+    import deepspeed.comm.comm as ds_comm
+
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")  # not deepspeed.comm's `torch`
+
+    return {
+        "shm_comm_op": repr(ds_comm.cdb.shm_comm_op),
+        "builder_restored": ds_comm_torch.build_shm_op.__name__ == "build_shm_op",
+    }
+
+
 # ------------------------------------------------------------------ runner
 CHECKS: dict[str, tuple[int, Callable[[DeepspeedStrategy], dict[str, Any]], dict[str, Any]]] = {
     # First: transformers must not be imported yet (zero.Init's signature-mismatch trap).
     "zero_init_load_model": (3, check_zero_init_load_model, {}),
+    "cpu_comm_op": (2, check_cpu_comm_op, {}),
     "hf_save_zero0": (0, check_hf_save_model, {}),
     "hf_save_zero2": (2, check_hf_save_model, {}),
     "hf_save_zero3": (3, check_hf_save_model, {}),

@@ -51,6 +51,12 @@ def test_zero3_processes_exit_cleanly(ranks: list[dict[str, Any]]) -> None:
     assert all(r["skip_state_zero3"]["ok"] and r["zero3_buckets"]["ok"] for r in ranks)
 
 
+def test_cpu_ranks_skip_the_shared_memory_op_build(ranks: list[dict[str, Any]]) -> None:
+    # ~40 s of C++ per environment, used only by AutoTP inference all-reduce.
+    for r in result(ranks, "cpu_comm_op"):
+        assert r == {"shm_comm_op": "None", "builder_restored": True}
+
+
 def test_from_pretrained_inside_init_model_context_loads_into_partitions(ranks: list[dict[str, Any]]) -> None:
     for r in result(ranks, "zero3_from_pretrained"):
         assert (r["enabled_inside"], r["enabled_after"]) == (True, False)

@@ -72,3 +72,23 @@ def test_deepspeed_files_load_weights_only(tmp_path) -> None:
     torch.save({"obj": _NotAllowlisted()}, tmp_path / "bad.pt")
     with pytest.raises(pickle.UnpicklingError, match="_NotAllowlisted"):
         _weights_only_load(str(tmp_path / "bad.pt"))
+
+
+def test_cpu_comm_op_build_is_skipped_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from lightrft.deepspeed.strategy import CPU_SHM_OP_ENV, _cpu_comm_op
+
+    # Not `import deepspeed.comm.torch as m`: the package's attribute `torch` is torch itself.
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    original = ds_comm_torch.build_shm_op
+    monkeypatch.delenv(CPU_SHM_OP_ENV, raising=False)
+    with _cpu_comm_op():
+        assert ds_comm_torch.build_shm_op() is None  # nothing built
+    assert ds_comm_torch.build_shm_op is original
+    with pytest.raises(RuntimeError, match="boom"), _cpu_comm_op():
+        raise RuntimeError("boom")
+    assert ds_comm_torch.build_shm_op is original  # restored after an error too
+    monkeypatch.setenv(CPU_SHM_OP_ENV, "1")
+    with _cpu_comm_op():
+        assert ds_comm_torch.build_shm_op is original  # the user asked for the op

@@ -165,7 +165,7 @@ def test_two_gloo_ranks_push_equals_fresh_engine(backend, stage, tp, tie):
         env={
             "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
             "VLLM_CPU_KVCACHE_SPACE": "1",
-            # This venv's torch differs from the workspace's: its own JIT extension cache (shm_comm).
+            # This venv's torch differs from the workspace's: its own JIT extension cache, if any.
             "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
         },
     )

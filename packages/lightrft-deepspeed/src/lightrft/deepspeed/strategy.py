@@ -7,6 +7,7 @@ cheap and a missing DeepSpeed fails with a message that says what to install.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -40,6 +41,32 @@ def _import_deepspeed() -> Any:
             "DeepspeedStrategy needs DeepSpeed: `uv add lightrft-deepspeed` (or `pip install deepspeed`)"
         ) from e
     return deepspeed
+
+
+#: Set to 1 to let DeepSpeed build its CPU shared-memory all-reduce op (see :func:`_cpu_comm_op`).
+CPU_SHM_OP_ENV = "LIGHTRFT_DEEPSPEED_CPU_SHM_OP"
+
+
+@contextlib.contextmanager
+def _cpu_comm_op() -> Iterator[None]:
+    """Around ``deepspeed.init_distributed`` on CPU: DeepSpeed's torch backend JIT-compiles its
+    shared-memory all-reduce op (C++, ~40 s on first use in each environment, and a compiler is
+    needed). Only ``inference_all_reduce`` (AutoTP inference) uses it; ZeRO training reduces
+    through ``torch.distributed``. So it is not built unless ``LIGHTRFT_DEEPSPEED_CPU_SHM_OP=1``.
+    No effect on accelerators, or on a DeepSpeed without that op."""
+    try:
+        comm_torch = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        comm_torch = None
+    build = getattr(comm_torch, "build_shm_op", None)
+    if build is None or torch.cuda.is_available() or os.environ.get(CPU_SHM_OP_ENV) == "1":
+        yield
+        return
+    comm_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        comm_torch.build_shm_op = build
 
 
 def _is_zero3_param(p: torch.Tensor) -> bool:
@@ -109,11 +136,12 @@ class DeepspeedStrategy(StrategyBase):
     def setup_distributed(self, timeout: timedelta | None = None) -> None:
         deepspeed = _import_deepspeed()
         self._init_process_group(timeout)
-        deepspeed.init_distributed(
-            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-            auto_mpi_discovery=False,
-            timeout=timeout or timedelta(minutes=30),
-        )
+        with _cpu_comm_op():
+            deepspeed.init_distributed(
+                dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                auto_mpi_discovery=False,
+                timeout=timeout or timedelta(minutes=30),
+            )
         self._set_accumulation()
         # Validate the generated configs (and the user's deepspeed_config) before any model exists.
         self.get_ds_train_config()

@@ -347,11 +347,6 @@ def _warm_up(config: dict[str, Any], scratch: Path) -> None:
         import deepspeed.runtime.engine  # noqa: F401
         import deepspeed.runtime.zero.stage3  # noqa: F401
         import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
-        from deepspeed.comm.torch import build_shm_op
-
-        # Its JIT build (or the load of the cached build) once here: the forked ranks reuse the
-        # loaded module, and no rank SIGKILLed later can leave torch's build lock behind.
-        build_shm_op()
     fake = get_strategy({**BASE_CONFIG, "strategy": "fake"})
     model, optim, sched = build(fake, tiny_model())
     train(fake, model, optim, sched, make_batches(0, 1, fake.config.train_batch_size))

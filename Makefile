@@ -23,9 +23,11 @@ demo-deepspeed: uv
 	$(UV) run lightrft-demo --strategy deepspeed --zero_stage 2 --nproc 2 --overwrite --output-dir lightrft-demo-output/deepspeed
 
 # One or more cells of CI's matrix: make test PACKAGES=lightrft-config PYTHON=3.10 RESOLUTION=lowest-direct
+# At the highest versions the packages run in two concurrent lanes (LANES=1: one at a time).
+LANES ?= 2
 test: uv
 	UV="$(UV)" bash scripts/test-packages $(if $(PYTHON),--python $(PYTHON)) \
-		$(if $(RESOLUTION),--resolution $(RESOLUTION)) $(PACKAGES)
+		$(if $(RESOLUTION),--resolution $(RESOLUTION),--lanes $(LANES)) $(PACKAGES)
 
 # Builds every wheel and installs each package alone from them in a clean venv.
 check-wheels: uv

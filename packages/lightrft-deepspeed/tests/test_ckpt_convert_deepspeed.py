@@ -58,6 +58,8 @@ def test_native_zero2_and_zero3_checkpoints_convert_offline_and_resume_on_fsdp_a
         assert set(wanted) <= files
         # Nothing native is left.
         assert not any(f.endswith(("model_states.pt", "optim_states.pt")) for f in files)
+        if name != NAMES[0]:
+            continue  # the refusals below do not depend on the stage (each is a DeepSpeed import)
         # Converting again refuses to overwrite; a portable checkpoint is not converted twice.
         again = _convert(src, converted / name / "saved")
         assert again.returncode == 1 and "exists" in again.stderr

@@ -220,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 124 s of CPU with torch's default threads on a loaded 2-core machine, 56 s and 19 s with one.
     # An explicit OMP_NUM_THREADS wins. Set before torch is imported (train imports it).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # vLLM logs at INFO on every weight push (reload time, prefix-cache reset; on CPU also a rotary
+    # warning), which breaks the progress display: errors only, unless the user chose a level.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from .train import SetupError, run
 
     try:

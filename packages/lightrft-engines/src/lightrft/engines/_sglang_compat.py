@@ -208,20 +208,20 @@ def scheduler_env(
 @contextlib.contextmanager
 def scoped_env(changes: Mapping[str, str | None]) -> Iterator[None]:
     """Applies ``changes`` to ``os.environ`` (None removes) and restores the previous values."""
+
+    def apply(values: Mapping[str, str | None]) -> None:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     saved = {k: os.environ.get(k) for k in changes}
     try:
-        for k, v in changes.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(changes)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(saved)
 
 
 def logging_config(log_path: str, console_level: str) -> dict[str, Any]:

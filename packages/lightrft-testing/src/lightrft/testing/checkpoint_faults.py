@@ -179,11 +179,17 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    # A rank may be SIGKILLed at any moment (the victim by itself, the survivors by the parent):
+    # a file is either whole or absent, never half-written.
+    tmp = path.with_name(f".{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _log(logs: Path, trial: int, rank: int, record: dict[str, Any]) -> None:
     # Written as the trial goes: the process may be killed at any moment.
-    tmp = logs / f".t{trial}_r{rank}.json"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, logs / f"t{trial}_r{rank}.json")
+    _write_atomically(logs / f"t{trial}_r{rank}.json", json.dumps(record))
 
 
 def _expect(strategy: StrategyBase, model: Any, expected: Path, tag: str) -> None:
@@ -274,12 +280,9 @@ def _run_world(
                 )
                 _trial_rank(config, root, trial, victim, fraction, load_only)
             except BaseException:
-                # Atomically: the parent SIGKILLs the survivors once the victim is dead, possibly
-                # while this is written; a half-written file would read as an empty error.
-                err = root / "logs" / f"t{trial}_r{rank}.err"
-                tmp = err.with_name(f".{err.name}")
-                tmp.write_text(traceback.format_exc())
-                os.replace(tmp, err)
+                # The parent SIGKILLs the survivors once the victim is dead, possibly while this
+                # is written; a half-written file would read as an empty error.
+                _write_atomically(root / "logs" / f"t{trial}_r{rank}.err", traceback.format_exc())
                 code = 1
             os._exit(code)
         pids[pid] = rank

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One GPU sitting on one H200 (device `run`, kind nvidia-h200), as calls back to back (the machine
+# goes back 30 s after a call, and /tmp with it). The bundles (../shared/device/bundle/README.md)
+# travel one 56 MiB part per call; meanwhile the 1-GPU strategy tests run in the background.
+#
+#   call 1   carry [.whl, .bundle/vllm/part08, .bundle/sglang/part09]:  bash scripts/gpu/sitting.sh start
+#   calls    carry [.bundle/vllm/partNN] (or sglang):                   bash scripts/gpu/sitting.sh stash vllm/partNN
+#   then     bash scripts/gpu/sitting.sh run       # installs both bundles, starts the plans in the background:
+#                                                  # scripts/gpu/plan-vllm.txt, then scripts/gpu/plan-sglang.txt
+#            bash scripts/gpu/sitting.sh poll 540  # waits (at most N s) and returns $OUT/results.tgz
+# A plan line is: NAME BUDGET_S SITE COMMAND...; COMMAND runs from a copy of this tree in /tmp/repo,
+# with $STEP_OUT (its result folder) and $STEP_BUDGET (seconds) set, under `timeout`. A step is
+# skipped when less than 60% of its budget is left of MASTER_BUDGET_S; it gets what is left.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/results
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions HF_HUB_OFFLINE=1
+unset PYTORCH_CUDA_ALLOC_CONF  # expandable segments stop vLLM's sleep mode from freeing memory
+
+install_workspace() {
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site /tmp/whl/*.whl /tmp/whl/lightrft/*.whl || return 1
+  python3 -c "import rich, matplotlib" 2>/dev/null || [ -d /tmp/dsite ] || python3 -m pip install -q \
+    --no-index --no-deps --no-compile --no-cache-dir --target /tmp/dsite /tmp/whl/demo/*.whl
+}
+
+collect() {  # everything small under /tmp/results into $OUT/results.tgz (16 MiB a file at most)
+  (cd /tmp && find results -type f -size -6M ! -name '*.safetensors' ! -name '*.pt' ! -name '*.bin' \
+     ! -path '*/ckpt*' ! -path '*/model/*' -print0 | tar czf "$OUT/results.tgz" --null -T -)
+  ls -la "$OUT"; cat /tmp/results/chain.log 2>/dev/null
+}
+
+run_plan() {  # run_plan PLANFILE DEADLINE_EPOCH
+  local plan=$1 deadline=$2 name budget site cmd left t0 rc
+  while read -r name budget site cmd; do
+    case "$name" in ''|'#'*) continue ;; esac
+    left=$((deadline - $(date +%s)))
+    if [ "$left" -lt $((budget * 6 / 10)) ]; then echo "$(date +%T) SKIP $name (needs $budget s, $left left)" >> /tmp/results/chain.log; continue; fi
+    [ "$left" -lt "$budget" ] && budget=$left
+    mkdir -p "/tmp/results/$name"; t0=$(date +%s)
+    echo "$(date +%T) START $name budget=$budget site=$site" >> /tmp/results/chain.log
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader >> /tmp/results/chain.log
+    ( cd /tmp/repo && export STEP_OUT=/tmp/results/$name STEP_BUDGET=$budget \
+        PYTHONPATH=/tmp/site:/tmp/$site:/tmp/dsite VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+      && timeout -k 20 "$budget" bash -c "$cmd" ) > "/tmp/results/$name/log.txt" 2>&1 < /dev/null
+    rc=$?
+    pkill -9 -f 'sglang::' 2>/dev/null; pkill -9 -f 'sglang.srt' 2>/dev/null  # an SGLang scheduler left behind
+    echo "$(date +%T) END $name rc=$rc in $(( $(date +%s) - t0 )) s" >> /tmp/results/chain.log
+  done < "$plan"
+}
+
+case "${1:-}" in
+start)
+  nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  mkdir -p /tmp/vb /tmp/sb && cp -r .bundle/vllm/part08 /tmp/vb/ && cp -r .bundle/sglang/part09 /tmp/sb/ || exit 1
+  rm -rf /tmp/whl && cp -r .whl /tmp/whl && install_workspace || exit 1
+  rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r benchmarks scripts packages examples /tmp/repo/ || exit 1
+  mkdir -p /tmp/results/gpu_tests
+  setsid nohup bash -c "cd /tmp/repo && export PYTHONPATH=/tmp/site:/tmp/dsite && timeout 150 python3 -m pytest -q -p no:cacheprovider \
+      -m gpu packages/lightrft-fsdp/tests packages/lightrft-deepspeed/tests -rs; echo rc=\$? > /tmp/results/gpu_tests/rc" > /tmp/results/gpu_tests/log.txt 2>&1 < /dev/null &
+  sleep 2; echo started
+  ;;
+stash)
+  part=$2; dest=/tmp/vb; case "$part" in sglang*) dest=/tmp/sb ;; esac
+  mkdir -p "$dest" && cp -r ".bundle/$part" "$dest/" && echo "stashed $part: $(ls /tmp/vb | wc -l) vllm, $(ls /tmp/sb | wc -l) sglang"
+  tail -2 /tmp/results/gpu_tests/log.txt 2>/dev/null; true
+  ;;
+run)
+  install_workspace || exit 1
+  t0=$SECONDS
+  [ -d /tmp/vsite ] || BUNDLE=/tmp/vb SITE=/tmp/vsite bash /tmp/vb/part01/assemble.sh > /tmp/results/vllm_install.log 2>&1 \
+    || { tail -20 /tmp/results/vllm_install.log; exit 1; }
+  [ -d /tmp/ssite ] || BUNDLE=/tmp/sb SITE=/tmp/ssite bash /tmp/sb/part01/assemble.sh > /tmp/results/sglang_install.log 2>&1 \
+    || { tail -20 /tmp/results/sglang_install.log; exit 1; }
+  echo "bundles installed in $((SECONDS - t0)) s"
+  rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r benchmarks scripts packages examples /tmp/repo/ || exit 1
+  cat /tmp/results/gpu_tests/rc 2>/dev/null; tail -5 /tmp/results/gpu_tests/log.txt
+  deadline=$(( $(date +%s) + ${MASTER_BUDGET_S:-1200} ))
+  touch /tmp/master.running
+  setsid nohup bash -c "cd /tmp/repo && bash scripts/gpu/sitting.sh _plan scripts/gpu/plan-vllm.txt $deadline; \
+    bash scripts/gpu/sitting.sh _plan scripts/gpu/plan-sglang.txt $deadline; rm -f /tmp/master.running" \
+    > /tmp/results/master.log 2>&1 < /dev/null &
+  sleep 5; cat /tmp/results/chain.log
+  ;;
+_plan) run_plan "$2" "$3" ;;
+poll)
+  limit=${2:-540}; t0=$SECONDS
+  while [ -f /tmp/master.running ] && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; done
+  [ -f /tmp/master.running ] && echo "still running" || echo "all plans done"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader
+  collect
+  ;;
+stop) pkill -f 'sitting.sh _plan'; pkill -9 -f python3; rm -f /tmp/master.running; collect ;;
+*) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

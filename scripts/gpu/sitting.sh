@@ -11,6 +11,7 @@
 # A plan line is: NAME BUDGET_S SITE COMMAND...; COMMAND runs from a copy of this tree in /tmp/repo,
 # with $STEP_OUT (its result folder) and $STEP_BUDGET (seconds) set, under `timeout`. A step is
 # skipped when less than 60% of its budget is left of MASTER_BUDGET_S; it gets what is left.
+# `+NAME` runs a step in the background beside the next ones, until a line `wait`.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
@@ -32,23 +33,35 @@ collect() {  # everything small under /tmp/results into $OUT/results.tgz (16 MiB
   ls -la "$OUT"; cat /tmp/results/chain.log 2>/dev/null
 }
 
+run_step() {  # run_step NAME BUDGET SITE CMD: one step under timeout, its log and rc in /tmp/results
+  local name=$1 budget=$2 site=$3 cmd=$4 t0 rc
+  mkdir -p "/tmp/results/$name"; t0=$(date +%s)
+  echo "$(date +%T) START $name budget=$budget site=$site ($(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null))" >> /tmp/results/chain.log
+  ( cd /tmp/repo && export STEP_OUT=/tmp/results/$name STEP_BUDGET=$budget \
+      PYTHONPATH=/tmp/site:/tmp/$site:/tmp/dsite VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+    && timeout -k 20 "$budget" bash -c "$cmd" ) > "/tmp/results/$name/log.txt" 2>&1 < /dev/null
+  rc=$?
+  echo "$(date +%T) END $name rc=$rc in $(( $(date +%s) - t0 )) s" >> /tmp/results/chain.log
+}
+
 run_plan() {  # run_plan PLANFILE DEADLINE_EPOCH
-  local plan=$1 deadline=$2 name budget site cmd left t0 rc
+  # A NAME starting with + runs in the background beside the next steps; a line `wait` waits for
+  # them (and so does the plan's end). Steps side by side share the GPU: each must ask for a
+  # small share of its memory, and their timings are not figures.
+  local plan=$1 deadline=$2 name budget site cmd left
   while read -r name budget site cmd; do
-    case "$name" in ''|'#'*) continue ;; esac
+    case "$name" in ''|'#'*) continue ;; wait) wait; continue ;; esac
     left=$((deadline - $(date +%s)))
-    if [ "$left" -lt $((budget * 6 / 10)) ]; then echo "$(date +%T) SKIP $name (needs $budget s, $left left)" >> /tmp/results/chain.log; continue; fi
+    if [ "$left" -lt $((budget * 6 / 10)) ]; then echo "$(date +%T) SKIP ${name#+} (needs $budget s, $left left)" >> /tmp/results/chain.log; continue; fi
     [ "$left" -lt "$budget" ] && budget=$left
-    mkdir -p "/tmp/results/$name"; t0=$(date +%s)
-    echo "$(date +%T) START $name budget=$budget site=$site" >> /tmp/results/chain.log
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader >> /tmp/results/chain.log
-    ( cd /tmp/repo && export STEP_OUT=/tmp/results/$name STEP_BUDGET=$budget \
-        PYTHONPATH=/tmp/site:/tmp/$site:/tmp/dsite VLLM_ENABLE_V1_MULTIPROCESSING=0 \
-      && timeout -k 20 "$budget" bash -c "$cmd" ) > "/tmp/results/$name/log.txt" 2>&1 < /dev/null
-    rc=$?
-    pkill -9 -f 'sglang::' 2>/dev/null; pkill -9 -f 'sglang.srt' 2>/dev/null  # an SGLang scheduler left behind
-    echo "$(date +%T) END $name rc=$rc in $(( $(date +%s) - t0 )) s" >> /tmp/results/chain.log
+    case "$name" in
+      +*) run_step "${name#+}" "$budget" "$site" "$cmd" & ;;
+      *) run_step "$name" "$budget" "$site" "$cmd" ;;
+    esac
   done < "$plan"
+  wait
+  pkill -9 -f 'sglang::' 2>/dev/null; pkill -9 -f 'sglang.srt' 2>/dev/null  # an SGLang scheduler left behind
+  true
 }
 
 case "${1:-}" in

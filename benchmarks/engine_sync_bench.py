@@ -456,7 +456,7 @@ def check(res: dict[str, Any], levels: list[int]) -> list[str]:
 
 def table(res: dict[str, Any], all_res: list[dict[str, Any]]) -> str:
     lines = [
-        f"{res['engine']} + {res['strategy']}, {res['params_b']:.2f}B params, {res['weight_gib']:.2f} GiB "
+        f"{res['engine']} + {res['strategy']}, {res['params_b']:.3g}B params, {res['weight_gib']:.2f} GiB "
         f"engine weights, {res['device']}; bw: device {res['bw_dev_gbps']:.0f} GB/s (read+write), "
         f"d2h {res['bw_d2h_gbps']:.1f} / h2d {res['bw_h2d_gbps']:.1f} GB/s; control call "
         f"{res['control_call_s'] * 1e3:.2f} ms",

@@ -1,25 +1,42 @@
-"""Weight sync into a colocated vLLM engine, sleep / wake and generation speed, on GPUs.
+"""Weight sync, sleep and wake of a colocated engine against their floors, one benchmark for both
+engines (``--engine vllm|sglang``) and both sharded backends (``--strategy fsdp|deepspeed``).
 
-Run under torchrun on the GPU machine (see scripts/gpu-vllm.sh):
+One GPU: ``python benchmarks/engine_sync_bench.py --engine vllm --out $OUT``; several:
+``torchrun --nproc-per-node 2 benchmarks/engine_sync_bench.py --engine_tp_size 2 ...``. The FSDP
+half never imports DeepSpeed. CPU dry run: ``--device cpu`` (vLLM on CPU: no sleep mode; the sleep
+rows are then skipped and say so).
 
-    torchrun --nproc-per-node 2 benchmarks/engine_sync_bench.py --strategy fsdp --out $OUT/fsdp.json
+Measured in one run, on a Llama of ``--model`` (random weights, the engine in bf16), after one
+training step so that the pushed weights differ from the initial ones:
 
-In one run it measures, for a Llama of about 1B parameters (``--layers``/``--hidden`` to change it):
+- bandwidths of this run: a device copy (``bw_dev``: bytes read + written per second, 256 MiB),
+  the all-gather (several ranks), pinned host <-> device (``bw_d2h`` / ``bw_h2d``);
+- ``control_call_s``: the engine's cheapest control round trip (vLLM ``reset_prefix_cache``,
+  in-process; SGLang ``flush_cache``, to its scheduler process): the fixed cost of any call;
+- ``push_s``: ``strategy.update_engine_weights(actor)`` on an awake engine (median of 5), and
+  ``push_fixed_s``: one push of the smallest parameter through the same engine path (the fixed cost
+  per push). Floor: the fp32 master read once and the engine's bf16 weights written once
+  (``6 B/param`` for FSDP2; ZeRO-3 gathers its bf16 parameters: ``4 B/param``) over ``bw_dev``,
+  plus the all-gather of the bf16 bytes on several ranks, plus ``push_fixed_s``;
+- ``per_param_s``: ours with one tensor per bucket; ``peer_per_param_s``: the peers' path reproduced
+  here: every parameter gathered alone and loaded with one call, ``model.load_weights([(name, t)])``
+  on vLLM's in-process model (TRL's colocate mode, OpenRLHF) or
+  ``Engine.update_weights_from_tensor([(name, t)])`` on SGLang (OpenRLHF, verl's per-tensor path),
+  checked to leave the same weights as our push;
+- sleep and wake at each ``--levels`` (three cycles each: the first and the median of the others),
+  each against its floor: the bytes it must move (level 1: the weights, device -> pinned host and
+  back; level 2: none) over the matching bandwidth, plus ``control_call_s``; the wake after level 2
+  is timed apart from the push that follows it (the engine's ``wake_up`` calls inside
+  ``update_engine_weights``);
+- ``sleep_fraction_freed``: device memory freed by the sleep call (``mem_get_info`` read right
+  before and right after the call, this process's cache emptied first so that only the engine's
+  memory moves) over everything the engine holds (what shutting it down returns at the end). It is
+  a fraction of a part: a value above 1 is a measurement error and fails the run;
+- generation tokens/s of ``--prompts`` greedy requests of ``--new_tokens`` tokens (ignore EOS).
 
-- ``bucketed``: ``strategy.update_engine_weights(actor)`` (full-parameter buckets of
-  ``weight_sync_bucket_mb`` in the engine's dtype, gathered per bucket, replayed into the
-  workers through the recorded copy plan);
-- ``load_weights``: the same buckets through vLLM's ``load_weights`` every time (the plan off);
-  the parameters must be bitwise the same as after the plan's push;
-- ``per_param``: one tensor per push through ``load_weights`` (what OpenRLHF and LightRFT do);
-- ``bound``: the engine's bytes over the all-gather bandwidth measured in this run, plus one
-  device copy;
-- sleep level 1 / 2 and wake times, the device memory each frees, outputs identical after wake;
-- generation tokens/s of vLLM against the ``hf`` engine on the same prompts.
-
-It also checks what it measures: sleep frees >= 90 % of the engine's memory (what it took at
-setup), and outputs are identical after wake (level 1) and after wake + push (level 2). The common
-greedy prefix with the ``hf`` engine is reported. Rank 0 prints a table and writes ``--out`` (JSON).
+Checks (non-zero exit): outputs identical after every wake (+ push), the peers' path leaves the
+same weights, 0.9 <= sleep_fraction_freed <= 1. Writes ``--out``/sync_<engine>_<strategy>.json (or
+the ``--out`` file when it ends in .json) and a .log; prints the table.
 """
 
 from __future__ import annotations
@@ -27,16 +44,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+#: Llama shapes: (layers, hidden, intermediate, heads, kv heads); vocab 32000 except tiny (256).
+MODELS = {
+    "0.8b": (16, 2048, 5632, 16, 4),
+    "1.5b": (30, 2048, 5632, 16, 4),
+    "3.5b": (33, 3072, 8192, 24, 8),
+    "tiny": (2, 128, 256, 4, 2),  # heads of 32: vLLM's CPU attention has no 16-wide kernel
+}
+CUDA = False
+
 
 def _sync() -> None:
-    torch.cuda.synchronize()
-    if dist.is_initialized():
+    if CUDA:
+        torch.cuda.synchronize()
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
@@ -49,207 +79,427 @@ def _timed(fn: Any, repeat: int = 1) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
+def _median_time(fn: Any, repeat: int) -> float:
+    return statistics.median(_timed(fn) for _ in range(repeat))
+
+
 def _used() -> int:
+    """Device memory in use by every process (``mem_get_info``), this process's cache emptied."""
+    if not CUDA:
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     return total - free
 
 
-def allgather_bandwidth(nbytes: int = 256 << 20) -> float:
-    """Bytes of the gathered tensor per second, measured with all_gather_into_tensor."""
-    world = dist.get_world_size()
-    shard = torch.empty(nbytes // world // 2, dtype=torch.bfloat16, device="cuda")
-    full = torch.empty(shard.numel() * world, dtype=torch.bfloat16, device="cuda")
-    dist.all_gather_into_tensor(full, shard)
-    t = _timed(lambda: dist.all_gather_into_tensor(full, shard), repeat=5)
-    return full.numel() * 2 / t
-
-
 def copy_bandwidth(nbytes: int = 256 << 20) -> float:
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    """Device memory traffic (bytes read + bytes written) per second of a large copy."""
+    dev = "cuda" if CUDA else "cpu"
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
     b = torch.empty_like(a)
-    t = _timed(lambda: b.copy_(a), repeat=5)
-    return nbytes / t
+    b.copy_(a)
+    return 2 * nbytes / _median_time(lambda: b.copy_(a), 5)
 
 
-def build_llama(layers: int, hidden: int, vocab: int, seed: int) -> Any:
+def host_bandwidth(nbytes: int = 256 << 20) -> tuple[float, float]:
+    """(device -> pinned host, pinned host -> device) bytes per second."""
+    if not CUDA:
+        return float("nan"), float("nan")
+    d = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    h = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    h.copy_(d)
+    d2h = nbytes / _median_time(lambda: h.copy_(d, non_blocking=True), 3)
+    h2d = nbytes / _median_time(lambda: d.copy_(h, non_blocking=True), 3)
+    return d2h, h2d
+
+
+def allgather_bandwidth(nbytes: int = 256 << 20) -> float:
+    """Bytes of the gathered tensor per second (all_gather_into_tensor); inf on one rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float("inf")
+    world = dist.get_world_size()
+    dev = "cuda" if CUDA else "cpu"
+    shard = torch.empty(nbytes // world // 2, dtype=torch.bfloat16, device=dev)
+    full = torch.empty(shard.numel() * world, dtype=torch.bfloat16, device=dev)
+    dist.all_gather_into_tensor(full, shard)
+    return full.numel() * 2 / _median_time(lambda: dist.all_gather_into_tensor(full, shard), 5)
+
+
+def build_llama(model: str, seed: int, dtype: torch.dtype) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    layers, hidden, inter, heads, kv = MODELS[model]
     cfg = LlamaConfig(
-        vocab_size=vocab,
+        vocab_size=256 if model == "tiny" else 32000,
         hidden_size=hidden,
-        intermediate_size=int(hidden * 2.6875) // 256 * 256,
+        intermediate_size=inter,
         num_hidden_layers=layers,
-        num_attention_heads=hidden // 128,
-        num_key_value_heads=max(1, hidden // 512),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    return model
+    with torch.device("cuda" if CUDA else "cpu"):
+        return LlamaForCausalLM(cfg).to(dtype)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def time_wake_calls(engine: Any, into: dict[str, float]) -> None:
+    """Adds each ``engine.wake_up`` call's time to ``into['wake_s']`` (the lifecycle calls it)."""
+    wake = engine.wake_up
+
+    def wake_up(tags: Any = None) -> None:
+        _sync()
+        t0 = time.perf_counter()
+        wake(tags)
+        _sync()
+        into["wake_s"] = into.get("wake_s", 0.0) + time.perf_counter() - t0
+
+    engine.wake_up = wake_up
+
+
+class Peer:
+    """The peers' per-parameter push: every parameter gathered alone and loaded with one engine
+    call (vLLM: ``load_weights`` on the in-process model, as TRL's colocate mode does; SGLang:
+    ``update_weights_from_tensor`` per tensor)."""
+
+    def __init__(self, engine_type: str, engine: Any) -> None:
+        self.engine_type, self.engine = engine_type, engine
+        if engine_type == "vllm":
+            # In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the worker's model object itself.
+            self.model = engine.llm.collective_rpc(lambda worker: worker.model_runner.model)[0]
+
+    def push(self, strategy: Any, actor: Any) -> int:
+        from lightrft.engines import _sglang_compat as compat
+
+        n = 0
+        dtype = self.engine.weight_dtype
+        sgl = self.engine.engine if self.engine_type == "sglang" and self.engine.is_leader else None
+        session = sgl is not None and compat.has_update_session(sgl)  # SGLang 0.5.21+
+        if session:
+            sgl.begin_weight_update()
+        for bucket in strategy.iter_weight_buckets(actor, bucket_bytes=1, dtype=dtype):
+            for name, t in bucket:
+                if self.engine_type == "vllm":
+                    self.model.load_weights([(name, t)])
+                elif sgl is not None:
+                    ok, msg = compat.result_ok(
+                        sgl.update_weights_from_tensor(named_tensors=[(name, t)], flush_cache=False)
+                    )
+                    if not ok:
+                        raise RuntimeError(f"SGLang update_weights_from_tensor({name}) failed: {msg}")
+                n += 1
+        if session:
+            sgl.end_weight_update()
+        if self.engine_type == "vllm":
+            self.engine.llm.reset_prefix_cache()
+        elif sgl is not None:
+            sgl.flush_cache()
+        return n
+
+
+def engine_fingerprint(engine_type: str, engine: Any) -> Any:
+    """What must be equal after two pushes of the same weights: vLLM's parameter checksum;
+    SGLang's first rows of a few weights (``get_weights_by_name``)."""
+    if engine_type == "vllm":
+        return engine.param_checksum()
+    if not engine.is_leader:
+        return None
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight", "lm_head.weight"]
+    return [engine.engine.get_weights_by_name(n, truncate_size=4) for n in names]
+
+
+def control_call(engine_type: str, engine: Any) -> Any:
+    if engine_type == "vllm":
+        return lambda: engine.llm.reset_prefix_cache()
+    return lambda: engine.engine.flush_cache() if engine.is_leader else None
+
+
+def main() -> int:
+    global CUDA
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
     ap.add_argument("--strategy", choices=["fsdp", "deepspeed"], default="fsdp")
+    ap.add_argument("--model", choices=sorted(MODELS), default="0.8b")
     ap.add_argument("--engine_tp_size", type=int, default=1)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--bucket_mb", type=int, default=512)
     ap.add_argument("--mem_util", type=float, default=0.35)
-    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=64, help="requests of the generation measurement")
     ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--hf_prompts", type=int, default=4, help="0: no hf comparison")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--levels", default="2,1", help="sleep levels to measure (SGLang: level 2 only)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--out", default="sync-out", help="directory (or a .json file) for the results")
+    ap.add_argument("--budget-s", type=float, default=0.0, help="skip what is left after this many seconds")
     a = ap.parse_args()
+    CUDA = a.device == "cuda"
+    t_start = time.perf_counter()
+    levels = [int(x) for x in a.levels.split(",") if x.strip()]
+    bad = [x for x in levels if x not in (1, 2)]
+    if bad:
+        ap.error(f"--levels={a.levels!r} is invalid: give levels among 1 and 2")
+    if a.engine == "sglang" and 1 in levels:
+        levels = [x for x in levels if x != 1]  # started without the CPU weight backup: level 1 is 2
+    out_path = Path(a.out) if a.out.endswith(".json") else Path(a.out) / f"sync_{a.engine}_{a.strategy}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     from lightrft.strategy import SamplingParams, get_strategy
     from lightrft.strategy.weights import tensor_nbytes
 
+    world = int(os.environ.get("WORLD_SIZE", 1))
     strategy = get_strategy(
         {
             "strategy": a.strategy,
             "zero_stage": 3,
-            "train_batch_size": 2 * int(os.environ.get("WORLD_SIZE", 1)),
+            "train_batch_size": 2 * world,
             "micro_train_batch_size": 2,
             "bf16": True,
-            "engine_type": "vllm",
+            "engine_type": a.engine,
             "engine_tp_size": a.engine_tp_size,
             "engine_mem_util": a.mem_util,
             "engine_max_model_len": 512,
-            "engine_enforce_eager": True,
+            "engine_sleep_level": 2,
+            # SGLang captures decode graphs up to this many requests: the generation batch here.
+            "micro_rollout_batch_size": a.prompts,
             "weight_sync_bucket_mb": a.bucket_mb,
             "enable_engine_sleep": True,
         }
     )
     rank = strategy.get_rank()
-    res: dict[str, Any] = {"strategy": a.strategy, "engine_tp_size": a.engine_tp_size}
-    actor = build_llama(a.layers, a.hidden, a.vocab, seed=1)
-    engine_model = build_llama(a.layers, a.hidden, a.vocab, seed=1)
-    res["params_b"] = sum(p.numel() for p in actor.parameters()) / 1e9
+    log = open(str(out_path.with_suffix(".log")) if rank == 0 else os.devnull, "a", buffering=1)  # noqa: SIM115
+
+    def say(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+            log.write(msg + "\n")
+
+    res: dict[str, Any] = {"engine": a.engine, "strategy": a.strategy, "model": a.model, "world": world}
+    res["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
+    skipped: list[str] = []
+
+    def over_budget(what: str) -> bool:
+        if a.budget_s and time.perf_counter() - t_start > a.budget_s:
+            skipped.append(what)
+            say(f"budget spent: {what} skipped")
+            return True
+        return False
+
+    master_dtype = torch.float32 if a.strategy == "fsdp" else torch.bfloat16
+    actor = build_llama(a.model, seed=1, dtype=master_dtype)
+    n_params = sum(p.numel() for p in actor.parameters())
+    res["params_b"] = n_params / 1e9
     actor = strategy.prepare_model(actor)
-    # torch AdamW for both backends: the step only has to change the weights, and DeepSpeed's
-    # FusedAdam would JIT-build for a minute first.
-    optim = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=1e-4)
+    # torch AdamW for both backends (DeepSpeed's FusedAdam would JIT-build for a minute first).
+    optim = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=1e-4, fused=CUDA)
     actor, optim, _ = strategy.prepare((actor, optim, None))
-
-    _sync()
-    before_engine = _used()
-    t0 = time.perf_counter()
-    strategy.setup_inference_engine(model=engine_model)
-    res["engine_start_s"] = time.perf_counter() - t0
-    _sync()
-    engine_total = _used() - before_engine
-    res["engine_total_gib"] = engine_total / 2**30
-    hf_ref_model = engine_model  # kept for the hf comparison below
-    g = torch.Generator().manual_seed(7 + rank // a.engine_tp_size)
-    prompts = [torch.randint(10, a.vocab, (64,), generator=g).tolist() for _ in range(a.prompts)]
-    greedy = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0)
-
-    # One training step so that the pushed weights differ from the initial ones.
-    ids = torch.randint(10, a.vocab, (2, 128), generator=g).cuda()
-    for _ in range(strategy.accumulated_gradient):
+    g = torch.Generator().manual_seed(3)
+    vocab = 256 if a.model == "tiny" else 32000
+    ids = torch.randint(10, vocab, (2, 64), generator=g).to("cuda" if CUDA else "cpu")
+    for _ in range(strategy.accumulated_gradient):  # one step: the pushed weights are not the init
         strategy.backward(actor(input_ids=ids, labels=ids).loss, actor, optim)
         strategy.optimizer_step(optim, actor, None)
 
+    before_engine = _used()
+    t0 = time.perf_counter()
+    strategy.setup_inference_engine(actor=actor)  # built from the actor's config; weights pushed
+    res["engine_start_s"] = time.perf_counter() - t0
+    res["engine_start_gib"] = (_used() - before_engine) / 2**30
     engine = strategy.engine_lifecycle.engine
-    # The bytes the engine holds (its dtype): what any sync must gather and copy at least once.
-    total_bytes = sum(
+    if a.engine == "sglang":
+        res["sglang"] = ".".join(map(str, engine.version))
+        say(f"SGLang log: {engine.log_path}")
+    wake_times: dict[str, float] = {}
+    time_wake_calls(engine, wake_times)
+
+    # ---------------------------------------------------------------- bandwidths, fixed costs
+    engine_bytes = sum(
         tensor_nbytes(t) for b in strategy.iter_weight_buckets(actor, dtype=engine.weight_dtype) for _, t in b
     )
-    res["weight_gib"] = total_bytes / 2**30
-    ag_bw, cp_bw = allgather_bandwidth(), copy_bandwidth()
-    res["allgather_gbps"], res["copy_gbps"] = ag_bw / 1e9, cp_bw / 1e9
-    res["bound_s"] = total_bytes / ag_bw + total_bytes / cp_bw
-    strategy.update_engine_weights(actor)  # warm-up: records the copy plan
-    res["bucketed_s"] = _timed(lambda: strategy.update_engine_weights(actor), repeat=5)
-    checksum_plan = engine.param_checksum()
-    # The same buckets through vLLM's load_weights every time: the plan must give the same bits.
-    engine.set_copy_plan(False)
-    res["load_weights_s"] = _timed(lambda: strategy.update_engine_weights(actor), repeat=3)
-    res["plan_equals_load_weights"] = engine.param_checksum() == checksum_plan
-    # The peers: one full tensor per push, each through load_weights.
-    res["per_param_s"] = _timed(lambda: strategy.update_engine_weights(actor, bucket_bytes=1))
-    stats = engine.set_copy_plan(True)
-    res["plan_replayed"], res["plan_loaded"] = stats.get("replayed", 0), stats.get("loaded", 0)
-    res["bucketed_over_bound"] = res["bucketed_s"] / res["bound_s"]
-    res["per_param_over_bucketed"] = res["per_param_s"] / res["bucketed_s"]
+    res["weight_gib"] = engine_bytes / 2**30
+    bw_dev, bw_ag = copy_bandwidth(), allgather_bandwidth()
+    bw_d2h, bw_h2d = host_bandwidth()
+    res.update(bw_dev_gbps=bw_dev / 1e9, bw_allgather_gbps=bw_ag / 1e9, bw_d2h_gbps=bw_d2h / 1e9)
+    res["bw_h2d_gbps"] = bw_h2d / 1e9
+    call = control_call(a.engine, engine)
+    call()
+    res["control_call_s"] = _median_time(call, 9)
 
-    def gen(sp: SamplingParams = greedy, ps: list[list[int]] = prompts) -> list[list[int]]:
-        return [
-            o.output_token_ids
-            for o in strategy.gather_and_generate(prompt_token_ids=ps, sampling_params=sp, sleep_engine=False)
-        ]
+    # ---------------------------------------------------------------- push
+    strategy.update_engine_weights(actor)  # warm-up (vLLM records its copy plan here)
+    res["push_s"] = _median_time(lambda: strategy.update_engine_weights(actor), 5)
+    reference = engine_fingerprint(a.engine, engine)
+    small = min(
+        ((n, t) for b in strategy.iter_weight_buckets(actor, dtype=engine.weight_dtype) for n, t in b),
+        key=lambda nt: tensor_nbytes(nt[1]),
+    )
+    engine.update_weights([[small]])
+    res["push_fixed_s"] = _median_time(lambda: engine.update_weights([[small]]), 9)
+    read_b = n_params * (4 if a.strategy == "fsdp" else 2)  # the master (fp32) or ZeRO-3's bf16 params
+    res["push_floor_s"] = (read_b + engine_bytes) / bw_dev + engine_bytes / bw_ag + res["push_fixed_s"]
+    res["push_over_floor"] = res["push_s"] / res["push_floor_s"]
 
-    awake = gen()
-    t = _timed(lambda: gen())
-    res["vllm_tok_s"] = len(prompts) * a.new_tokens / t
-
-    # Sleep level 1 and 2: memory freed, times, identical outputs after wake (and push for level 2).
-    base = _used()
-    for level in (1, 2):
-        _sync()
-        t0 = time.perf_counter()
-        strategy.maybe_sleep_inference_engine(level=level)
-        _sync()
-        res[f"sleep{level}_s"] = time.perf_counter() - t0
-        freed = base - _used()
-        res[f"sleep{level}_freed_gib"] = freed / 2**30
-        t0 = time.perf_counter()
-        if level == 1:
-            strategy.wakeup_inference_engine()
+    if not over_budget("per-parameter pushes"):
+        res["per_param_s"] = _timed(lambda: strategy.update_engine_weights(actor, bucket_bytes=1))
+        if a.engine_tp_size == 1:
+            peer = Peer(a.engine, engine)
+            _sync()
+            t0 = time.perf_counter()
+            res["peer_calls"] = peer.push(strategy, actor)
+            _sync()
+            res["peer_per_param_s"] = time.perf_counter() - t0
+            res["peer_same_weights"] = engine_fingerprint(a.engine, engine) == reference
+            res["peer_over_push"] = res["peer_per_param_s"] / res["push_s"]
         else:
-            strategy.update_engine_weights(actor)  # wake weights -> push -> empty cache -> wake kv
-        _sync()
-        res[f"wake{level}_s"] = time.perf_counter() - t0
-        res[f"identical_after_wake{level}"] = gen() == awake
-    res["sleep_fraction_freed"] = res["sleep1_freed_gib"] * 2**30 / engine_total if engine_total > 0 else 0.0
-    strategy.engine_lifecycle.shutdown()
-    torch.cuda.empty_cache()
+            skipped.append("peer per-parameter path (engine_tp_size > 1)")
 
-    if a.hf_prompts > 0:
-        # hf engine on the same trained weights: reference outputs and tokens/s.
-        strategy.setup_inference_engine(model=hf_ref_model, engine_type="hf")
-        strategy.update_engine_weights(actor)
-        hf_sp = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0)
-        sub = prompts[: a.hf_prompts]
-        _sync()
-        t0 = time.perf_counter()
-        hf_out = gen(hf_sp, sub)
-        _sync()
-        res["hf_tok_s"] = len(sub) * a.new_tokens / (time.perf_counter() - t0)
-        # Reported, not gated: in bf16 a random model's near-ties make kernels pick different argmaxes.
-        prefix = [
-            next((i for i, (x, y) in enumerate(zip(h, v)) if x != y), len(h)) for h, v in zip(hf_out, awake)
-        ]
-        res["vllm_hf_common_prefix_frac"] = sum(prefix) / (len(prefix) * a.new_tokens)
-        strategy.engine_lifecycle.shutdown()
+    # ---------------------------------------------------------------- generation
+    prompts = [torch.randint(10, vocab, (64,), generator=g).tolist() for _ in range(a.prompts)]
+    extra = {"ignore_eos": True}
+    greedy = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0, extra=extra)
+
+    def gen() -> list[list[int]]:
+        outs = strategy.gather_and_generate(greedy, all_prompt_token_ids=prompts, sleep_engine=False)
+        return [o.output_token_ids for o in outs]
+
+    strategy.update_engine_weights(actor)
+    awake = gen()
+    res["gen_tok_s"] = sum(len(x) for x in awake) / _median_time(gen, 3)
+
+    # ---------------------------------------------------------------- sleep / wake
+    sleeps = bool(getattr(engine, "_sleep_ok", True)) and CUDA
+    if not sleeps:
+        skipped.append("sleep / wake (this engine has no sleep mode here)")
+    for level in levels if sleeps else []:
+        if over_budget(f"sleep level {level}"):
+            continue
+        rows: dict[str, list[float]] = {"sleep_s": [], "wake_s": [], "freed": [], "back_s": []}
+        identical = True
+        for _ in range(3):
+            used = _used()
+            _sync()
+            t0 = time.perf_counter()
+            strategy.maybe_sleep_inference_engine(level=level)
+            _sync()
+            rows["sleep_s"].append(time.perf_counter() - t0)
+            rows["freed"].append(used - _used())
+            wake_times.clear()
+            _sync()
+            t0 = time.perf_counter()
+            if level == 1:
+                strategy.wakeup_inference_engine()
+            else:
+                strategy.update_engine_weights(actor)  # wake weights -> push -> empty cache -> wake kv
+            _sync()
+            rows["back_s"].append(time.perf_counter() - t0)
+            rows["wake_s"].append(wake_times.get("wake_s", 0.0))
+            identical = identical and gen() == awake
+        moved = engine_bytes if level == 1 else 0
+        res[f"sleep{level}_first_s"] = rows["sleep_s"][0]
+        res[f"sleep{level}_s"] = statistics.median(rows["sleep_s"][1:])
+        res[f"sleep{level}_floor_s"] = (
+            moved / bw_d2h + res["control_call_s"] if moved else res["control_call_s"]
+        )
+        res[f"wake{level}_first_s"] = rows["wake_s"][0]
+        res[f"wake{level}_s"] = statistics.median(rows["wake_s"][1:])
+        res[f"wake{level}_floor_s"] = (
+            moved / bw_h2d + res["control_call_s"] if moved else res["control_call_s"]
+        )
+        res[f"sleep{level}_freed_gib"] = statistics.median(rows["freed"]) / 2**30
+        res[f"identical_after_wake{level}"] = identical
+        # Level 2: the whole way back is update_engine_weights (wake weights, push, wake the rest).
+        res[f"back{level}_s"] = statistics.median(rows["back_s"][1:])
+        res[f"cycle{level}_s"] = res[f"sleep{level}_s"] + res[f"back{level}_s"]
+
+    # ---------------------------------------------------------------- everything the engine holds
+    awake_used = _used()
+    strategy.engine_lifecycle.shutdown()
+    gone, deadline = _used(), time.monotonic() + 15.0
+    while CUDA and time.monotonic() < deadline:  # SGLang's schedulers exit after shutdown() returns
+        time.sleep(0.5)
+        now = _used()
+        if now == gone:
+            break
+        gone = now
+    res["engine_total_gib"] = (awake_used - gone) / 2**30
+    for level in levels:
+        if f"sleep{level}_freed_gib" in res and res["engine_total_gib"] > 0:
+            res[f"sleep{level}_fraction_freed"] = res[f"sleep{level}_freed_gib"] / res["engine_total_gib"]
+    res["skipped"] = skipped
+    res["wall_s"] = time.perf_counter() - t_start
 
     all_res = strategy.all_gather_object(res)
+    failures = check(res, levels if sleeps else [])
     if rank == 0:
-        keys = [k for k in res if isinstance(res[k], (int, float, bool))]
-        print(f"{'metric':<28}" + "".join(f"rank{r:<10}" for r in range(len(all_res))))
-        for k in keys:
-            print(f"{k:<28}" + "".join(f"{_fmt(r[k]):<14}" for r in all_res))
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(all_res, f, indent=2)
-    ok = (
-        res["identical_after_wake1"]
-        and res["identical_after_wake2"]
-        and res["sleep_fraction_freed"] >= 0.9
-        and res["plan_equals_load_weights"]
-    )
+        say(table(res, all_res))
+        for f in failures:
+            say(f"CHECK FAILED: {f}")
+        say("PASSED" if not failures else "FAILED")
+        with open(out_path, "w") as f:
+            json.dump(all_res, f, indent=2)
     strategy.shutdown()
-    if not ok:
-        raise SystemExit(f"rank {rank}: check failed: {json.dumps(res)}")
+    log.close()
+    return 1 if failures else 0
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def check(res: dict[str, Any], levels: list[int]) -> list[str]:
+    out = []
+    for level in levels:
+        if f"identical_after_wake{level}" in res and not res[f"identical_after_wake{level}"]:
+            out.append(f"outputs differ after wake (level {level})")
+        frac = res.get(f"sleep{level}_fraction_freed")
+        if frac is not None and not 0.9 <= frac <= 1.0:
+            out.append(f"sleep{level}_fraction_freed={frac:.3f} is outside [0.9, 1]")
+    if res.get("peer_same_weights") is False:
+        out.append("the peers' per-parameter push left other weights than ours")
+    return out
+
+
+def table(res: dict[str, Any], all_res: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{res['engine']} + {res['strategy']}, {res['params_b']:.3g}B params, {res['weight_gib']:.2f} GiB "
+        f"engine weights, {res['device']}; bw: device {res['bw_dev_gbps']:.0f} GB/s (read+write), "
+        f"d2h {res['bw_d2h_gbps']:.1f} / h2d {res['bw_h2d_gbps']:.1f} GB/s; control call "
+        f"{res['control_call_s'] * 1e3:.2f} ms",
+        f"{'operation':<24}{'measured ms':>13}{'floor ms':>11}{'ratio':>8}",
+    ]
+
+    def row(name: str, key: str, floor_key: str | None) -> None:
+        if key not in res:
+            return
+        m = res[key]
+        fl = res.get(floor_key) if floor_key else None
+        ratio = f"{m / fl:8.2f}" if fl else f"{'':>8}"
+        fl_txt = f"{fl * 1e3:11.2f}" if fl is not None else f"{'':>11}"
+        lines.append(f"{name:<24}{m * 1e3:13.2f}{fl_txt}{ratio}")
+
+    row("push (bucketed)", "push_s", "push_floor_s")
+    row("push fixed (1 tensor)", "push_fixed_s", None)
+    row("per-param (ours)", "per_param_s", "push_floor_s")
+    row("per-param (peer path)", "peer_per_param_s", "push_floor_s")
+    for level in (2, 1):
+        row(f"sleep level {level}", f"sleep{level}_s", f"sleep{level}_floor_s")
+        row(f"sleep level {level} (1st)", f"sleep{level}_first_s", f"sleep{level}_floor_s")
+        row(f"wake level {level}", f"wake{level}_s", f"wake{level}_floor_s")
+        row(f"wake level {level} (1st)", f"wake{level}_first_s", f"wake{level}_floor_s")
+    row("back (lvl 2: wake+push)", "back2_s", None)
+    row("sleep+wake+push (lvl 2)", "cycle2_s", None)
+    row("sleep+wake (lvl 1)", "cycle1_s", None)
+    for k in (
+        "gen_tok_s",
+        "engine_start_s",
+        "engine_total_gib",
+        "sleep2_fraction_freed",
+        "sleep1_fraction_freed",
+    ):
+        if k in res:
+            lines.append(f"{k:<24}{res[k]:13.4g}")
+    for k in ("peer_same_weights", "identical_after_wake2", "identical_after_wake1", "skipped"):
+        if k in res:
+            lines.append(f"{k:<24}{res[k]!s:>13}")
+    if len(all_res) > 1:
+        lines.append(f"(rank 0 shown; {len(all_res)} ranks in the JSON)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

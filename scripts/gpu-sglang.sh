@@ -3,11 +3,11 @@
 #   tests  packages/lightrft-engines/tests/test_sglang_gpu.py: one torchrun job, a tensor-parallel-2
 #          engine then one engine per rank, each with generation, perturb-then-restore, release / resume
 #          (>= 90 % freed, identical outputs), FSDP2 and ZeRO-3 training pushing into it (<= 450 s);
-#   bench  benchmarks/sglang_sync_bench.py: weight sync of a ~1B Llama from FSDP2 and ZeRO-3 against the
-#          bound and the per-parameter baseline, release / resume times and memory (<= 300 s).
+#   bench  benchmarks/engine_sync_bench.py --engine sglang: weight sync of a 0.8B Llama from FSDP2 against
+#          its floor and the per-parameter paths, release / resume times and memory (<= 300 s).
 # First find a configuration that starts at all with scripts/gpu-sglang-probe.py (gpu-session.sh
 # sglang-probe): it also compiles SGLang's JIT kernels (~/.cache/tvm-ffi) for the test model's shape.
-# Writes $OUT/sglang_gpu_tests.log, $OUT/sglang_sync.{json,log} and SGLang's own logs (every process,
+# Writes $OUT/sglang_gpu_tests.log, $OUT/sglang_sync.{json,log,stdout} and SGLang's own logs (every process,
 # info; a failed start adds the schedulers' Python stacks, *.stacks) in $OUT/sglang-logs; exits
 # non-zero if a check failed.
 #
@@ -40,11 +40,11 @@ tests)
 bench)
   t0=$SECONDS
   LIGHTRFT_SGLANG_START_TIMEOUT=${LIGHTRFT_SGLANG_START_TIMEOUT:-150} \
-    timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/sglang_sync_bench.py \
-    --out "$OUT/sglang_sync.json" > "$OUT/sglang_sync.log" 2>&1
+    timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/engine_sync_bench.py \
+    --engine sglang --strategy fsdp --out "$OUT/sglang_sync.json" > "$OUT/sglang_sync.stdout" 2>&1
   rc=$?
   echo "== benchmark: rc=$rc in $((SECONDS - t0)) s"
-  grep -A60 '^metric' "$OUT/sglang_sync.log" || tail -60 "$OUT/sglang_sync.log"
+  grep -B1 -A60 '^operation' "$OUT/sglang_sync.stdout" || tail -60 "$OUT/sglang_sync.stdout"
   [ $rc -eq 0 ] || status=1
   ;;
 *)

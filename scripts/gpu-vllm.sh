@@ -18,14 +18,14 @@ status=0
 run() {  # name, timeout, args...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$limit" torchrun --standalone --nproc-per-node 2 benchmarks/engine_sync_bench.py \
-    --out "$OUT/engine_sync_$name.json" "$@" > "$OUT/engine_sync_$name.log" 2>&1
+  timeout "$limit" torchrun --standalone --nproc-per-node 2 benchmarks/engine_sync_bench.py --engine vllm \
+    --out "$OUT/engine_sync_$name.json" "$@" > "$OUT/engine_sync_$name.stdout" 2>&1
   local rc=$?
-  echo "== $name: rc=$rc in $((SECONDS - t0)) s"; grep -A40 '^metric' "$OUT/engine_sync_$name.log" || tail -40 "$OUT/engine_sync_$name.log"
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s"; grep -B1 -A40 '^operation' "$OUT/engine_sync_$name.stdout" || tail -40 "$OUT/engine_sync_$name.stdout"
   [ $rc -eq 0 ] || status=1
 }
 run fsdp_tp2 175 --strategy fsdp --engine_tp_size 2
-run deepspeed_tp1 150 --strategy deepspeed --engine_tp_size 1 --hf_prompts 0
+run deepspeed_tp1 150 --strategy deepspeed --engine_tp_size 1
 
 # The demo (issue 12) with the vllm engine: FSDP2 on both GPUs, one TP-1 engine per rank, sleeping
 # while the policy trains; reward, tokens/s and weight-sync time per iteration in metrics.jsonl.

@@ -10,8 +10,10 @@ conversion and errors. The real SGLang runs in ``test_sglang_gpu.py`` and ``scri
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -410,8 +412,9 @@ def test_server_args_from_strategy_config() -> None:
     assert args["enable_memory_saver"] is True and args["load_format"] == "dummy"
     assert args["cuda_graph_backend_prefill"] == "disabled" and "enable_weights_cpu_backup" not in args
     assert "disable_cuda_graph" not in args  # CUDA graphs stay on by default (decode)
-    # decode graphs up to micro_rollout_batch_size (8) x n_samples_per_prompt (1) x engine_tp_size (1)
-    assert args["cuda_graph_max_bs_decode"] == 8 and "attention_backend" not in args
+    # The config gives neither micro_rollout_batch_size nor n_samples_per_prompt: SGLang's own range.
+    assert "cuda_graph_max_bs_decode" not in args and "attention_backend" not in args
+    assert engine.decode_graph_max_bs is None and engine.decode_graph_captured is None
     assert args["log_level"] == "warning" and engine.log_path is not None
     assert engine.log_path.name.endswith(".log")
     assert double.payload_dtypes == {torch.bfloat16}  # the initial push was cast once, to bf16
@@ -427,7 +430,7 @@ def test_server_args_version_0_5_12_sleep_level_1_and_caller_overrides() -> None
     assert args["disable_piecewise_cuda_graph"] is True and "cuda_graph_backend_prefill" not in args
     assert args["enable_weights_cpu_backup"] is True and args["context_length"] == 64
     assert args["mem_fraction_static"] == 0.2  # the caller's keyword wins
-    assert args["cuda_graph_max_bs"] == 8 and "cuda_graph_max_bs_decode" not in args
+    assert "cuda_graph_max_bs" not in args and "cuda_graph_max_bs_decode" not in args  # SGLang's range
     assert args["dtype"] == "float32" and args["attention_backend"] == "triton"  # bf16=False: no fa3
     strategy2 = _strategy(enable_engine_sleep=False)
     _, double2 = _setup(strategy2, make_tiny_llama(seed=0))
@@ -441,6 +444,8 @@ def test_decode_graph_batch_from_the_rollout_config_and_caller_choices() -> None
     )
     _, double = _setup(strategy, make_tiny_llama(seed=0))
     assert double.server_args["cuda_graph_max_bs_decode"] == 32  # 6 x 4 -> 32
+    _, double = _setup(_strategy(micro_rollout_batch_size=4, rollout_batch_size=8), make_tiny_llama(seed=0))
+    assert double.server_args["cuda_graph_max_bs_decode"] == 8  # 4 x 1, at least 8
     _, double = _setup(_strategy(), make_tiny_llama(seed=0), cuda_graph_bs_decode=[1, 2])
     assert "cuda_graph_max_bs_decode" not in double.server_args  # the caller chose
     _, double = _setup(_strategy(engine_enforce_eager=True), make_tiny_llama(seed=0))
@@ -450,6 +455,48 @@ def test_decode_graph_batch_from_the_rollout_config_and_caller_choices() -> None
     )
     _, double = _setup(_strategy(), make_tiny_llama(seed=0), log_level="info", attention_backend="fa3")
     assert double.server_args["log_level"] == "info" and double.server_args["attention_backend"] == "fa3"
+
+
+def test_captured_decode_batch_read_back_from_resolved_or_passed_arguments() -> None:
+    resolved = SimpleNamespace(
+        cuda_graph_max_bs=None, cuda_graph_max_bs_decode=None, cuda_graph_bs=[1, 2, 160]
+    )
+    assert compat.captured_decode_max_bs(resolved, {"cuda_graph_max_bs_decode": 8}) == 160  # SGLang's own
+    assert compat.captured_decode_max_bs(SimpleNamespace(cuda_graph_max_bs=256), {}) == 256
+    assert compat.captured_decode_max_bs(None, {"cuda_graph_max_bs_decode": 32}) == 32
+    assert compat.captured_decode_max_bs(None, {"disable_cuda_graph": True}) == 0
+    assert compat.captured_decode_max_bs(SimpleNamespace(), {}) is None
+    assert compat.decode_graph_args(FIELDS_0_5_16, None, {}) == {}
+
+
+def test_generation_above_the_captured_graphs_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A decode batch above what SGLang captured runs eagerly: one warning names the batch, the
+    cap and the fix; a batch within the cap, and eager engines by choice, say nothing."""
+    import lightrft.engines._common as common
+
+    strategy = get_fake_strategy(
+        {**CONFIG, "micro_rollout_batch_size": 2, "rollout_batch_size": 4, "n_samples_per_prompt": 2}
+    )
+    engine, double = _setup(strategy, make_tiny_llama(seed=0))
+    assert double.server_args["cuda_graph_max_bs_decode"] == 8 and engine.decode_graph_captured == 8
+    common._said.discard("sglang-eager-decode-8")
+    sp = SamplingParams(max_new_tokens=2, temperature=0.0, n=2)
+    with caplog.at_level(logging.WARNING, logger="lightrft.engines"):
+        engine.generate(prompt_token_ids=[[1, 2]] * 4, sampling_params=sp)  # 8 requests: captured
+        assert not [r for r in caplog.records if "WITHOUT CUDA graphs" in r.getMessage()]
+        engine.generate(prompt_token_ids=[[1, 2]] * 5, sampling_params=sp)  # 10 requests
+        engine.generate(prompt_token_ids=[[1, 2]] * 6, sampling_params=sp)  # said once only
+    said = [r.getMessage() for r in caplog.records if "WITHOUT CUDA graphs" in r.getMessage()]
+    assert len(said) == 1 and caplog.records[-1].levelno == logging.WARNING
+    assert "batch of 10 requests" in said[0] and "captured up to 8" in said[0]
+    assert "cuda_graph_max_bs=10" in said[0]
+    strategy.engine_lifecycle.shutdown()
+    eager, _ = _setup(_strategy(engine_enforce_eager=True), make_tiny_llama(seed=0))
+    assert eager.decode_graph_captured == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lightrft.engines"):
+        eager.generate(prompt_token_ids=[[1, 2]] * 20, sampling_params=SamplingParams(max_new_tokens=1))
+    assert not [r for r in caplog.records if "WITHOUT CUDA graphs" in r.getMessage()]
 
 
 def test_engine_starts_outside_torchruns_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

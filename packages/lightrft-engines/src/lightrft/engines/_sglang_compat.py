@@ -51,8 +51,11 @@ Version facts this module encodes:
   0/36" on the H100), and the first of them is the scheduler's first forward, where SGLang's JIT
   kernels (``sglang/jit_kernel``: norm, activation, rope, kvcache, built with nvcc through tvm-ffi
   into ``~/.cache/tvm-ffi`` on first use) are compiled. A colocated RL engine runs at most
-  ``micro_rollout_batch_size x n_samples_per_prompt x engine_tp_size`` requests at once, so fewer
-  graphs are captured (larger batches run eagerly).
+  ``micro_rollout_batch_size x n_samples_per_prompt x engine_tp_size`` requests at once, so when
+  the config gives those, fewer graphs are captured; when it gives neither, SGLang's own range is.
+  A larger decode batch runs eagerly (4.7x slower at 3B on an H200, issue 17): the engine reads
+  back what was captured (:func:`captured_decode_max_bs`) and says so once, as a warning, when a
+  generation exceeds it.
 - ``dtype="float32"``: 0.5.16 picks fa3 on Hopper whatever the dtype (``server_args.py:4880-4914``)
   and FlashAttention-3 has fp16 / bf16 (and fp8) kernels only, so float32 engines get the triton
   attention backend (:func:`attention_args`). ``dtype="auto"`` would turn a float32 config into
@@ -282,12 +285,34 @@ def rl_decode_graph_max_bs(concurrency: int) -> int:
 
 
 def decode_graph_args(
-    server_fields: frozenset[str], max_bs: int, user_kwargs: Mapping[str, Any]
+    server_fields: frozenset[str], max_bs: int | None, user_kwargs: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """:func:`decode_graph_batch_args` unless the caller chose the decode graphs himself."""
-    if _DECODE_GRAPH_CHOICES & set(user_kwargs):
+    """:func:`decode_graph_batch_args` unless the caller chose the decode graphs himself, or
+    ``max_bs`` is None (SGLang's own range)."""
+    if max_bs is None or _DECODE_GRAPH_CHOICES & set(user_kwargs):
         return {}
     return decode_graph_batch_args(server_fields, max_bs)
+
+
+def captured_decode_max_bs(resolved: Any, passed: Mapping[str, Any]) -> int | None:
+    """The largest decode batch that has a CUDA graph: from SGLang's resolved ``ServerArgs``
+    (``Engine.server_args``, where it has filled in its defaults) when it names one, else from the
+    arguments the engine was started with. 0: decode graphs are off; None: not known."""
+    for source in (resolved, passed):
+        if source is None:
+            continue
+        get = source.get if isinstance(source, Mapping) else (lambda k, s=source: getattr(s, k, None))
+        if get("disable_cuda_graph") or get("disable_decode_cuda_graph"):
+            return 0
+        for name in ("cuda_graph_max_bs_decode", "cuda_graph_max_bs"):
+            value = get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        for name in ("cuda_graph_bs_decode", "cuda_graph_bs"):
+            sizes = get(name)
+            if isinstance(sizes, (list, tuple)) and sizes:
+                return int(max(sizes))
+    return None
 
 
 def attention_args(dtype_name: str, user_kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -173,7 +173,12 @@ class SGLangEngine:
         #: The strategy casts (sharded backends: before gathering) the pushed weights to this.
         self.weight_dtype = self.dtype
         self.context_length = _context_length(cfg, strategy, model, engine_kwargs)
-        self.decode_graph_max_bs = compat.rl_decode_graph_max_bs(_concurrency(cfg, strategy))
+        concurrency = _concurrency(cfg, strategy)
+        #: The decode CUDA-graph cap the engine asks for (None: SGLang's own range).
+        self.decode_graph_max_bs = None if concurrency is None else compat.rl_decode_graph_max_bs(concurrency)
+        #: The largest decode batch SGLang captured a graph for (0: none; None: unknown), read back
+        #: after the start; a larger generation is said once, as a warning (it runs eagerly).
+        self.decode_graph_captured: int | None = None
         self._lora = lora_scalings(model) if model is not None else {}
         self.expected_names = _engine_names(model, self._lora) if model is not None else None
         self._released: set[str] = set()
@@ -198,6 +203,9 @@ class SGLangEngine:
         self._config_dir = None
         sharded = model is not None and is_sharded(model)
         self._leader_step("Engine start", lambda: self._start(model, model_path, engine_kwargs))
+        if self.is_leader:
+            resolved = getattr(self.engine, "server_args", None)
+            self.decode_graph_captured = compat.captured_decode_max_bs(resolved, self.server_args)
         if model_path is None:
             # Dummy weights until the first push: from the model itself when it is whole, from the
             # strategy's buckets (update_engine_weights) when it is a shard.
@@ -275,6 +283,7 @@ class SGLangEngine:
         sp: SamplingParams,
     ) -> list[GenerationOutput]:
         params = sampling_dict(sp)
+        self._warn_if_eager((len(ids) if ids is not None else len(prompts or [])) * sp.n)
         if ids is not None:
             raw = self.engine.generate(input_ids=ids, sampling_params=params, return_logprob=sp.logprobs)
         else:
@@ -483,6 +492,20 @@ class SGLangEngine:
         args.update(compat.attention_args(self.dtype_name, engine_kwargs))
         args.update(engine_kwargs)
         return args
+
+    def _warn_if_eager(self, batch: int) -> None:
+        """Says once, as a warning, that a decode batch above the captured CUDA graphs runs eagerly
+        (several times slower), and how to capture it; nothing when graphs are off by choice."""
+        captured = self.decode_graph_captured
+        if not captured or batch <= captured:
+            return
+        say_once(
+            f"sglang-eager-decode-{captured}",
+            f"SGLang decodes this batch of {batch} requests WITHOUT CUDA graphs (captured up to {captured} "
+            "requests): generation runs several times slower. Capture it: set micro_rollout_batch_size x "
+            "n_samples_per_prompt to the prompts x samples you generate at once, or pass "
+            f"cuda_graph_max_bs={batch} to setup_inference_engine.",
+        )
 
     def _check_open(self) -> None:
         if self.closed:
@@ -729,13 +752,16 @@ def _context_length(cfg: Any, strategy: Any, model: Any, engine_kwargs: dict[str
     return int(value) if value is not None else None
 
 
-def _concurrency(cfg: Any, strategy: Any) -> int:
+def _concurrency(cfg: Any, strategy: Any) -> int | None:
     """Requests one engine runs at once in an RL loop: each rank's generation micro-batch
-    (``micro_rollout_batch_size`` prompts x ``n_samples_per_prompt``), gathered over the group."""
-    n = 1
+    (``micro_rollout_batch_size`` prompts x ``n_samples_per_prompt``), gathered over the group.
+    None when the config gives neither (its default of 8 says nothing about the loop)."""
+    n = None
     if strategy is not None and hasattr(strategy, "get_extra_arg"):
-        n = int(strategy.get_extra_arg("n_samples_per_prompt", 1) or 1)
-    return int(getattr(cfg, "micro_rollout_batch_size", 8)) * n * int(cfg.engine_tp_size)
+        n = strategy.get_extra_arg("n_samples_per_prompt", None)
+    if n is None and "micro_rollout_batch_size" not in getattr(cfg, "model_fields_set", set()):
+        return None
+    return int(getattr(cfg, "micro_rollout_batch_size", 8)) * int(n or 1) * int(cfg.engine_tp_size)
 
 
 def _engine_names(model: Any, lora: dict[str, float]) -> set[str]:

@@ -1,0 +1,219 @@
+"""The arithmetic of the RL soak (``rl_soak.py``): drift, outliers, the log-prob tolerance and the
+pass checks. Pure functions over the per-iteration records (dicts from the JSONL), no torch, so
+they are tested on CPU (``benchmarks/test_soak.py``) and rerun later from a JSONL alone.
+
+Definitions (what the summary reports and gates on):
+
+- **Warm-up**: the first ``warmup`` iterations (default 10) are left out of every check.
+- **Drift** of a series ``x`` over the remaining ``n`` iterations: with ``k = max(1, n // 10)``,
+  ``A = median(x[:k])`` (the first tenth) and ``B = median(x[-k:])`` (the last tenth),
+  ``drift = (B - A) / A`` (0 when ``A == B == 0``; infinite when only ``A`` is 0). Medians, so one
+  iteration hit by a host hiccup does not move a tenth. The check: ``|drift| <= 1 %`` for
+  every gated series: device memory (allocated, reserved and used per ``mem_get_info``) after each
+  phase, host RSS (this process, and its process tree with the engine's subprocesses) and the
+  iteration's time. It needs ``n >= 2`` (both tenths exist); with fewer it is *not evaluated*,
+  which fails the run.
+- **Recompile / recapture**: counters sampled after every iteration (CUDA-graph captures in this
+  process, torch.compile graphs, capture lines in SGLang's log) must not change after warm-up;
+  and no phase time after warm-up is an *outlier*: ``t > max(2 * median, median + 0.25 s)`` of
+  that phase (a recompile or recapture costs seconds; scheduling noise is far below both bounds).
+- **Log-prob tolerance** (:func:`logprob_tolerance`): see there.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: Largest allowed |drift| (fraction) from the first tenth to the last tenth, after warm-up.
+DRIFT_LIMIT = 0.01
+#: The outlier rule: t > max(OUTLIER_FACTOR * median, median + OUTLIER_MIN_EXCESS_S).
+OUTLIER_FACTOR = 2.0
+OUTLIER_MIN_EXCESS_S = 0.25
+#: bfloat16 unit roundoff of one rounding, taken as a whole ulp (2^-8, 8 significand bits; round to
+#: nearest would be half of it): the conservative end.
+BF16_ULP = 2.0**-8
+#: bf16-rounded intermediates on one token's path per decoder layer: input norm, q/k/v projections,
+#: attention, o_proj, residual add, post-attention norm, gate/up projections, activation x up,
+#: down projection, residual add.
+ROUNDINGS_PER_LAYER = 10
+
+PHASES = ("gen", "sleep", "train", "push", "wake")
+MEMORY_KINDS = ("allocated", "reserved", "used")
+#: Per-iteration counters that must stay constant after warm-up.
+COUNTERS = ("cuda_graph_captures", "compile_graphs", "engine_log_captures")
+
+
+def drift(values: Sequence[float]) -> dict[str, Any]:
+    """Median of the first tenth ``A``, of the last tenth ``B`` and ``(B - A) / A`` (see the module
+    docstring); ``drift`` is None when fewer than two values are given."""
+    n = len(values)
+    if n < 2:
+        return {"n": n, "tenth": 0, "first": None, "last": None, "drift": None}
+    k = max(1, n // 10)
+    a = statistics.median(values[:k])
+    b = statistics.median(values[-k:])
+    if a == 0:
+        d = 0.0 if b == 0 else math.inf
+    else:
+        d = (b - a) / a
+    return {"n": n, "tenth": k, "first": a, "last": b, "drift": d}
+
+
+def outliers(values: Sequence[float]) -> list[int]:
+    """Indices (into ``values``) of the times above ``max(2 x median, median + 0.25 s)``."""
+    if not values:
+        return []
+    med = statistics.median(values)
+    bound = max(OUTLIER_FACTOR * med, med + OUTLIER_MIN_EXCESS_S)
+    return [i for i, v in enumerate(values) if v > bound]
+
+
+def logprob_tolerance(num_layers: int, logit_rms: float) -> float:
+    """Largest allowed mean |log p_engine - log p_train| over the checked tokens.
+
+    Both sides run the same network on the same bf16 weights (the engine received the bf16 cast of
+    the master weights the training forward casts too); they differ only in kernels (accumulation
+    order, fused norms, the attention implementation). Each bf16-rounded intermediate may then
+    differ by up to one ulp, a relative ``u = 2^-8``. A token's path has
+    ``m = 10 x num_layers + 2`` such roundings (per layer: ``ROUNDINGS_PER_LAYER``; plus the final
+    norm and the LM head); independent differences add like a random walk, so the logits differ
+    by a relative ``u sqrt(m)``, i.e. by ``u sqrt(m) x rms(z)`` in absolute terms, with ``rms(z)``
+    the RMS of the logits (measured in the same forward). A log-prob ``z_t - logsumexp(z)`` takes
+    the difference of its own logit and at most that of the softmax-weighted mean: twice it.
+
+    ``tol = 2 u sqrt(10 L + 2) rms(z)``: 0.142 at 33 layers and ``rms(z) = 1``."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers={num_layers} is invalid: a decoder has at least one layer")
+    if not logit_rms >= 0:
+        raise ValueError(f"logit_rms={logit_rms} is invalid: an RMS is >= 0")
+    return 2.0 * BF16_ULP * math.sqrt(ROUNDINGS_PER_LAYER * num_layers + 2) * logit_rms
+
+
+def mean_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
+    """Mean |a_i - b_i| (equal lengths)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"mean_abs_diff needs two equal, non-empty sequences (got {len(a)} and {len(b)})")
+    return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
+
+
+def gated_series(record: Mapping[str, Any]) -> list[str]:
+    """The keys of ``record`` whose drift is gated: device memory after each phase (those present),
+    host RSS and the iteration's time."""
+    keys = [f"mem_{p}_{k}" for p in PHASES for k in MEMORY_KINDS if f"mem_{p}_{k}" in record]
+    keys += [k for k in ("host_rss", "host_rss_tree", "iter_s") if k in record]
+    return keys
+
+
+def summarize(
+    records: Sequence[Mapping[str, Any]],
+    logprob_checks: Sequence[Mapping[str, Any]],
+    warmup: int,
+    gate_device_memory: bool = True,
+) -> dict[str, Any]:
+    """The pass checks over the per-iteration ``records`` and the periodic ``logprob_checks``
+    (dicts with ``iteration``, ``mean_abs_diff`` and ``tol``). Returns the summary: per-series
+    drifts, counters, outliers, log-prob results and ``checks`` (name -> "pass" / "fail" /
+    "not evaluated"); ``passed`` is True only when every check passed."""
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup} is invalid: give 0 or more iterations")
+    steady = list(records[warmup:])
+    checks: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    out: dict[str, Any] = {"iterations": len(records), "warmup": warmup, "steady": len(steady)}
+
+    drifts: dict[str, Any] = {}
+    if steady:
+        for key in gated_series(steady[0]):
+            if key.startswith("mem_") and not gate_device_memory:
+                continue
+            drifts[key] = drift([float(r[key]) for r in steady])
+    out["drift"] = drifts
+    phase_drifts = {}
+    for p in PHASES:
+        key = f"{p}_s"
+        if steady and key in steady[0]:
+            phase_drifts[key] = drift([float(r[key]) for r in steady])
+    out["phase_time_drift"] = phase_drifts  # reported; the iteration's time is the gated one
+    if not drifts or any(d["drift"] is None for d in drifts.values()):
+        checks["drift"] = "not evaluated"
+        reasons["drift"] = f"{len(steady)} iterations after warm-up: need at least 2"
+    else:
+        bad = {k: d["drift"] for k, d in drifts.items() if not abs(d["drift"]) <= DRIFT_LIMIT}
+        checks["drift"] = "fail" if bad else "pass"
+        if bad:
+            reasons["drift"] = ", ".join(f"{k} {v:+.2%}" for k, v in bad.items())
+
+    counters: dict[str, Any] = {}
+    for c in COUNTERS:
+        vals = [r[c] for r in steady if r.get(c) is not None]
+        if vals:
+            first = (
+                records[warmup - 1][c] if warmup > 0 and records[warmup - 1].get(c) is not None else vals[0]
+            )
+            counters[c] = {"at_warmup_end": first, "last": vals[-1], "changed": vals[-1] != first}
+    time_outliers: dict[str, list[int]] = {}
+    for p in PHASES:
+        key = f"{p}_s"
+        if steady and key in steady[0]:
+            idx = outliers([float(r[key]) for r in steady])
+            if idx:
+                time_outliers[key] = [int(steady[i]["iteration"]) for i in idx]
+    out["counters"], out["time_outliers"] = counters, time_outliers
+    if len(steady) < 2:
+        checks["no_recompile"] = "not evaluated"
+        reasons["no_recompile"] = f"{len(steady)} iterations after warm-up: need at least 2"
+    else:
+        changed = [c for c, v in counters.items() if v["changed"]]
+        checks["no_recompile"] = "fail" if changed or time_outliers else "pass"
+        if changed or time_outliers:
+            reasons["no_recompile"] = (
+                f"counters changed: {changed}; time outliers (iterations): {time_outliers}"
+            )
+
+    out["logprob_checks"] = list(logprob_checks)
+    if not logprob_checks:
+        checks["logprobs"] = "not evaluated"
+        reasons["logprobs"] = "no periodic log-prob check ran"
+    else:
+        bad_lp = [c["iteration"] for c in logprob_checks if not c["mean_abs_diff"] <= c["tol"]]
+        checks["logprobs"] = "fail" if bad_lp else "pass"
+        if bad_lp:
+            reasons["logprobs"] = f"mean |dlogp| above tolerance at iterations {bad_lp}"
+    out["checks"], out["reasons"] = checks, reasons
+    out["passed"] = all(v == "pass" for v in checks.values())
+    return out
+
+
+def phase_medians(records: Sequence[Mapping[str, Any]], warmup: int) -> dict[str, float]:
+    """Median of each timed quantity after warm-up (the table's numbers)."""
+    steady = records[warmup:] or records
+    keys = [f"{p}_s" for p in PHASES] + ["iter_s", "gen_tok_s", "sync_s", "train_lp_mad"]
+    return {k: statistics.median(float(r[k]) for r in steady) for k in keys if steady and k in steady[0]}
+
+
+def format_table(summary: Mapping[str, Any], medians: Mapping[str, float]) -> str:
+    """The human table: medians of the phases, each gated drift, the checks."""
+    lines = ["quantity                         median after warm-up"]
+    for k, v in medians.items():
+        lines.append(f"  {k:<30} {v:.4g}")
+    lines.append("drift (first tenth -> last tenth, medians)      first        last     drift")
+    for k, d in summary["drift"].items():
+        if d["drift"] is None:
+            lines.append(f"  {k:<42} (not evaluated)")
+            continue
+        lines.append(f"  {k:<42} {d['first']:>11.4g} {d['last']:>11.4g} {d['drift']:>+8.3%}")
+    for c in summary.get("logprob_checks", []):
+        stale = c.get("stale_mean_abs_diff")
+        stale_txt = f", stale engine {stale:.4f}" if stale is not None else ""
+        lines.append(
+            f"logprob check it {c['iteration']}: mean |dlogp| {c['mean_abs_diff']:.4f} "
+            f"(max {c.get('max_abs_diff', float('nan')):.4f}) tol {c['tol']:.4f}{stale_txt}"
+        )
+    for name, status in summary["checks"].items():
+        why = summary["reasons"].get(name, "")
+        lines.append(f"CHECK {name:<14} {status.upper()}{': ' + why if why else ''}")
+    lines.append("PASSED" if summary["passed"] else "FAILED")
+    return "\n".join(lines)

@@ -1,0 +1,608 @@
+"""RL soak: a GRPO-shaped loop through the public Strategy API, hundreds of iterations, one GPU.
+
+Each iteration (``python benchmarks/rl_soak.py --strategy fsdp --engine vllm --model 3.5b``):
+
+1. ``gen``: ``strategy.gather_and_generate`` of ``--prompts`` random prompts x ``--samples``
+   completions of ``--max-new-tokens`` tokens (temperature 1, the engine's log-probs returned);
+2. ``sleep``: ``strategy.maybe_sleep_inference_engine(level=--sleep-level)`` (2: no weight copy);
+3. ``train``: one optimizer step accumulated over micro-batches of ``--micro-train-batch``
+   sequences (``strategy.backward`` / ``strategy.optimizer_step``), a GRPO loss: group-normalized
+   advantages of a token reward, the clipped ratio against the engine's log-probs;
+4. ``push`` + ``wake``: ``strategy.update_engine_weights(actor)``; the engine's own ``update_weights``
+   and ``wake_up`` calls are timed apart (wrappers on the engine object, nothing else changes).
+
+Recorded per iteration into ``--out``/iterations.jsonl: generation tokens/s, the phase times,
+device memory after each phase (``memory_allocated``, ``memory_reserved`` and used per
+``mem_get_info``), host RSS (this process, and with its child processes: SGLang's schedulers),
+CUDA-graph captures in this process, torch.compile graphs, SGLang's capture log lines, and the
+mean |log p_train - log p_engine| of the training forward (the weights the engine generated with).
+Every ``--check-every`` iterations (and at the last) the engine's log-probs on a few fixed prompts
+are compared with a forward pass of the trained model right after the push (``_soak.logprob_tolerance``
+says how the tolerance follows from bf16 arithmetic). The first check's engine outputs scored by
+the current model are reported beside it (``stale``): what an engine that never received a push
+since then would score, to show whether the check can tell the two apart.
+
+At the end: the pass checks (``_soak.py``: drift <= 1 % after warm-up, no recompile or recapture,
+log-probs within tolerance), ``summary.json``, a table, ``soak.png``. Exits 1 when a check fails
+or is not evaluated. ``--plot DIR_OR_JSONL`` redraws the plot (and the summary) from a JSONL later.
+
+CPU dry run: ``--device cpu --engine hf --model tiny --iterations 30``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _soak  # noqa: E402
+
+#: Llama shapes (vocab 32000, untied embeddings, GQA with 128-wide heads): 1.48B and 3.52B.
+MODELS: dict[str, dict[str, int]] = {
+    "1.5b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 30, "heads": 16, "kv": 4},
+    "3.5b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 33, "heads": 24, "kv": 8},
+    # tiny: heads of 32 (vLLM's CPU attention has no 16-wide kernel)
+    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "heads": 4, "kv": 2},
+}
+VOCAB = {"1.5b": 32000, "3.5b": 32000, "tiny": 256}
+CHECK_PROMPTS = 4
+CHECK_NEW_TOKENS = 32
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--strategy", choices=["fsdp", "deepspeed"], default="fsdp")
+    ap.add_argument("--engine", choices=["vllm", "sglang", "hf"], default="vllm")
+    ap.add_argument("--model", choices=sorted(MODELS), default="3.5b")
+    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=10, help="iterations left out of the checks")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=4, help="completions per prompt (GRPO group)")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--micro-train-batch", type=int, default=16, help="sequences per micro-step")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--sleep-level", type=int, choices=[1, 2], default=2)
+    ap.add_argument("--mem-util", type=float, default=0.3, help="engine_mem_util")
+    ap.add_argument("--bucket-mb", type=int, default=512, help="weight_sync_bucket_mb")
+    ap.add_argument("--check-every", type=int, default=25, help="iterations between log-prob checks")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument(
+        "--out", default="soak-out", help="directory for iterations.jsonl, summary.json, soak.png"
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=0.0, help="stop cleanly before this many seconds (0: none)"
+    )
+    ap.add_argument(
+        "--plot", default=None, help="only redraw soak.png and the summary from this JSONL (or dir)"
+    )
+    a = ap.parse_args(argv)
+    for name in ("iterations", "prompts", "samples", "prompt_len", "max_new_tokens", "micro_train_batch"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}={getattr(a, name)} is invalid: give 1 or more")
+    if (a.prompts * a.samples) % a.micro_train_batch:
+        ap.error(
+            f"--micro-train-batch={a.micro_train_batch} must divide --prompts x --samples = "
+            f"{a.prompts * a.samples} (one optimizer step per iteration)"
+        )
+    return a
+
+
+# ------------------------------------------------------------------------------------ probes
+def host_rss() -> tuple[int, int]:
+    """(this process's RSS, RSS of this process and all its descendants) in bytes, from /proc."""
+
+    def rss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def children(pid: int) -> list[int]:
+        out: list[int] = []
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+        return out
+
+    me = os.getpid()
+    total, todo, seen = 0, [me], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += rss(pid)
+        todo += children(pid)
+    return rss(me), total
+
+
+class Probes:
+    """Device memory, the counters of recompiles / recaptures, timing with device sync."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.cuda = device == "cuda"
+        self.graph_captures = 0
+        if self.cuda:
+            # Every CUDA-graph capture in this process (vLLM's engine runs in it) goes through
+            # CUDAGraph.capture_begin (torch.cuda.graph calls it): count them.
+            cls = torch.cuda.CUDAGraph
+            original = cls.capture_begin
+            probes = self
+
+            def capture_begin(graph: Any, *args: Any, **kwargs: Any) -> Any:
+                probes.graph_captures += 1
+                return original(graph, *args, **kwargs)
+
+            cls.capture_begin = capture_begin  # type: ignore[method-assign]
+        self.engine_log: Path | None = None
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def memory(self, phase: str) -> dict[str, int]:
+        if not self.cuda:
+            return {}
+        tc = self.torch.cuda
+        free, total = tc.mem_get_info()
+        return {
+            f"mem_{phase}_allocated": tc.memory_allocated(),
+            f"mem_{phase}_reserved": tc.memory_reserved(),
+            f"mem_{phase}_used": total - free,
+        }
+
+    def compile_graphs(self) -> int | None:
+        try:
+            from torch._dynamo.utils import counters
+        except ImportError:
+            return None
+        return int(counters["stats"]["unique_graphs"])
+
+    def engine_log_captures(self) -> int | None:
+        """Lines of SGLang's log (all its processes) that announce a CUDA-graph capture."""
+        if self.engine_log is None:
+            return None
+        try:
+            text = self.engine_log.read_text(errors="replace")
+        except OSError:
+            return None
+        return len(re.findall(r"Capture (?:cuda|CUDA) graph begin|Capturing batches", text))
+
+
+def time_engine_calls(engine: Any, probes: Probes, times: dict[str, float], mem: dict[str, int]) -> None:
+    """Wraps the engine object's ``update_weights`` and ``wake_up`` so that each call adds its time
+    (device-synchronized) to ``times['push_s']`` / ``times['wake_s']``; memory after the push goes
+    to ``mem`` (the strategy calls them inside ``update_engine_weights``)."""
+    push, wake = engine.update_weights, engine.wake_up
+
+    def update_weights(buckets: Any) -> None:
+        probes.sync()
+        t0 = time.perf_counter()
+        push(buckets)
+        probes.sync()
+        times["push_s"] = times.get("push_s", 0.0) + time.perf_counter() - t0
+        mem.update(probes.memory("push"))
+
+    def wake_up(tags: Any = None) -> None:
+        probes.sync()
+        t0 = time.perf_counter()
+        wake(tags)
+        probes.sync()
+        times["wake_s"] = times.get("wake_s", 0.0) + time.perf_counter() - t0
+
+    engine.update_weights, engine.wake_up = update_weights, wake_up
+
+
+# ------------------------------------------------------------------------------------ model
+def build_model(name: str, device: str, dtype: Any) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = MODELS[name]
+    cfg = LlamaConfig(
+        vocab_size=VOCAB[name],
+        hidden_size=m["hidden_size"],
+        intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["num_hidden_layers"],
+        num_attention_heads=m["heads"],
+        num_key_value_heads=m["kv"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(1)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype)
+
+
+def token_logprobs(actor: Any, seqs: list[list[int]], starts: list[int]) -> tuple[list[Any], Any]:
+    """Log-probs (float32) of ``seq[start:]`` under ``actor`` for each sequence, and the logits'
+    RMS over those positions; sequences right-padded to one length."""
+    import torch
+
+    dev = next(p for p in actor.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    logits = actor(input_ids=ids, attention_mask=mask).logits
+    out, sq, count = [], logits.new_zeros((), dtype=torch.float32), 0
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        z = logits[i, start - 1 : len(s) - 1].float()
+        lp = torch.log_softmax(z, dim=-1).gather(-1, ids[i, start : len(s)].unsqueeze(-1)).squeeze(-1)
+        out.append(lp)
+        sq = sq + z.detach().pow(2).sum()
+        count += z.numel()
+    return out, (sq / max(count, 1)).sqrt()
+
+
+def grpo_loss(lp: list[Any], old_lp: list[Any], adv: list[float], clip: float = 0.2) -> Any:
+    """Token-mean clipped surrogate ``-min(r A, clip(r) A)`` with ``r = exp(lp - old_lp)``."""
+    import torch
+
+    total, n = 0.0, 0
+    for new, old, a in zip(lp, old_lp, adv):
+        ratio = torch.exp(new - old)
+        surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip, 1 + clip) * a)
+        total = total - surrogate.sum()
+        n += new.numel()
+    return total / max(n, 1)
+
+
+def advantages(rewards: list[float], group: int) -> list[float]:
+    """GRPO: each reward minus its group's mean, over the group's std (+1e-6)."""
+    out = []
+    for g in range(0, len(rewards), group):
+        chunk = rewards[g : g + group]
+        mu = sum(chunk) / len(chunk)
+        sd = statistics.pstdev(chunk)
+        out += [(r - mu) / (sd + 1e-6) for r in chunk]
+    return out
+
+
+# ------------------------------------------------------------------------------------ run
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.plot:
+        return replot(Path(a.plot), a.warmup)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    import torch
+
+    if a.device == "cpu":
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    from lightrft.strategy import SamplingParams, get_strategy
+
+    n_seq = a.prompts * a.samples
+    max_len = a.prompt_len + max(a.max_new_tokens, CHECK_NEW_TOKENS) + 8
+    cfg: dict[str, Any] = {
+        "strategy": a.strategy,
+        "zero_stage": 3,
+        "bf16": True,
+        "seed": 1,
+        "train_batch_size": n_seq,
+        "micro_train_batch_size": a.micro_train_batch,
+        # The engine's concurrency (SGLang sizes its decode CUDA graphs from it): one micro-batch
+        # of all prompts x samples.
+        "micro_rollout_batch_size": a.prompts,
+        "rollout_batch_size": a.prompts,
+        "n_samples_per_prompt": a.samples,
+        "engine_type": a.engine,
+        "engine_mem_util": a.mem_util,
+        "engine_max_model_len": max_len,
+        "engine_sleep_level": a.sleep_level,
+        "enable_engine_sleep": True,
+        "weight_sync_bucket_mb": a.bucket_mb,
+        "max_norm": 1.0,
+    }
+    strategy = get_strategy(cfg)
+    probes = Probes(a.device)
+    log = open(out / "log.txt", "a", buffering=1)  # noqa: SIM115  (open for the run)
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        log.write(msg + "\n")
+
+    say(f"rl_soak {json.dumps(vars(a))}")
+    dtype = torch.float32 if a.strategy == "fsdp" else torch.bfloat16  # FSDP2: fp32 master, bf16 compute
+    actor = build_model(a.model, a.device, dtype)
+    n_params = sum(p.numel() for p in actor.parameters())
+    n_layers = MODELS[a.model]["num_hidden_layers"]
+    vocab = VOCAB[a.model]
+    actor = strategy.prepare_model(actor)
+    if a.strategy == "fsdp":
+        optim = strategy.create_optimizer(actor, lr=a.lr)  # torch AdamW, fused on CUDA
+    else:  # torch AdamW under ZeRO-3: DeepSpeed's FusedAdam would JIT-build first
+        params = [p for p in actor.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=a.lr, fused=a.device == "cuda")
+    actor, optim, _ = strategy.prepare((actor, optim, None))
+
+    t0 = time.perf_counter()
+    if a.engine == "hf":
+        # HFEngine built from a sharded actor leaves the rotary buffers (inv_freq, not pushed)
+        # uninitialized: give it a whole model and push the actor's weights over it.
+        strategy.setup_inference_engine(model=build_model(a.model, a.device, torch.bfloat16))
+        strategy.update_engine_weights(actor)
+    else:
+        strategy.setup_inference_engine(actor=actor)  # built from the actor's config, weights pushed
+    engine_start_s = time.perf_counter() - t0
+    engine = strategy.engine_lifecycle.engine
+    log_path = getattr(engine, "log_path", None)
+    probes.engine_log = Path(log_path) if log_path else None
+    say(f"params {n_params / 1e9:.3f}B, engine {a.engine} started in {engine_start_s:.1f} s")
+
+    extra = {"ignore_eos": True} if a.engine in ("vllm", "sglang") else {"min_new_tokens": a.max_new_tokens}
+    gen_sp = SamplingParams(
+        max_new_tokens=a.max_new_tokens, temperature=1.0, n=a.samples, logprobs=True, extra=extra
+    )
+    check_extra = dict(extra)
+    if a.engine == "hf":
+        check_extra["min_new_tokens"] = CHECK_NEW_TOKENS
+    check_sp = SamplingParams(
+        max_new_tokens=CHECK_NEW_TOKENS, temperature=1.0, n=1, logprobs=True, seed=5, extra=check_extra
+    )
+    gcheck = torch.Generator().manual_seed(99)
+    check_prompts = [
+        torch.randint(10, vocab, (a.prompt_len,), generator=gcheck).tolist() for _ in range(CHECK_PROMPTS)
+    ]
+
+    times: dict[str, float] = {}
+    mem: dict[str, int] = {}
+    time_engine_calls(engine, probes, times, mem)
+    jsonl = open(out / "iterations.jsonl", "w", buffering=1)  # noqa: SIM115
+    records: list[dict[str, Any]] = []
+    lp_checks: list[dict[str, Any]] = []
+    first_check: tuple[list[list[int]], list[list[float]]] | None = None
+    stopped_early = None
+
+    def logprob_check(it: int) -> None:
+        nonlocal first_check
+        probes.sync()
+        t0 = time.perf_counter()
+        outs = strategy.gather_and_generate(check_sp, all_prompt_token_ids=check_prompts, sleep_engine=False)
+        seqs = [list(o.prompt_token_ids) + list(o.output_token_ids) for o in outs]
+        starts = [len(o.prompt_token_ids) for o in outs]
+        eng = [list(o.logprobs or []) for o in outs]
+        with torch.no_grad():
+            lps, rms = token_logprobs(actor, seqs, starts)
+            train = [x.tolist() for x in lps]
+            flat_e = [v for e in eng for v in e]
+            flat_t = [v for t in train for v in t]
+            res: dict[str, Any] = {
+                "iteration": it,
+                "tokens": len(flat_e),
+                "mean_abs_diff": _soak.mean_abs_diff(flat_e, flat_t),
+                "max_abs_diff": max(abs(x - y) for x, y in zip(flat_e, flat_t)),
+                "logit_rms": float(rms),
+                "tol": _soak.logprob_tolerance(n_layers, float(rms)),
+            }
+            if first_check is not None:  # the first check's engine outputs against today's model
+                pseqs, peng = first_check
+                plps, _ = token_logprobs(actor, pseqs, [len(s) - len(e) for s, e in zip(pseqs, peng)])
+                res["stale_mean_abs_diff"] = _soak.mean_abs_diff(
+                    [v for e in peng for v in e], [v for t in plps for v in t.tolist()]
+                )
+        if first_check is None:
+            first_check = (seqs, eng)
+        res["check_s"] = time.perf_counter() - t0
+        lp_checks.append(res)
+        say(
+            f"  logprob check it {it}: mean |dlogp| {res['mean_abs_diff']:.4f} max {res['max_abs_diff']:.4f} "
+            f"tol {res['tol']:.4f} stale {res.get('stale_mean_abs_diff', float('nan')):.4f}"
+        )
+
+    g = torch.Generator().manual_seed(7)
+    for it in range(a.iterations):
+        elapsed = time.perf_counter() - t_start
+        if a.budget_s and records:
+            per_it = statistics.median(r["iter_s"] for r in records[-10:])
+            if elapsed + 2 * per_it + 30 > a.budget_s:  # 30 s: summary, plot and engine shutdown
+                stopped_early = f"budget: {elapsed:.0f} s of {a.budget_s:.0f} s spent after {it} iterations"
+                say(stopped_early)
+                break
+        times.clear()
+        mem.clear()
+        rec: dict[str, Any] = {"iteration": it}
+        prompts = [torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.prompts)]
+        t_it = time.perf_counter()
+
+        # 1. generate
+        probes.sync()
+        t0 = time.perf_counter()
+        outs = strategy.gather_and_generate(gen_sp, all_prompt_token_ids=prompts, sleep_engine=False)
+        probes.sync()
+        rec["gen_s"] = time.perf_counter() - t0
+        n_tok = sum(len(o.output_token_ids) for o in outs)
+        rec["gen_tokens"], rec["gen_tok_s"] = n_tok, n_tok / rec["gen_s"]
+        rec.update(probes.memory("gen"))
+
+        # 2. sleep
+        t0 = time.perf_counter()
+        strategy.maybe_sleep_inference_engine(level=a.sleep_level)
+        probes.sync()
+        rec["sleep_s"] = time.perf_counter() - t0
+        rec.update(probes.memory("sleep"))
+
+        # 3. train: one optimizer step over micro-batches, GRPO loss against the engine's log-probs
+        rewards = [
+            sum(1 for t in o.output_token_ids if t % 2 == 0) / max(1, len(o.output_token_ids)) for o in outs
+        ]
+        adv = advantages(rewards, a.samples)
+        t0 = time.perf_counter()
+        mad_sum, mad_n = 0.0, 0
+        for m in range(0, n_seq, a.micro_train_batch):
+            chunk = outs[m : m + a.micro_train_batch]
+            seqs = [list(o.prompt_token_ids) + list(o.output_token_ids) for o in chunk]
+            starts = [len(o.prompt_token_ids) for o in chunk]
+            lps, _ = token_logprobs(actor, seqs, starts)
+            old = [
+                torch.tensor(o.logprobs, device=lp.device, dtype=torch.float32) for o, lp in zip(chunk, lps)
+            ]
+            with torch.no_grad():
+                for new, ref in zip(lps, old):
+                    mad_sum += float((new.detach() - ref).abs().sum())
+                    mad_n += new.numel()
+            loss = grpo_loss(lps, old, adv[m : m + a.micro_train_batch])
+            strategy.backward(loss, actor, optim)
+            strategy.optimizer_step(optim, actor, None)
+        probes.sync()
+        rec["train_s"] = time.perf_counter() - t0
+        rec["loss"] = float(loss.detach())
+        rec["train_lp_mad"] = mad_sum / max(1, mad_n)
+        rec.update(probes.memory("train"))
+
+        # 4. push + wake (update_engine_weights: wake weights -> push -> empty cache -> wake the rest)
+        t0 = time.perf_counter()
+        strategy.update_engine_weights(actor)
+        probes.sync()
+        rec["sync_s"] = time.perf_counter() - t0
+        rec["push_s"] = times.get("push_s", 0.0)
+        rec["wake_s"] = times.get("wake_s", 0.0)
+        rec.update(mem)
+        rec.update(probes.memory("wake"))
+        rec["iter_s"] = time.perf_counter() - t_it
+
+        rec["host_rss"], rec["host_rss_tree"] = host_rss()
+        rec["cuda_graph_captures"] = probes.graph_captures if probes.cuda else None
+        rec["compile_graphs"] = probes.compile_graphs()
+        rec["engine_log_captures"] = probes.engine_log_captures()
+        records.append(rec)
+        jsonl.write(json.dumps(rec) + "\n")
+        if it == a.iterations - 1 or (it >= a.warmup and (it - a.warmup) % a.check_every == 0):
+            logprob_check(it)
+        if it < 3 or it % 10 == 0 or it == a.iterations - 1:
+            used = rec.get("mem_wake_used", 0) / 2**30
+            say(
+                f"it {it:4d} {rec['iter_s']:.3f} s: gen {rec['gen_s']:.3f} ({rec['gen_tok_s']:.0f} tok/s) "
+                f"sleep {rec['sleep_s']:.3f} train {rec['train_s']:.3f} push {rec['push_s']:.3f} "
+                f"wake {rec['wake_s']:.3f} | used {used:.2f} GiB rss {rec['host_rss'] / 2**30:.2f} GiB "
+                f"| |dlogp| {rec['train_lp_mad']:.4f}"
+            )
+    if records and lp_checks and lp_checks[-1]["iteration"] != records[-1]["iteration"]:
+        logprob_check(records[-1]["iteration"])  # a run stopped early still ends with a check
+    jsonl.close()
+    with open(out / "logprob_checks.json", "w") as f:
+        json.dump(lp_checks, f, indent=2)
+
+    summary = _soak.summarize(records, lp_checks, a.warmup, gate_device_memory=probes.cuda)
+    summary.update(
+        {
+            "args": vars(a),
+            "params_b": n_params / 1e9,
+            "engine_start_s": engine_start_s,
+            "wall_s": time.perf_counter() - t_start,
+            "stopped_early": stopped_early,
+            "medians": _soak.phase_medians(records, a.warmup),
+            "versions": versions(a.engine),
+            "device": torch.cuda.get_device_name() if probes.cuda else "cpu",
+        }
+    )
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    say(_soak.format_table(summary, summary["medians"]))
+    plot(
+        records,
+        a.warmup,
+        out / "soak.png",
+        title=f"{a.strategy} + {a.engine}, {n_params / 1e9:.2f}B",
+        say=say,
+    )
+    strategy.engine_lifecycle.shutdown()
+    strategy.shutdown()
+    log.close()
+    return 0 if summary["passed"] else 1
+
+
+def versions(engine: str) -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist_name in ("torch", "transformers", "deepspeed", engine if engine != "hf" else "transformers"):
+        try:
+            out[dist_name] = md.version(dist_name)
+        except md.PackageNotFoundError:
+            out[dist_name] = "absent"
+    return out
+
+
+def plot(records: list[dict[str, Any]], warmup: int, path: Path, title: str, say: Any = print) -> None:
+    """Memory and time per iteration (two panels) as a PNG; says so and returns without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say(f"no matplotlib here: plot later with `python benchmarks/rl_soak.py --plot {path.parent}`")
+        return
+    if not records:
+        return
+    its = [r["iteration"] for r in records]
+    fig, (ax_m, ax_t) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    gib = 2**30
+    for key, label in [
+        ("mem_gen_used", "device used after gen"),
+        ("mem_sleep_used", "device used after sleep"),
+        ("mem_train_used", "device used after train"),
+        ("mem_train_allocated", "allocated after train"),
+        ("mem_train_reserved", "reserved after train"),
+        ("host_rss", "host RSS (this process)"),
+        ("host_rss_tree", "host RSS (with engine processes)"),
+    ]:
+        if key in records[0]:
+            ax_m.plot(its, [r[key] / gib for r in records], label=label, lw=1)
+    ax_m.set_ylabel("GiB")
+    ax_m.legend(fontsize=7, loc="center right")
+    for key in ("iter_s", "gen_s", "train_s", "sleep_s", "push_s", "wake_s"):
+        ax_t.plot(its, [r[key] for r in records], label=key, lw=1)
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("seconds")
+    ax_t.set_xlabel("iteration")
+    ax_t.legend(fontsize=7, loc="center right")
+    for ax in (ax_m, ax_t):
+        ax.axvspan(its[0] - 0.5, its[0] + warmup - 0.5, color="0.9", label="_warm-up")
+    fig.suptitle(f"RL soak: {title} (grey: warm-up)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    say(f"plot: {path}")
+
+
+def replot(src: Path, warmup: int) -> int:
+    """``--plot``: the summary and soak.png again from a JSONL (and logprob_checks.json beside it)."""
+    jsonl = src / "iterations.jsonl" if src.is_dir() else src
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    checks_path = jsonl.parent / "logprob_checks.json"
+    checks = json.loads(checks_path.read_text()) if checks_path.exists() else []
+    cuda = bool(records) and any(k.startswith("mem_") for k in records[0])
+    summary = _soak.summarize(records, checks, warmup, gate_device_memory=cuda)
+    print(_soak.format_table(summary, _soak.phase_medians(records, warmup)))
+    plot(records, warmup, jsonl.parent / "soak.png", title=jsonl.parent.name)
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Unit tests of the RL soak's arithmetic (``_soak.py``; CPU, no torch):
+
+uv run --only-dev pytest benchmarks/test_soak.py -q -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _soak import (  # noqa: E402
+    drift,
+    logprob_tolerance,
+    mean_abs_diff,
+    outliers,
+    summarize,
+)
+
+
+def test_drift_compares_medians_of_the_first_and_last_tenth() -> None:
+    # 20 values: tenths of 2. First tenth [10, 10] -> 10; last tenth [11, 13] -> 12.
+    values = [10.0, 10.0] + [50.0] * 16 + [11.0, 13.0]
+    d = drift(values)
+    assert (d["n"], d["tenth"], d["first"], d["last"]) == (20, 2, 10.0, 12.0)
+    assert d["drift"] == pytest.approx(0.2)
+
+
+def test_drift_ignores_one_hiccup_inside_a_tenth() -> None:
+    # 30 values, tenths of 3: one 100x value in the last tenth does not move its median.
+    values = [100.0] * 27 + [100.0, 10_000.0, 100.5]
+    assert drift(values)["drift"] == pytest.approx(0.005)
+
+
+def test_drift_edges() -> None:
+    assert drift([5.0])["drift"] is None  # no two tenths
+    assert drift([0.0, 0.0, 0.0])["drift"] == 0.0
+    assert drift([0.0, 1.0])["drift"] == math.inf
+    assert drift([4.0, 2.0])["drift"] == pytest.approx(-0.5)  # n=2: tenths of one value each
+
+
+def test_outlier_rule_needs_both_twice_the_median_and_a_quarter_second() -> None:
+    # median 1.0: bound max(2.0, 1.25) = 2.0
+    assert outliers([1.0, 1.0, 1.0, 1.9, 2.5]) == [4]
+    # median 0.01: bound max(0.02, 0.26) = 0.26: 0.2 (20x the median) is still noise
+    assert outliers([0.01, 0.01, 0.01, 0.2, 0.3]) == [4]
+    assert outliers([]) == []
+
+
+def test_logprob_tolerance_follows_the_written_formula() -> None:
+    # 2 * 2^-8 * sqrt(10 * 33 + 2) * rms
+    assert logprob_tolerance(33, 1.0) == pytest.approx(2 / 256 * math.sqrt(332))
+    assert logprob_tolerance(33, 1.0) == pytest.approx(0.14235, abs=1e-5)
+    assert logprob_tolerance(2, 0.5) == pytest.approx(2 / 256 * math.sqrt(22) * 0.5)
+    with pytest.raises(ValueError, match="num_layers=0"):
+        logprob_tolerance(0, 1.0)
+    with pytest.raises(ValueError, match="logit_rms=nan"):
+        logprob_tolerance(2, float("nan"))
+
+
+def test_mean_abs_diff() -> None:
+    assert mean_abs_diff([1.0, -1.0, 0.5], [0.0, 0.0, 0.5]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="equal"):
+        mean_abs_diff([1.0], [1.0, 2.0])
+
+
+def _records(n: int, rss_step: float = 0.0, spike_at: int | None = None) -> list[dict]:
+    out = []
+    for i in range(n):
+        out.append(
+            {
+                "iteration": i,
+                "gen_s": 0.5,
+                "sleep_s": 0.05,
+                "train_s": 0.4,
+                "push_s": 0.03,
+                "wake_s": 0.02,
+                "iter_s": 1.0,
+                "mem_train_used": 50e9,
+                "host_rss": 4e9 + rss_step * i,
+                "cuda_graph_captures": 36,
+                "compile_graphs": 3,
+                "engine_log_captures": None,
+            }
+        )
+    if spike_at is not None:
+        out[spike_at]["gen_s"] = 3.0
+    return out
+
+
+def _check(it: int, diff: float, tol: float = 0.1) -> dict:
+    return {"iteration": it, "mean_abs_diff": diff, "tol": tol}
+
+
+def test_summary_passes_a_steady_run() -> None:
+    s = summarize(_records(110), [_check(10, 0.01), _check(109, 0.02)], warmup=10)
+    assert s["steady"] == 100
+    assert s["checks"] == {"drift": "pass", "no_recompile": "pass", "logprobs": "pass"}
+    assert s["passed"] is True
+    assert set(s["drift"]) == {"mem_train_used", "host_rss", "iter_s"}
+
+
+def test_summary_fails_a_host_memory_leak_above_one_percent() -> None:
+    # +4 MB per iteration on 4 GB: the tenths are iterations 10-19 and 100-109, their medians at
+    # 14.5 and 104.5 steps: 90 steps (~9 %) apart.
+    s = summarize(_records(110, rss_step=4e6), [_check(10, 0.01)], warmup=10)
+    assert s["checks"]["drift"] == "fail"
+    assert "host_rss" in s["reasons"]["drift"]
+    assert s["drift"]["host_rss"]["drift"] == pytest.approx(90 * 4e6 / (4e9 + 14.5 * 4e6), rel=1e-9)
+    assert s["passed"] is False
+
+
+def test_summary_fails_on_a_counter_change_after_warmup_not_before() -> None:
+    recs = _records(40)
+    for r in recs[:5]:
+        r["cuda_graph_captures"] = 0  # captured during warm-up: allowed
+    assert summarize(recs, [_check(10, 0.0)], warmup=10)["checks"]["no_recompile"] == "pass"
+    recs[30]["cuda_graph_captures"] = recs[31]["cuda_graph_captures"] = 37
+    for r in recs[30:]:
+        r["cuda_graph_captures"] = 37
+    s = summarize(recs, [_check(10, 0.0)], warmup=10)
+    assert s["checks"]["no_recompile"] == "fail"
+    assert s["counters"]["cuda_graph_captures"] == {"at_warmup_end": 36, "last": 37, "changed": True}
+
+
+def test_summary_fails_on_a_time_outlier_and_names_the_iteration() -> None:
+    s = summarize(_records(40, spike_at=25), [_check(10, 0.0)], warmup=10)
+    assert s["checks"]["no_recompile"] == "fail"
+    assert s["time_outliers"] == {"gen_s": [25]}
+
+
+def test_summary_fails_logprobs_above_tolerance_and_without_any_check() -> None:
+    s = summarize(_records(40), [_check(10, 0.05), _check(35, 0.15)], warmup=10)
+    assert s["checks"]["logprobs"] == "fail"
+    assert "[35]" in s["reasons"]["logprobs"]
+    s = summarize(_records(40), [], warmup=10)
+    assert s["checks"]["logprobs"] == "not evaluated"
+    assert s["passed"] is False
+
+
+def test_summary_too_short_is_not_evaluated_and_not_passed() -> None:
+    s = summarize(_records(11), [_check(10, 0.0)], warmup=10)
+    assert s["checks"]["drift"] == "not evaluated"
+    assert s["checks"]["no_recompile"] == "not evaluated"
+    assert s["passed"] is False
+
+
+def test_summary_without_device_memory_gates_host_and_time_only() -> None:
+    s = summarize(_records(30), [_check(10, 0.0)], warmup=10, gate_device_memory=False)
+    assert set(s["drift"]) == {"host_rss", "iter_s"}

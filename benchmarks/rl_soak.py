@@ -212,13 +212,13 @@ def time_engine_calls(engine: Any, probes: Probes, times: dict[str, float], mem:
 
 
 # ------------------------------------------------------------------------------------ model
-def build_model(name: str, device: str, dtype: Any) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(name: str, vocab_size: int | None = None) -> Any:
+    """The ``LlamaConfig`` of ``MODELS[name]`` (also what benchmarks/trl_grpo_compare.py trains)."""
+    from transformers import LlamaConfig
 
     m = MODELS[name]
-    cfg = LlamaConfig(
-        vocab_size=VOCAB[name],
+    return LlamaConfig(
+        vocab_size=vocab_size or VOCAB[name],
         hidden_size=m["hidden_size"],
         intermediate_size=m["intermediate_size"],
         num_hidden_layers=m["num_hidden_layers"],
@@ -227,6 +227,13 @@ def build_model(name: str, device: str, dtype: Any) -> Any:
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
+
+
+def build_model(name: str, device: str, dtype: Any) -> Any:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(name)
     torch.manual_seed(1)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)

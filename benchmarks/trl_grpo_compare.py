@@ -35,21 +35,8 @@ from pathlib import Path
 
 
 def _model_config(name: str, vocab: int):
-    if name == "tiny":  # the CPU smoke run
-        from transformers import LlamaConfig
-
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-        )
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from rl_soak import llama_config  # the soak's sizes: both sides run the same model
+    from rl_soak import llama_config  # the soak's sizes: both sides train the same model
 
     return llama_config(name, vocab_size=vocab)
 
@@ -75,7 +62,7 @@ def _save_model_and_tokenizer(path: Path, config, seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="3.5b")
+    p.add_argument("--model", default="3.5b", help="a size of rl_soak.MODELS")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="iterations left out of the medians")

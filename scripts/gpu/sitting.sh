@@ -4,13 +4,15 @@
 # travel one 56 MiB part per call; meanwhile the 1-GPU strategy tests run in the background.
 #
 #   call 1   carry [.whl, .bundle/vllm/part08, .bundle/sglang/part09]:  bash scripts/gpu/sitting.sh start
-#   calls    carry [.bundle/vllm/partNN] (or sglang):                   bash scripts/gpu/sitting.sh stash vllm/partNN
-#   then     bash scripts/gpu/sitting.sh run       # installs both bundles, starts the plans in the background:
-#                                                  # scripts/gpu/plan-vllm.txt, then scripts/gpu/plan-sglang.txt
+#   calls    carry [.bundle/sglang/partNN] (or vllm):                   bash scripts/gpu/sitting.sh stash sglang/partNN
+#   then     bash scripts/gpu/sitting.sh launch sglang SECONDS scripts/gpu/plan-sglang.txt
+#            (installs that bundle, runs the plans in the background after any launch before it,
+#            from its own copy of this tree; steps stop at now + SECONDS)
+#            ... more stash calls, another launch ...
 #            bash scripts/gpu/sitting.sh poll 540  # waits (at most N s) and returns $OUT/results.tgz
-# A plan line is: NAME BUDGET_S SITE COMMAND...; COMMAND runs from a copy of this tree in /tmp/repo,
-# with $STEP_OUT (its result folder) and $STEP_BUDGET (seconds) set, under `timeout`. A step is
-# skipped when less than 60% of its budget is left of MASTER_BUDGET_S; it gets what is left.
+# A plan line is: NAME BUDGET_S SITE COMMAND...; COMMAND runs from that copy of the tree with
+# $STEP_OUT (its result folder) and $STEP_BUDGET (seconds) set, under `timeout`. A step is skipped
+# when less than 60% of its budget is left before the launch's deadline; it gets what is left.
 # `+NAME` runs a step in the background beside the next ones, until a line `wait`.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,7 +39,7 @@ run_step() {  # run_step NAME BUDGET SITE CMD: one step under timeout, its log a
   local name=$1 budget=$2 site=$3 cmd=$4 t0 rc
   mkdir -p "/tmp/results/$name"; t0=$(date +%s)
   echo "$(date +%T) START $name budget=$budget site=$site ($(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null))" >> /tmp/results/chain.log
-  ( cd /tmp/repo && export STEP_OUT=/tmp/results/$name STEP_BUDGET=$budget \
+  ( cd "$REPO" && export STEP_OUT=/tmp/results/$name STEP_BUDGET=$budget \
       PYTHONPATH=/tmp/site:/tmp/$site:/tmp/dsite VLLM_ENABLE_V1_MULTIPROCESSING=0 \
     && timeout -k 20 "$budget" bash -c "$cmd" ) > "/tmp/results/$name/log.txt" 2>&1 < /dev/null
   rc=$?
@@ -69,9 +71,9 @@ start)
   nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   mkdir -p /tmp/vb /tmp/sb && cp -r .bundle/vllm/part08 /tmp/vb/ && cp -r .bundle/sglang/part09 /tmp/sb/ || exit 1
   rm -rf /tmp/whl && cp -r .whl /tmp/whl && install_workspace || exit 1
-  rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r benchmarks scripts packages examples /tmp/repo/ || exit 1
+  rm -rf /tmp/repo0 && mkdir -p /tmp/repo0 && cp -r benchmarks scripts packages examples /tmp/repo0/ || exit 1
   mkdir -p /tmp/results/gpu_tests
-  setsid nohup bash -c "cd /tmp/repo && export PYTHONPATH=/tmp/site:/tmp/dsite && timeout 150 python3 -m pytest -q -p no:cacheprovider \
+  setsid nohup bash -c "cd /tmp/repo0 && export PYTHONPATH=/tmp/site:/tmp/dsite && timeout 150 python3 -m pytest -q -p no:cacheprovider \
       -m gpu packages/lightrft-fsdp/tests packages/lightrft-deepspeed/tests -rs; echo rc=\$? > /tmp/results/gpu_tests/rc" > /tmp/results/gpu_tests/log.txt 2>&1 < /dev/null &
   sleep 2; echo started
   ;;
@@ -80,31 +82,38 @@ stash)
   mkdir -p "$dest" && cp -r ".bundle/$part" "$dest/" && echo "stashed $part: $(ls /tmp/vb | wc -l) vllm, $(ls /tmp/sb | wc -l) sglang"
   tail -2 /tmp/results/gpu_tests/log.txt 2>/dev/null; true
   ;;
-run)
+launch)  # launch vllm|sglang SECONDS PLAN...
+  engine=$2; budget=$3; shift 3
   install_workspace || exit 1
   t0=$SECONDS
-  [ -d /tmp/vsite ] || BUNDLE=/tmp/vb SITE=/tmp/vsite bash /tmp/vb/part01/assemble.sh > /tmp/results/vllm_install.log 2>&1 \
-    || { tail -20 /tmp/results/vllm_install.log; exit 1; }
-  [ -d /tmp/ssite ] || BUNDLE=/tmp/sb SITE=/tmp/ssite bash /tmp/sb/part01/assemble.sh > /tmp/results/sglang_install.log 2>&1 \
-    || { tail -20 /tmp/results/sglang_install.log; exit 1; }
-  echo "bundles installed in $((SECONDS - t0)) s"
-  rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r benchmarks scripts packages examples /tmp/repo/ || exit 1
-  cat /tmp/results/gpu_tests/rc 2>/dev/null; tail -5 /tmp/results/gpu_tests/log.txt
-  deadline=$(( $(date +%s) + ${MASTER_BUDGET_S:-1200} ))
-  touch /tmp/master.running
-  setsid nohup bash -c "cd /tmp/repo && bash scripts/gpu/sitting.sh _plan scripts/gpu/plan-vllm.txt $deadline; \
-    bash scripts/gpu/sitting.sh _plan scripts/gpu/plan-sglang.txt $deadline; rm -f /tmp/master.running" \
-    > /tmp/results/master.log 2>&1 < /dev/null &
-  sleep 5; cat /tmp/results/chain.log
+  case "$engine" in
+    vllm) [ -d /tmp/vsite ] || BUNDLE=/tmp/vb SITE=/tmp/vsite bash /tmp/vb/part01/assemble.sh > /tmp/results/vllm_install.log 2>&1 \
+            || { tail -20 /tmp/results/vllm_install.log; exit 1; } ;;
+    sglang) [ -d /tmp/ssite ] || BUNDLE=/tmp/sb SITE=/tmp/ssite bash /tmp/sb/part01/assemble.sh > /tmp/results/sglang_install.log 2>&1 \
+            || { tail -20 /tmp/results/sglang_install.log; exit 1; } ;;
+    *) echo "launch: engine $engine is invalid: valid are vllm, sglang"; exit 2 ;;
+  esac
+  echo "$engine bundle ready in $((SECONDS - t0)) s"
+  repo=/tmp/repo-$engine-$(date +%s)
+  mkdir -p "$repo" && cp -r benchmarks scripts packages examples "$repo/" || exit 1
+  deadline=$(( $(date +%s) + budget ))
+  touch /tmp/master.$$.queued
+  setsid nohup bash -c "for i in \$(seq 90); do [ -f /tmp/results/gpu_tests/rc ] && break; sleep 2; done; \
+    while ls /tmp/master.*.running >/dev/null 2>&1; do sleep 2; done; \
+    mv /tmp/master.$$.queued /tmp/master.$$.running; export REPO=$repo; \
+    for plan in $*; do bash $repo/scripts/gpu/sitting.sh _plan $repo/\$plan $deadline; done; rm -f /tmp/master.$$.running" \
+    > "/tmp/results/master-$engine.log" 2>&1 < /dev/null &
+  sleep 3; cat /tmp/results/gpu_tests/rc 2>/dev/null; tail -3 /tmp/results/gpu_tests/log.txt; cat /tmp/results/chain.log 2>/dev/null
   ;;
 _plan) run_plan "$2" "$3" ;;
 poll)
   limit=${2:-540}; t0=$SECONDS
-  while [ -f /tmp/master.running ] && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; done
-  [ -f /tmp/master.running ] && echo "still running" || echo "all plans done"
+  busy() { ls /tmp/master.*.running /tmp/master.*.queued >/dev/null 2>&1; }
+  while busy && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; done
+  busy && echo "still running" || echo "all plans done"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader
   collect
   ;;
-stop) pkill -f 'sitting.sh _plan'; pkill -9 -f python3; rm -f /tmp/master.running; collect ;;
-*) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+stop) pkill -f 'sitting.sh _plan'; pkill -9 -f python3; rm -f /tmp/master.*; collect ;;
+*) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

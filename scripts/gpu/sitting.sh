@@ -27,6 +27,9 @@ install_workspace() {
     --target /tmp/site /tmp/whl/*.whl /tmp/whl/lightrft/*.whl || return 1
   python3 -c "import rich, matplotlib" 2>/dev/null || [ -d /tmp/dsite ] || python3 -m pip install -q \
     --no-index --no-deps --no-compile --no-cache-dir --target /tmp/dsite /tmp/whl/demo/*.whl
+  # TRL 1.16 and datasets, for benchmarks/trl_grpo_compare.py only (PYTHONPATH=...:/tmp/tsite there)
+  [ -d /tmp/tsite ] || ! ls /tmp/whl/trl/*.whl >/dev/null 2>&1 || python3 -m pip install -q \
+    --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tsite /tmp/whl/trl/*.whl
 }
 
 collect() {  # everything small under /tmp/results into $OUT/results.tgz (16 MiB a file at most)

@@ -15,7 +15,14 @@ import torch.distributed as dist
 from torch import nn
 
 from lightrft.strategy import get_fake_strategy
-from lightrft.testing import call, make_batches, make_sequential_lm, make_tiny_model, run_distributed
+from lightrft.testing import (
+    call,
+    make_batches,
+    make_sequential_lm,
+    make_tiny_model,
+    rank_threads,
+    run_distributed,
+)
 from lightrft.testing.harness import build, max_diff, train
 
 #: Where the rank-side functions (``fsdp_rank_checks``) live, for run_distributed and call.
@@ -42,11 +49,13 @@ def fake_training(
     steps: int,
     make_model: Callable[[int], nn.Module] = make_tiny_model,
 ) -> dict[str, Any]:
-    """FakeStrategy on the whole global batch: the reference for the data-parallel run."""
+    """FakeStrategy on the whole global batch: the reference for the data-parallel run, computed
+    with the ranks' thread count (rank_threads), whatever OMP_NUM_THREADS the shell has."""
     cfg = {k: v for k, v in config.items() if k not in ("strategy", "fsdp_shard_size")}
     fake = get_fake_strategy(cfg)
-    model, optim, sched = build(fake, make_model(model_seed))
-    run = train(fake, model, optim, sched, make_batches(data_seed, steps, cfg["train_batch_size"]))
+    with rank_threads():
+        model, optim, sched = build(fake, make_model(model_seed))
+        run = train(fake, model, optim, sched, make_batches(data_seed, steps, cfg["train_batch_size"]))
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     return {**run, "params": params, "accumulated_gradient": fake.accumulated_gradient}
 

@@ -69,11 +69,18 @@ def register(strategy: Any, created_group: bool) -> None:
 
 def close_at_exit() -> None:
     """The atexit hook (see the module docstring); never raises."""
+    close_all(barrier=not _state["uncaught"], only_owned=True)
+
+
+def close_all(barrier: bool = True, only_owned: bool = False) -> None:
+    """Steps 1-4 of the module docstring now: every live strategy's engines and backend objects,
+    then the process group (with ``only_owned``, only one a strategy of this process created).
+    For a launcher that runs strategies inside its own process (``run_distributed``'s ranks)."""
     for strategy in list(_LIVE):
         with contextlib.suppress(Exception):
             strategy._close_backend()
-    if _state["owned"]:
-        close_process_group(barrier=not _state["uncaught"])
+    if _state["owned"] or not only_owned:
+        close_process_group(barrier=barrier)
 
 
 def close_process_group(barrier: bool = True, barrier_timeout: float = 120.0) -> None:

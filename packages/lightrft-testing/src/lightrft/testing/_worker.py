@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lightrft.strategy.teardown import close_process_group
+from lightrft.strategy.teardown import close_all
 from lightrft.testing._resolve import resolve
 
 
@@ -33,10 +33,11 @@ def main() -> int:
         (tmp / f"rank{rank}.err").write_text(traceback.format_exc())
         code = 1
     finally:
-        # The same teardown as a strategy's exit hook (lightrft.strategy.teardown): every rank
-        # leaves the group, after a barrier when it succeeded, and the communication threads
-        # settle before the interpreter exits; also for groups a rank function made itself.
-        close_process_group(barrier=code == 0)
+        # The same teardown as a strategy's exit hook (lightrft.strategy.teardown): the strategies'
+        # engines and backend objects first, while the group still works; then every rank leaves
+        # the group, after a barrier when it succeeded, and the communication threads settle;
+        # also for a group a rank function made itself.
+        close_all(barrier=code == 0)
     return code
 
 

@@ -147,14 +147,15 @@ class DeepspeedStrategy(StrategyBase):
         self.get_ds_train_config()
         self.get_ds_eval_config()
 
-    def shutdown(self) -> None:
-        """Destroys every engine this strategy built, then the process group it created."""
+    def _close_backend(self) -> None:
+        """Destroys every engine this strategy built (ZeRO-3 releases its prefetched parameters and
+        hooks), after the inference engine; the base then destroys the group (shutdown, or at exit)."""
+        super()._close_backend()
         for engine in self._engines:
             with contextlib.suppress(Exception):
                 engine.destroy()
         self._engines.clear()
         self._train_states.clear()
-        super().shutdown()
 
     # ------------------------------------------------------------------ models
     def init_model_context(self, meta_init: bool = False) -> contextlib.AbstractContextManager[Any]:

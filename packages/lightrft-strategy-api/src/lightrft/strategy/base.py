@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from lightrft.config import StrategyConfig
 
 from . import checkpoint as ckpt
-from . import comm, integrity, portable
+from . import comm, integrity, portable, teardown
 from .data import ResumableDataLoader, ResumableDistributedSampler
 from .engine import (
     EngineLifecycle,
@@ -178,6 +178,7 @@ class StrategyBase(ABC):
         """Starts torch.distributed from the torchrun environment (or alone, with world size 1)."""
         set_seed(self.seed)
         if dist.is_initialized():
+            teardown.register(self, created_group=False)  # its engines are shut down at exit
             return
         if "RANK" not in os.environ:
             # One process without a launcher: a group of one, so that meshes and collectives work.
@@ -192,6 +193,9 @@ class StrategyBase(ABC):
             backend = "gloo"
         dist.init_process_group(backend=backend, timeout=timeout or timedelta(minutes=30))
         self._owns_process_group = True
+        # At interpreter exit, engines, backend objects and the group are closed in order, also in
+        # a script that never calls shutdown() (see teardown: otherwise a rank can abort at exit).
+        teardown.register(self, created_group=True)
 
     def _set_accumulation(self) -> None:
         self.accumulated_gradient = self.config.accumulation_steps(self.world_size)
@@ -234,12 +238,17 @@ class StrategyBase(ABC):
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         return comm.broadcast_object(obj, src)
 
-    def shutdown(self) -> None:
-        """Shuts the engine down and destroys the process group this strategy created."""
+    def _close_backend(self) -> None:
+        """Shuts down what this strategy built over the process group (the engine; backends add
+        theirs), before the group goes: by :meth:`shutdown`, and at exit when nobody called it."""
         self.engine_lifecycle.shutdown()
+
+    def shutdown(self) -> None:
+        """Shuts the engine down and destroys the process group this strategy created (after a
+        barrier), letting its communication threads settle."""
+        self._close_backend()
         if self._owns_process_group and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+            teardown.close_process_group(barrier=True)
             self._owns_process_group = False
 
     # ------------------------------------------------------- models, optimizers

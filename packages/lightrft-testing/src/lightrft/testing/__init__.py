@@ -11,7 +11,7 @@
 from importlib.metadata import version as _distribution_version
 
 from . import harness
-from .distributed import DistributedRunError, call, run_distributed
+from .distributed import RANK_THREADS, DistributedRunError, call, rank_threads, run_distributed
 from .engine import FakeEngine
 from .fake import FakeStrategy, clone_model
 from .models import (
@@ -33,6 +33,7 @@ def get_fake_strategy(args=None, **overrides):  # noqa: ANN001, ANN201 - mirrors
 
 
 __all__ = [
+    "RANK_THREADS",
     "DistributedRunError",
     "FakeEngine",
     "FakeStrategy",
@@ -47,6 +48,7 @@ __all__ = [
     "make_sequential_lm",
     "make_tiny_llama",
     "make_tiny_model",
+    "rank_threads",
     "run_distributed",
 ]
 __version__ = _distribution_version("lightrft-testing")  # the version is written once: pyproject.toml

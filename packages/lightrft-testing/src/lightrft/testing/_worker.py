@@ -10,8 +10,8 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from lightrft.strategy.teardown import close_all
 from lightrft.testing._resolve import resolve
 
 
@@ -33,15 +33,11 @@ def main() -> int:
         (tmp / f"rank{rank}.err").write_text(traceback.format_exc())
         code = 1
     finally:
-        # A clean teardown: every rank leaves the group before the interpreter exits (ZeRO-3
-        # processes otherwise abort in destructors with "terminate called without an active exception").
-        if dist.is_initialized():
-            try:
-                if code == 0:
-                    dist.barrier()
-                dist.destroy_process_group()
-            except Exception:
-                pass
+        # The same teardown as a strategy's exit hook (lightrft.strategy.teardown): the strategies'
+        # engines and backend objects first, while the group still works; then every rank leaves
+        # the group, after a barrier when it succeeded, and the communication threads settle;
+        # also for a group a rank function made itself.
+        close_all(barrier=code == 0)
     return code
 
 

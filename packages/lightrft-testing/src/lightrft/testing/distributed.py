@@ -15,13 +15,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._resolve import resolve
+
+#: torch's intra-op threads on every rank run_distributed starts (``OMP_NUM_THREADS``), and in
+#: :func:`rank_threads`. CPU kernels split their reductions by thread count, so a reference computed
+#: in the test process matches the ranks' arithmetic only with the same count: set it on both sides.
+RANK_THREADS = 1
+
+
+@contextlib.contextmanager
+def rank_threads(n: int = RANK_THREADS) -> Iterator[None]:
+    """Runs the block with torch's intra-op thread count of the ranks (``torch.set_num_threads``),
+    restoring the caller's count afterwards: for a reference computed in the test process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class DistributedRunError(RuntimeError):
@@ -55,15 +72,19 @@ def _paths(pythonpath: PythonPath) -> list[str]:
 def call(fn: str, kwargs: dict[str, Any] | None = None, pythonpath: PythonPath = None) -> Any:
     """Calls ``fn(**kwargs)`` in this process, ``fn`` named as for :func:`run_distributed`: its
     module is looked up in ``pythonpath`` first, without changing ``sys.path``. For a test that runs
-    a rank-side function both here (one rank) and under torchrun (several)."""
+    a rank-side function both here (one rank) and under torchrun (several), so it runs with the
+    ranks' thread count (:func:`rank_threads`): its numbers are the ranks' arithmetic."""
     target, _ = _target(fn)
     module_name = target.split(":", 1)[0]
+    obj = None
     for directory in _paths(pythonpath):
         top = Path(directory, *module_name.split("."))
         source = top.with_suffix(".py") if top.with_suffix(".py").exists() else top / "__init__.py"
         if source.exists():
-            return resolve(target, str(source))(**(kwargs or {}))
-    return resolve(target)(**(kwargs or {}))
+            obj = resolve(target, str(source))
+            break
+    with rank_threads():
+        return (obj or resolve(target))(**(kwargs or {}))
 
 
 def run_distributed(
@@ -88,7 +109,12 @@ def run_distributed(
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
             "--max-restarts=0", "-m", "lightrft.testing._worker", target, str(tmpdir), *([source] if source else []),
         ]  # fmt: skip
-        child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        child_env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(RANK_THREADS),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
         child_env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
         extra = _paths(pythonpath)
         if extra:

@@ -8,6 +8,7 @@ import torch
 
 from lightrft.strategy import StrategyBase
 
+from ..distributed import rank_threads
 from ..harness import build, flat, full_params, train
 from ..models import make_batches
 from .reference import reference_training
@@ -49,9 +50,10 @@ def test_parameter_parity_with_fake(suite: Any) -> None:
 def test_fake_matches_hand_written_reference(suite: Any) -> None:
     """The reference itself is checked against plain torch, so parity means correctness."""
     fake = suite.fake("parity")
-    ref = reference_training(
-        {**BASE_CONFIG, **{k: v for k, v in suite.config_overrides.items() if k in BASE_CONFIG}}
-    )
+    with rank_threads():  # the thread count Fake's run had (run_checks): the same kernels' splits
+        ref = reference_training(
+            {**BASE_CONFIG, **{k: v for k, v in suite.config_overrides.items() if k in BASE_CONFIG}}
+        )
     assert torch.allclose(torch.tensor(fake["losses"]), torch.tensor(ref["losses"]), atol=1e-6, rtol=1e-5)
     assert torch.allclose(torch.tensor(fake["norms"]), torch.tensor(ref["norms"]), atol=1e-6, rtol=1e-5)
     assert torch.allclose(fake["params"], ref["params"], atol=1e-6, rtol=1e-5)

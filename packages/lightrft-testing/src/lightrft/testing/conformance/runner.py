@@ -9,6 +9,7 @@ from typing import Any
 from lightrft.strategy import StrategyBase, get_strategy
 from lightrft.strategy.registry import load_strategy_class
 
+from ..distributed import rank_threads
 from ..harness import run_isolated
 from . import (
     accumulation,
@@ -66,7 +67,9 @@ def run_checks(
         return capability.measure(strategy)
 
     selected = [c for c in CAPABILITIES if (checks is None or c.name in checks) and c.offered_by(cls)]
-    results = run_isolated([(c.name, lambda c=c: measure(c)) for c in selected])
+    # The ranks' thread count also where the test process itself measures (the fake reference).
+    with rank_threads():
+        results = run_isolated([(c.name, lambda c=c: measure(c)) for c in selected])
     if strategies:  # they share one process group: shut it down once
         with contextlib.suppress(Exception):
             strategies[-1].shutdown()

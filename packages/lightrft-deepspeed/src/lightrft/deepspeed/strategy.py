@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft.strategy import portable
-from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy import CheckpointError, portable
+from lightrft.strategy.base import LIGHTRFT_FILE_KINDS, StrategyBase, TrainState
 from lightrft.strategy.engine import WeightBucket
 from lightrft.strategy.utils import HostScalar
 from lightrft.strategy.weights import clean_param_name, plan_buckets, sync_dtype
@@ -29,6 +29,8 @@ from . import config as ds_config
 
 _ENGINE_TYPES = ("DeepSpeedEngine", "DeepSpeedHybridEngine", "PipelineEngine")
 _RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+_MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+"""Rank 0's module weights in a ZeRO 0-2 checkpoint."""
 _GATHER_BUCKET_BYTES = 256 << 20
 """Parameters gathered at once by save_model / load_model / EMA under ZeRO-3."""
 
@@ -403,19 +405,51 @@ class DeepspeedStrategy(StrategyBase):
                 )
             _set_adam_step(engine.optimizer, steps.pop() if steps else 0.0)
         train = self._train_states.get(id(model))
-        sched_file = path / portable.SCHEDULER_FILE
-        if (
-            train is not None
-            and train.scheduler is not None
-            and load_lr_scheduler_states
-            and sched_file.is_file()
-        ):
-            train.scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
+        if train is not None and load_lr_scheduler_states and portable.load_scheduler(train.scheduler, path):
             for group, lr in zip(engine.optimizer.param_groups, train.scheduler.get_last_lr()):
                 group["lr"] = lr
 
     def _checkpoint_info(self) -> dict[str, Any]:
         return {"zero_stage": self.stage}
+
+    # Offline (lightrft-ckpt, the fault kit): no engine, no process group.
+    checkpoint_file_kinds = (
+        *LIGHTRFT_FILE_KINDS,
+        ("ds_optim_states", ("*optim_states.pt",)),
+        ("ds_model_states", ("*model_states.pt",)),
+    )
+
+    @classmethod
+    def read_checkpoint_tensors(cls, path: Path, manifest: dict[str, Any], load: bool) -> dict[str, Any]:
+        """ZeRO 0-2: the module of rank 0's model states; ZeRO-3: the partitions merged by
+        DeepSpeed's ``zero_to_fp32``."""
+        if manifest.get("zero_stage") != 3:
+            return torch.load(path / _MODEL_STATES_FILE, weights_only=False, mmap=True)["module"]
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError as e:
+            raise ImportError("reading a ZeRO-3 checkpoint needs DeepSpeed: `pip install deepspeed`") from e
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+
+    @classmethod
+    def convert_checkpoint_to_portable(cls, path: Path, manifest: dict[str, Any], staging: Path) -> None:
+        """The partitions are merged per parameter by DeepSpeed's ``ds_to_universal``
+        (:mod:`lightrft.deepspeed.convert`); ZeRO stages 1-3 (stage 0 has no partitions)."""
+        if manifest.get("zero_stage") not in (1, 2, 3):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has zero_stage={manifest.get('zero_stage')!r}; offline conversion of a "
+                "DeepSpeed checkpoint to the portable layout reads ZeRO stages 1, 2 and 3 (their optimizer "
+                "partitions); convert --to hf takes the weights of any stage",
+                path=str(path),
+            )
+        try:
+            from .convert import write_portable
+        except ImportError as e:
+            raise ImportError(
+                "converting a DeepSpeed checkpoint needs lightrft-deepspeed (and DeepSpeed): "
+                "`uv add lightrft-deepspeed`"
+            ) from e
+        write_portable(path, staging)
 
     def _checkpoint_incompatibility(self, manifest: dict[str, Any]) -> str | None:
         problem = super()._checkpoint_incompatibility(manifest)

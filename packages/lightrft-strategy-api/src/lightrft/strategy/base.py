@@ -44,6 +44,18 @@ from .weights import bucket_named_tensors, cast_named_tensors, clean_param_name
 
 RANK_STATE = "lightrft_rank{rank:05d}.pt"
 CLIENT_STATE = "lightrft_client_state.pt"
+LIGHTRFT_FILE_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("rank_state", ("lightrft_rank*",)),
+    ("client_state", (CLIENT_STATE,)),
+)
+"""The files every checkpoint holds, whatever the backend (``checkpoint_file_kinds``' form)."""
+PORTABLE_FILE_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("dcp_metadata", ("*/.metadata",)),
+    ("dcp_shard", ("*.distcp",)),
+    *LIGHTRFT_FILE_KINDS,
+    ("scheduler", (portable.SCHEDULER_FILE,)),
+)
+"""The files of a checkpoint in the portable layout (a DCP directory; also FSDP's native one)."""
 _NO_DECAY_MODULES = ("Norm",)
 
 
@@ -484,6 +496,36 @@ class StrategyBase(ABC):
     #: lightrft-config and lightrft-strategy-api (a backend adds its own package and library).
     checkpoint_distributions: ClassVar[tuple[str, ...]] = ()
 
+    # Offline hooks: ``lightrft-ckpt`` and the fault kit (lightrft.testing.checkpoint_faults) find
+    # a checkpoint's strategy class through the registry, from the manifest's ``backend``, and ask
+    # it about its native files. They run without an instance, a process group or a GPU.
+    #: The kinds of files a native checkpoint of this backend holds, in the order the fault kit
+    #: damages them: ``(kind, glob patterns of the path relative to the checkpoint)``.
+    checkpoint_file_kinds: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = LIGHTRFT_FILE_KINDS
+
+    @classmethod
+    def read_checkpoint_tensors(cls, path: Path, manifest: dict[str, Any], load: bool) -> dict[str, Any]:
+        """The model weights of this backend's native checkpoint at ``path`` (``manifest``: its
+        manifest), keyed as the backend saved them: tensors with ``load``, else ``(shape, dtype)``
+        or tensors memory-mapped. A backend without an offline reader leaves this as it is."""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has backend={manifest.get('backend')!r}, whose strategy "
+            f"{cls.__name__} has no offline reader of its native files",
+            path=str(path),
+        )
+
+    @classmethod
+    def convert_checkpoint_to_portable(cls, path: Path, manifest: dict[str, Any], staging: Path) -> None:
+        """Writes the model, optimizer and scheduler state of this backend's native checkpoint
+        ``path`` in the portable layout into ``staging`` (which holds LightRFT's own files
+        already; the caller writes the manifest). A backend without an offline converter leaves
+        this as it is: :func:`lightrft.strategy.ckpt_cli.converts_offline` tells the two apart."""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has backend={manifest.get('backend')!r}, whose strategy "
+            f"{cls.__name__} has no offline conversion to the portable layout",
+            path=str(path),
+        )
+
     def save_ckpt(
         self,
         model: Any,
@@ -517,8 +559,8 @@ class StrategyBase(ABC):
         def write(path: Path) -> None:
             if layout == "portable":
                 self._save_portable(model, path)
-                if self.is_rank_0() and state is not None and state.scheduler is not None:
-                    torch.save(state.scheduler.state_dict(), path / portable.SCHEDULER_FILE)
+                if self.is_rank_0() and state is not None:
+                    portable.save_scheduler(state.scheduler, path)
             else:
                 self._save_checkpoint(model, path)
             torch.save(rank_state, path / RANK_STATE.format(rank=self.get_rank()))
@@ -665,9 +707,8 @@ class StrategyBase(ABC):
             with_optimizer=load_optimizer_states,
             no_dist=self.world_size == 1,
         )
-        sched_file = path / portable.SCHEDULER_FILE
-        if st is not None and st.scheduler is not None and load_lr_scheduler_states and sched_file.is_file():
-            st.scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
+        if st is not None and load_lr_scheduler_states:
+            portable.load_scheduler(st.scheduler, path)
 
     def _checkpoint_info(self) -> dict[str, Any]:
         """Backend facts the manifest records besides backend, step and world size (e.g. the

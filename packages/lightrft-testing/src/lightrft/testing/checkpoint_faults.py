@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import json
 import os
 import random
@@ -34,25 +35,14 @@ import torch
 
 from lightrft.strategy import CheckpointError, StrategyBase, get_strategy, integrity
 from lightrft.strategy import checkpoint as ckpt
+from lightrft.strategy.base import PORTABLE_FILE_KINDS
+from lightrft.strategy.registry import load_strategy_class
 
 from .conformance.spec import BASE_CONFIG, tiny_model
 from .harness import build, full_params, train
 from .models import make_batches
 
 HOWS = ("truncate", "delete", "corrupt")
-
-# (kind, how to recognise its relative path), the first file of each kind found is damaged.
-_KINDS: tuple[tuple[str, Any], ...] = (
-    ("manifest", lambda r: r == integrity.MANIFEST),
-    ("dcp_metadata", lambda r: r.endswith("/.metadata") or r == ".metadata"),
-    ("dcp_shard", lambda r: r.endswith(".distcp")),
-    ("rank_state", lambda r: r.startswith("lightrft_rank")),
-    ("client_state", lambda r: r == "lightrft_client_state.pt"),
-    ("scheduler", lambda r: r == "lr_scheduler.pt"),
-    ("fake_state", lambda r: r == "fake_state.pt"),
-    ("ds_optim_states", lambda r: r.endswith("optim_states.pt")),
-    ("ds_model_states", lambda r: r.endswith("model_states.pt")),
-)
 
 
 def damage(file: str | os.PathLike, how: str) -> None:
@@ -72,13 +62,29 @@ def damage(file: str | os.PathLike, how: str) -> None:
         raise ValueError(f"how={how!r} is invalid: valid are {', '.join(HOWS)}")
 
 
+def file_kinds(path: str | os.PathLike) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The kinds of files the checkpoint at ``path`` holds, ``(kind, glob patterns)``: the
+    manifest, then those its backend's strategy class names (found through the registry from the
+    manifest's ``backend``: ``checkpoint_file_kinds``), or the portable layout's."""
+    manifest = integrity.read_manifest(path)
+    if manifest.get("layout") == "portable":
+        kinds = PORTABLE_FILE_KINDS
+    else:
+        kinds = load_strategy_class(manifest["backend"]).checkpoint_file_kinds
+    return (("manifest", (integrity.MANIFEST,)), *kinds)
+
+
 def damage_cases(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """``(kind, relative path)`` of one file of each kind in the checkpoint at ``path`` (the
-    highest-ranked one where each rank writes its own, so that a rank other than 0 finds it)."""
+    """``(kind, relative path)`` of one file of each kind in the checkpoint at ``path``
+    (:func:`file_kinds`; the highest-ranked one where each rank writes its own, so that a rank
+    other than 0 finds it)."""
     files = [*integrity.list_files(path), integrity.MANIFEST]
     out = []
-    for kind, match in _KINDS:
-        found = sorted((f for f in files if match(f)), key=lambda r: (integrity.writer_rank(r), r))
+    for kind, patterns in file_kinds(path):
+        found = sorted(
+            (f for f in files if any(fnmatch.fnmatchcase(f, p) for p in patterns)),
+            key=lambda r: (integrity.writer_rank(r), r),
+        )
         if found:
             out.append((kind, found[-1]))
     return out
@@ -348,7 +354,6 @@ def _warm_up(config: dict[str, Any], scratch: Path) -> None:
     """Imports, in this process, what every forked rank would otherwise import again (the
     backend, torch's optimizer machinery, DeepSpeed's engine): a fake save and load, no group."""
     from lightrft.config import StrategyConfig
-    from lightrft.strategy.registry import load_strategy_class
 
     load_strategy_class(StrategyConfig.from_args({**BASE_CONFIG, **config}).backend)
     if StrategyConfig.from_args({**BASE_CONFIG, **config}).backend == "deepspeed":

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy.base import LIGHTRFT_FILE_KINDS, StrategyBase, TrainState
 from lightrft.strategy.weights import clean_param_name
 
 STATE_FILE = "fake_state.pt"
@@ -146,6 +146,12 @@ class FakeStrategy(StrategyBase):
             st.optimizer.load_state_dict(state["optimizer"])
         if load_lr_scheduler_states and "scheduler" in state and st.scheduler is not None:
             st.scheduler.load_state_dict(state["scheduler"])
+
+    checkpoint_file_kinds = (*LIGHTRFT_FILE_KINDS, ("fake_state", (STATE_FILE,)))
+
+    @classmethod
+    def read_checkpoint_tensors(cls, path: Path, manifest: dict[str, Any], load: bool) -> dict[str, Any]:
+        return torch.load(path / STATE_FILE, weights_only=True, mmap=True)["model"]
 
     # ---------------------------------------------------------------- weights
     def _full_state_dict(self, model: Any) -> dict[str, torch.Tensor]:

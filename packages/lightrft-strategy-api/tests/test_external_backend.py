@@ -29,7 +29,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lightrft.strategy import portable
-from lightrft.strategy.base import LIGHTRFT_FILE_KINDS
+from lightrft.strategy.checkpointer import LIGHTRFT_FILE_KINDS
 from lightrft.testing import FakeStrategy
 
 STATE = "ext_state.pt"

@@ -20,7 +20,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightrft.strategy import CheckpointError, portable
-from lightrft.strategy.base import LIGHTRFT_FILE_KINDS, StrategyBase, TrainState
+from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy.checkpointer import LIGHTRFT_FILE_KINDS
 from lightrft.strategy.engine import WeightBucket
 from lightrft.strategy.utils import HostScalar
 from lightrft.strategy.weights import clean_param_name, plan_buckets, sync_dtype

@@ -24,7 +24,8 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lightrft.strategy import portable
-from lightrft.strategy.base import PORTABLE_FILE_KINDS, StrategyBase, TrainState
+from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy.checkpointer import PORTABLE_FILE_KINDS
 from lightrft.strategy.engine import WeightBucket
 from lightrft.strategy.utils import HostScalar
 from lightrft.strategy.weights import clean_param_name, plan_buckets, sync_dtype

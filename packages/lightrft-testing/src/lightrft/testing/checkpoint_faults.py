@@ -35,7 +35,7 @@ import torch
 
 from lightrft.strategy import CheckpointError, StrategyBase, get_strategy, integrity
 from lightrft.strategy import checkpoint as ckpt
-from lightrft.strategy.base import PORTABLE_FILE_KINDS
+from lightrft.strategy.checkpointer import PORTABLE_FILE_KINDS
 from lightrft.strategy.registry import load_strategy_class
 
 from .conformance.spec import BASE_CONFIG, tiny_model

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft.strategy.base import LIGHTRFT_FILE_KINDS, StrategyBase, TrainState
+from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy.checkpointer import LIGHTRFT_FILE_KINDS
 from lightrft.strategy.weights import clean_param_name
 
 STATE_FILE = "fake_state.pt"

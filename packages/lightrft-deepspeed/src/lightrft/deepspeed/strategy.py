@@ -194,10 +194,7 @@ class DeepspeedStrategy(StrategyBase):
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
         """AdamW with decay on weights only: DeepSpeedCPUAdam with ``adam_offload``, FusedAdam on
         CUDA, ``torch.optim.AdamW`` on CPU."""
-        weight_decay = kwargs.pop("weight_decay", self.config.l2)
-        kwargs.setdefault("lr", self.config.actor_learning_rate)
-        kwargs.setdefault("betas", tuple(self.config.adam_betas))
-        kwargs.setdefault("eps", self.config.adam_eps)
+        weight_decay, kwargs = self.optimizer_kwargs(kwargs)
         groups = self.optimizer_grouped_parameters(self.unwrap_model(model), weight_decay)
         if self.config.adam_offload:
             _import_deepspeed()

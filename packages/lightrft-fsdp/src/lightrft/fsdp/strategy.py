@@ -116,10 +116,7 @@ class FSDPV2Strategy(StrategyBase):
         return model
 
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
-        weight_decay = kwargs.pop("weight_decay", self.config.l2)
-        kwargs.setdefault("lr", self.config.actor_learning_rate)
-        kwargs.setdefault("betas", tuple(self.config.adam_betas))
-        kwargs.setdefault("eps", self.config.adam_eps)
+        weight_decay, kwargs = self.optimizer_kwargs(kwargs)
         params = [p for p in model.parameters() if p.requires_grad]
         if not any(isinstance(p, DTensor) for p in params) and self.world_size > 1:
             raise ValueError(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from .engine import (
 )
 from .integrity import CheckpointError
 from .schedulers import create_scheduler
-from .utils import set_seed
+from .utils import free_port, set_seed
 from .weights import bucket_named_tensors, cast_named_tensors, clean_param_name
 
 __all__ = ["CLIENT_STATE", "RANK_STATE", "StrategyBase", "TrainState"]  # the file names: re-exported
@@ -181,7 +180,7 @@ class StrategyBase(ABC):
         if "RANK" not in os.environ:
             # One process without a launcher: a group of one, so that meshes and collectives work.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         local_rank = int(os.environ.get("LOCAL_RANK", max(self.config.local_rank, 0)))
         if torch.cuda.is_available():
@@ -253,6 +252,16 @@ class StrategyBase(ABC):
     @abstractmethod
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
         """Step 2 of 3: ``lr``, ``betas``, ``weight_decay``, ``eps``; no decay on biases and norms."""
+
+    def optimizer_kwargs(self, kwargs: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """``create_optimizer``'s keywords with the config's defaults filled in, as
+        ``(weight_decay, the rest)``: ``l2``, ``actor_learning_rate``, ``adam_betas``, ``adam_eps``."""
+        kwargs = dict(kwargs)
+        weight_decay = kwargs.pop("weight_decay", self.config.l2)
+        kwargs.setdefault("lr", self.config.actor_learning_rate)
+        kwargs.setdefault("betas", tuple(self.config.adam_betas))
+        kwargs.setdefault("eps", self.config.adam_eps)
+        return weight_decay, kwargs
 
     def create_scheduler(
         self,
@@ -881,9 +890,3 @@ def _not_prepared(model: Any) -> ValueError:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

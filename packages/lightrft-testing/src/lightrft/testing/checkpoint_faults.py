@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -37,6 +36,7 @@ from lightrft.strategy import CheckpointError, StrategyBase, get_strategy, integ
 from lightrft.strategy import checkpoint as ckpt
 from lightrft.strategy.checkpointer import PORTABLE_FILE_KINDS
 from lightrft.strategy.registry import load_strategy_class
+from lightrft.strategy.utils import free_port
 
 from .conformance.spec import BASE_CONFIG, tiny_model
 from .harness import build, full_params, train
@@ -175,12 +175,6 @@ def check_damaged_loads(config: dict[str, Any], root: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- crash trials
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -269,7 +263,7 @@ def _run_world(
     fraction: float,
     load_only: bool,
 ) -> dict[str, Any]:
-    port = str(_free_port())
+    port = str(free_port())
     pids: dict[int, int] = {}
     for rank in range(world_size):
         pid = os.fork()

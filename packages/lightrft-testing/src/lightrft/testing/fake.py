@@ -96,10 +96,7 @@ class FakeStrategy(StrategyBase):
 
     # ------------------------------------------------------------------ models
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
-        weight_decay = kwargs.pop("weight_decay", self.config.l2)
-        kwargs.setdefault("lr", self.config.actor_learning_rate)
-        kwargs.setdefault("betas", tuple(self.config.adam_betas))
-        kwargs.setdefault("eps", self.config.adam_eps)
+        weight_decay, kwargs = self.optimizer_kwargs(kwargs)
         return torch.optim.AdamW(self.optimizer_grouped_parameters(model, weight_decay), **kwargs)
 
     def _prepare_train(self, model: nn.Module, optimizer: Optimizer, scheduler: Any) -> tuple[Any, Any, Any]:

@@ -552,7 +552,14 @@ class StrategyBase(ABC):
         optimizer state keyed by parameter name, which another backend or world size can load;
         see :mod:`lightrft.strategy.portable`). Defaults to the ``ckpt_layout`` argument."""
         return self.checkpointer.save_ckpt(
-            model, save_dir, tag, max_num, max_mem, client_state, save_latest, layout
+            model,
+            save_dir,
+            tag,
+            max_num=max_num,
+            max_mem=max_mem,
+            client_state=client_state,
+            save_latest=save_latest,
+            layout=layout,
         )
 
     def load_ckpt(
@@ -578,11 +585,11 @@ class StrategyBase(ABC):
             model,
             load_dir,
             tag,
-            load_module_strict,
-            load_optimizer_states,
-            load_lr_scheduler_states,
-            load_module_only,
-            verify_checksums,
+            strict=load_module_strict,
+            optimizer_states=load_optimizer_states,
+            scheduler_states=load_lr_scheduler_states,
+            module_only=load_module_only,
+            checksums=verify_checksums,
         )
 
     def _save_portable(self, model: Any, path: Path) -> None:

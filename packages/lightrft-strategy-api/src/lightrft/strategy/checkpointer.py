@@ -57,20 +57,16 @@ class Checkpointer:
         self,
         model: Any,
         save_dir: str | os.PathLike,
-        tag: str | None = None,
-        max_num: int | None = None,
-        max_mem: float | None = None,
-        client_state: dict[str, Any] | None = None,
-        save_latest: bool = True,
-        layout: str | None = None,
+        tag: str | None,
+        *,
+        max_num: int | None,
+        max_mem: float | None,
+        client_state: dict[str, Any] | None,
+        save_latest: bool,
+        layout: str | None,
     ) -> Path:
-        """Saves model, optimizer, scheduler, ``client_state``, RNG and dataloader positions to
-        ``save_dir/<tag>`` atomically, with a manifest of every file's size and checksum written
-        last; then keeps at most ``max_num`` checkpoints / ``max_mem`` GB. Call it on every rank.
-
-        ``layout``: ``"native"`` (the backend's own files; the default) or ``"portable"`` (model and
-        optimizer state keyed by parameter name, which another backend or world size can load;
-        see :mod:`lightrft.strategy.portable`). Defaults to the ``ckpt_layout`` argument."""
+        """:meth:`StrategyBase.save_ckpt`: stage, write (the backend's hook and LightRFT's own
+        files), checksum, manifest last, publish, rotate."""
         s = self.strategy
         layout = portable.validate_layout(layout or s.get_extra_arg("ckpt_layout", "native"))
         state = s._train_states.get(id(model))
@@ -122,27 +118,22 @@ class Checkpointer:
         self,
         model: Any,
         load_dir: str | os.PathLike,
-        tag: str | None = None,
-        load_module_strict: bool = True,
-        load_optimizer_states: bool = True,
-        load_lr_scheduler_states: bool = True,
-        load_module_only: bool = False,
-        verify_checksums: bool = True,
+        tag: str | None,
+        *,
+        strict: bool,
+        optimizer_states: bool,
+        scheduler_states: bool,
+        module_only: bool,
+        checksums: bool,
     ) -> tuple[str, dict[str, Any]]:
-        """Loads ``load_dir/<tag>`` (``latest`` by default). Returns ``(path, client_state)``.
-
-        Before anything is loaded, every rank checks the manifest (every file present with its
-        recorded size; the checksums split over the ranks, skipped with ``verify_checksums=False``)
-        and that this strategy can read the checkpoint; the ranks then agree: if any rank found a
-        problem, every rank raises the same :class:`CheckpointError` naming the file, what is wrong
-        and the last good checkpoint (``tag=``), and the model, optimizer, scheduler, RNG and
-        dataloaders are untouched. Call it on every rank."""
+        """:meth:`StrategyBase.load_ckpt`: every rank verifies and reads, the ranks agree, then the
+        backend's hook loads and LightRFT's own state is restored."""
         s = self.strategy
         root = Path(load_dir)
         failure: BaseException | None = None
         staged: tuple[Path, str, dict[str, Any], dict[str, Any] | None] | None = None
         try:
-            staged = self._read_and_verify(root, tag, verify_checksums, load_module_only)
+            staged = self._read_and_verify(root, tag, checksums, module_only)
         except FileNotFoundError as e:
             failure = e
         except CheckpointError as e:
@@ -155,9 +146,9 @@ class Checkpointer:
             load(
                 model,
                 path,
-                load_module_strict=load_module_strict,
-                load_optimizer_states=load_optimizer_states and not load_module_only,
-                load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
+                load_module_strict=strict,
+                load_optimizer_states=optimizer_states and not module_only,
+                load_lr_scheduler_states=scheduler_states and not module_only,
             )
         except Exception as e:
             # Verified files that still fail to load: a key / shape mismatch with this model.
@@ -213,7 +204,7 @@ class Checkpointer:
     def save_model(
         self, model: Any, output_dir: str | os.PathLike, tokenizer: Any = None, **kwargs: Any
     ) -> None:
-        """Writes a consolidated Hugging Face directory (safetensors, config, tokenizer) on rank 0."""
+        """:meth:`StrategyBase.save_model` (rank 0 writes, every rank gathers)."""
         s = self.strategy
         state_dict = s._full_state_dict(model)
         if s.is_rank_0():
@@ -222,7 +213,7 @@ class Checkpointer:
         s.barrier()
 
     def load_model(self, model: Any, path: str | os.PathLike, strict: bool = True) -> None:
-        """Loads a Hugging Face directory (or .safetensors file) into a prepared or plain model."""
+        """:meth:`StrategyBase.load_model`."""
         self.strategy._load_full_state_dict(model, read_hf_state_dict(path), strict=strict)
         self.strategy.barrier()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from demo_testing import DEMO, FAST, assert_improves, run_ok, steps_of
 
 from lightrft_demo import read_metrics
-from lightrft_demo.testing import DEMO, FAST, assert_improves, run_ok, steps_of
 
 
 @pytest.mark.slow

@@ -6,10 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from demo_testing import DEMO, FAST, assert_improves, demo_env, kill_when, run_ok, steps_of
 
 from lightrft_demo import read_metrics
 from lightrft_demo.cli import parse_options
-from lightrft_demo.testing import DEMO, FAST, assert_improves, demo_env, kill_when, run_ok, steps_of
 from lightrft_demo.train import SetupError, run
 
 

@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from demo_testing import FAST, SCRIPT, assert_improves, demo_env, kill_when, run_ok, steps_of
 
 from lightrft_demo import read_metrics
-from lightrft_demo.testing import FAST, SCRIPT, assert_improves, demo_env, kill_when, run_ok, steps_of
 
 
 # ------------------------------------------------------------------------ 2 gloo ranks

@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from demo_testing import DEMO, FAST, assert_improves, demo_env, kill_tree, steps_of
 
+from lightrft.strategy.utils import free_port
 from lightrft_demo import read_metrics
-from lightrft_demo.testing import DEMO, FAST, assert_improves, demo_env, free_port, kill_tree, steps_of
 
 
 @pytest.mark.slow

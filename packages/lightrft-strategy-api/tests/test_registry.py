@@ -53,6 +53,8 @@ def test_get_fake_strategy_without_testing_package(monkeypatch):
 
     from lightrft.strategy import get_fake_strategy
 
+    # The class comes from the registered entry point (lightrft.testing.fake): hide both modules.
     monkeypatch.setitem(sys.modules, "lightrft.testing", None)
+    monkeypatch.setitem(sys.modules, "lightrft.testing.fake", None)
     with pytest.raises(ImportError, match="lightrft-testing"):
         get_fake_strategy()

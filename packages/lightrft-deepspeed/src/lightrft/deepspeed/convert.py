@@ -28,7 +28,8 @@ import torch
 from lightrft.strategy import portable
 from lightrft.strategy.weights import clean_param_name
 
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+from .zero_state import ADAM_KEYS, deepspeed_safe_globals, weights_only_load
+
 _MODEL_STATES = re.compile(r"^(mp_rank_\d+|zero_pp_rank_\d+_mp_rank_\d+)_model_states\.pt$")
 
 
@@ -36,10 +37,8 @@ _MODEL_STATES = re.compile(r"^(mp_rank_\d+|zero_pp_rank_\d+_mp_rank_\d+)_model_s
 def _weights_only_torch_load() -> Iterator[None]:
     """``torch.load`` with ``weights_only=True`` (DeepSpeed's classes allowed) while DeepSpeed's
     converter runs: it asks for ``weights_only=False`` on the files it reads."""
-    from .strategy import _deepspeed_safe_globals
-
     original = torch.load
-    allowed = _deepspeed_safe_globals()
+    allowed = deepspeed_safe_globals()
 
     def load(*args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
@@ -82,9 +81,7 @@ def to_universal(path: Path, out: Path) -> None:
 
 
 def _load(file: Path) -> Any:
-    from .strategy import _weights_only_load
-
-    return _weights_only_load(str(file), map_location="cpu")
+    return weights_only_load(str(file), map_location="cpu")
 
 
 def _tensor(file: Path) -> Any:
@@ -114,7 +111,7 @@ def portable_state(path: Path) -> tuple[dict[str, Any], Any]:
             name = clean_param_name(raw_name)
             model[name] = _tensor(folder / "fp32.pt").float().reshape(tuple(shape)).clone()
             moments = {
-                k: _tensor(folder / f"{k}.pt").float().reshape(tuple(shape)).clone() for k in _ADAM_KEYS
+                k: _tensor(folder / f"{k}.pt").float().reshape(tuple(shape)).clone() for k in ADAM_KEYS
             }
             step = _tensor(folder / "step.pt") if (folder / "step.pt").is_file() else common_step
             if step is None:

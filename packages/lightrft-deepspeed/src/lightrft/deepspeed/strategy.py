@@ -19,28 +19,26 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft.strategy import portable
+from lightrft.strategy import CheckpointError, portable
 from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy.checkpointer import LIGHTRFT_FILE_KINDS
 from lightrft.strategy.engine import WeightBucket
-from lightrft.strategy.utils import HostScalar
 from lightrft.strategy.weights import clean_param_name, plan_buckets, sync_dtype
 
 from . import config as ds_config
+from . import norms, zero_state
+from .zero_state import full_numel as _full_numel
+from .zero_state import gathered as _gathered  # a module global here: tests record the gathers
+from .zero_state import import_deepspeed as _import_deepspeed
+from .zero_state import is_zero3_param as _is_zero3_param
+from .zero_state import weights_only_load as _weights_only_load
 
 _ENGINE_TYPES = ("DeepSpeedEngine", "DeepSpeedHybridEngine", "PipelineEngine")
 _RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+_MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+"""Rank 0's module weights in a ZeRO 0-2 checkpoint."""
 _GATHER_BUCKET_BYTES = 256 << 20
 """Parameters gathered at once by save_model / load_model / EMA under ZeRO-3."""
-
-
-def _import_deepspeed() -> Any:
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise ImportError(
-            "DeepspeedStrategy needs DeepSpeed: `uv add lightrft-deepspeed` (or `pip install deepspeed`)"
-        ) from e
-    return deepspeed
 
 
 #: Set to 1 to let DeepSpeed build its CPU shared-memory all-reduce op (see :func:`_cpu_comm_op`).
@@ -67,26 +65,6 @@ def _cpu_comm_op() -> Iterator[None]:
         yield
     finally:
         comm_torch.build_shm_op = build
-
-
-def _is_zero3_param(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-def _full_numel(p: torch.Tensor) -> int:
-    return int(p.ds_numel) if _is_zero3_param(p) else p.numel()  # pyright: ignore[reportAttributeAccessIssue]
-
-
-def _gathered(
-    params: list[nn.Parameter], modifier_rank: int | None = None
-) -> contextlib.AbstractContextManager[Any]:
-    """Gathers ZeRO-3 partitioned ``params`` (a no-op for ordinary ones); with ``modifier_rank``
-    the values written there are broadcast and re-partitioned at exit."""
-    zero3 = [p for p in params if _is_zero3_param(p)]
-    if not zero3:
-        return contextlib.nullcontext()
-    deepspeed = _import_deepspeed()
-    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank)
 
 
 class DeepspeedStrategy(StrategyBase):
@@ -192,10 +170,7 @@ class DeepspeedStrategy(StrategyBase):
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
         """AdamW with decay on weights only: DeepSpeedCPUAdam with ``adam_offload``, FusedAdam on
         CUDA, ``torch.optim.AdamW`` on CPU."""
-        weight_decay = kwargs.pop("weight_decay", self.config.l2)
-        kwargs.setdefault("lr", self.config.actor_learning_rate)
-        kwargs.setdefault("betas", tuple(self.config.adam_betas))
-        kwargs.setdefault("eps", self.config.adam_eps)
+        weight_decay, kwargs = self.optimizer_kwargs(kwargs)
         groups = self.optimizer_grouped_parameters(self.unwrap_model(model), weight_decay)
         if self.config.adam_offload:
             _import_deepspeed()
@@ -218,7 +193,7 @@ class DeepspeedStrategy(StrategyBase):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.get_ds_train_config()
         )
         engine.train()
-        _capture_norm_on_host(engine.optimizer)
+        norms.capture_norm_on_host(engine.optimizer)
         self._engines.append(engine)
         return engine, ds_optimizer, ds_scheduler
 
@@ -266,12 +241,12 @@ class DeepspeedStrategy(StrategyBase):
             # ZeRO / bf16 optimizers compute the global norm and skip the step themselves when it
             # is not finite (their norm is then inf).
             engine.step()
-            return _read_norm(engine)
+            return norms.read_norm(engine)
         # ZeRO-0 in fp32 runs the client optimizer bare: DeepSpeed clips but neither returns
         # the norm nor skips a non-finite one. Gradients are all-reduced by now (boundary).
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        norm = _grad_norm(params)
-        with _skip_if(engine.optimizer, not math.isfinite(norm), params):
+        norm = norms.grad_norm(params)
+        with norms.skip_if(engine.optimizer, not math.isfinite(norm), params):
             engine.step()
         return norm
 
@@ -300,55 +275,9 @@ class DeepspeedStrategy(StrategyBase):
                 if (path.parent / script).is_file():
                     os.replace(path.parent / script, path / script)
 
-    # The portable layout from DeepSpeed: full fp32 weights and Adam moments per parameter name,
-    # gathered (saving) or scattered (loading) one parameter at a time through DeepSpeed's public
-    # fragment API (deepspeed.utils.safe_{get,set}_full_{fp32_param,optimizer_state}; collective
-    # under ZeRO), in the format of torch's get_state_dict so FSDP and Fake read it (and this
-    # reads theirs). The API needs Adam state to exist: _ensure_adam_state creates it first.
-    def _zero_groups(self, engine: Any) -> list[list[nn.Parameter]]:
-        """The trained parameters by optimizer param group (ZeRO-3 sub-groups merged back into
-        the param group they belong to)."""
-        opt = engine.optimizer
-        if self.stage == 3 and hasattr(opt, "fp16_groups"):
-            groups: list[list[nn.Parameter]] = [[] for _ in opt.optimizer.param_groups]
-            for sub, params in enumerate(opt.fp16_groups):
-                groups[opt.sub_group_to_group_id[sub]].extend(params)
-            return groups
-        bit16 = getattr(opt, "bit16_groups", None)
-        if bit16 is None or self.stage == 0:
-            raise NotImplementedError(
-                f"layout='portable' with DeepSpeed needs ZeRO stage 1, 2 or 3 (zero_stage={self.stage}); "
-                "save with layout='native' or train with zero_stage 1, 2 or 3"
-            )
-        return bit16
-
+    # The portable layout through DeepSpeed's fragment API: lightrft.deepspeed.zero_state.
     def _save_portable(self, model: Any, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict_saver import save
-
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        engine = self._engine_of(model)
-        names = {id(p): clean_param_name(n) for n, p in engine.module.named_parameters()}
-        groups = self._zero_groups(engine)
-        _ensure_adam_state(engine.optimizer)
-        step = _adam_step(engine.optimizer)
-        model_sd: dict[str, torch.Tensor] = {}
-        optim_state: dict[str, dict[str, torch.Tensor]] = {}
-        for group in groups:
-            for p in group:
-                name = names[id(p)]
-                model_sd[name] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
-                optim_state[name] = {
-                    key: safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
-                    for key in _ADAM_KEYS
-                }
-                optim_state[name]["step"] = torch.tensor(step)
-        param_groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in group]}
-            for g, group in zip(engine.optimizer.optimizer.param_groups, groups)
-        ]
-        state = {"model": model_sd, "optimizer": {"state": optim_state, "param_groups": param_groups}}
-        save(state, checkpoint_id=str(path / portable.PORTABLE_DIR), no_dist=self.world_size == 1)
+        zero_state.save_portable(self._engine_of(model), self.stage, path, no_dist=self.world_size == 1)
 
     def _load_portable(
         self,
@@ -359,64 +288,62 @@ class DeepspeedStrategy(StrategyBase):
         load_optimizer_states: bool,
         load_lr_scheduler_states: bool,
     ) -> None:
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.state_dict_loader import load
-
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         engine = self._engine_of(model)
-        names = {id(p): clean_param_name(n) for n, p in engine.module.named_parameters()}
-        params = [p for group in self._zero_groups(engine) for p in group]
-        shapes = {names[id(p)]: tuple(p.ds_shape) if _is_zero3_param(p) else tuple(p.shape) for p in params}
-        state: dict[str, Any] = {"model": {n: torch.empty(s) for n, s in shapes.items()}}
-        if load_optimizer_states:
-            state["optimizer"] = {
-                "state": {
-                    n: {"exp_avg": torch.empty(s), "exp_avg_sq": torch.empty(s), "step": torch.tensor(0.0)}
-                    for n, s in shapes.items()
-                }
-            }
-        load(
-            state,
-            checkpoint_id=str(path / portable.PORTABLE_DIR),
-            planner=DefaultLoadPlanner(allow_partial_load=not load_module_strict),
+        zero_state.load_portable(
+            engine,
+            self.stage,
+            path,
+            strict=load_module_strict,
+            with_optimizer=load_optimizer_states,
+            device=self.device,
             no_dist=self.world_size == 1,
         )
-        if load_optimizer_states:
-            _ensure_adam_state(engine.optimizer)
-        for p in params:
-            name = names[id(p)]
-            full = state["model"][name]
-            with _gathered([p], modifier_rank=0):
-                p.data.copy_(full.to(p.dtype).view_as(p.data))
-            safe_set_full_fp32_param(p, full.to(self.device))
-            if load_optimizer_states:
-                for key in _ADAM_KEYS:
-                    safe_set_full_optimizer_state(
-                        p, state["optimizer"]["state"][name][key].to(self.device), key
-                    )
-        if load_optimizer_states:
-            steps = {float(v["step"]) for v in state["optimizer"]["state"].values()}
-            if len(steps) > 1:
-                raise ValueError(
-                    f"the portable checkpoint's Adam step counts differ between parameters ({sorted(steps)}); "
-                    "DeepSpeed keeps one step count per flat partition, so they must be equal"
-                )
-            _set_adam_step(engine.optimizer, steps.pop() if steps else 0.0)
         train = self._train_states.get(id(model))
-        sched_file = path / portable.SCHEDULER_FILE
-        if (
-            train is not None
-            and train.scheduler is not None
-            and load_lr_scheduler_states
-            and sched_file.is_file()
-        ):
-            train.scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
+        if train is not None and load_lr_scheduler_states and portable.load_scheduler(train.scheduler, path):
             for group, lr in zip(engine.optimizer.param_groups, train.scheduler.get_last_lr()):
                 group["lr"] = lr
 
     def _checkpoint_info(self) -> dict[str, Any]:
         return {"zero_stage": self.stage}
+
+    # Offline (lightrft-ckpt, the fault kit): no engine, no process group.
+    checkpoint_file_kinds = (
+        *LIGHTRFT_FILE_KINDS,
+        ("ds_optim_states", ("*optim_states.pt",)),
+        ("ds_model_states", ("*model_states.pt",)),
+    )
+
+    @classmethod
+    def read_checkpoint_tensors(cls, path: Path, manifest: dict[str, Any], load: bool) -> dict[str, Any]:
+        """ZeRO 0-2: the module of rank 0's model states; ZeRO-3: the partitions merged by
+        DeepSpeed's ``zero_to_fp32``."""
+        if manifest.get("zero_stage") != 3:
+            return torch.load(path / _MODEL_STATES_FILE, weights_only=False, mmap=True)["module"]
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError as e:
+            raise ImportError("reading a ZeRO-3 checkpoint needs DeepSpeed: `pip install deepspeed`") from e
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+
+    @classmethod
+    def convert_checkpoint_to_portable(cls, path: Path, manifest: dict[str, Any], staging: Path) -> None:
+        """The partitions are merged per parameter by DeepSpeed's ``ds_to_universal``
+        (:mod:`lightrft.deepspeed.convert`); ZeRO stages 1-3 (stage 0 has no partitions)."""
+        if manifest.get("zero_stage") not in (1, 2, 3):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has zero_stage={manifest.get('zero_stage')!r}; offline conversion of a "
+                "DeepSpeed checkpoint to the portable layout reads ZeRO stages 1, 2 and 3 (their optimizer "
+                "partitions); convert --to hf takes the weights of any stage",
+                path=str(path),
+            )
+        try:
+            from .convert import write_portable
+        except ImportError as e:
+            raise ImportError(
+                "converting a DeepSpeed checkpoint needs lightrft-deepspeed (and DeepSpeed): "
+                "`uv add lightrft-deepspeed`"
+            ) from e
+        write_portable(path, staging)
 
     def _checkpoint_incompatibility(self, manifest: dict[str, Any]) -> str | None:
         problem = super()._checkpoint_incompatibility(manifest)
@@ -579,82 +506,6 @@ class DeepspeedStrategy(StrategyBase):
                 yield tensors
 
 
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def _hp_partitions(zero_optimizer: Any) -> list[torch.Tensor]:
-    """The flat fp32 partitions ZeRO's base optimizer steps (its Adam state is keyed by them):
-    ZeRO-1/2 ``single_partition_of_fp32_groups``, ZeRO-3 ``fp32_partitioned_groups_flat`` (which
-    ZeRO-3 puts into the base optimizer's param groups only for the duration of a step)."""
-    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        flat = getattr(zero_optimizer, attr, None)
-        if flat is not None:
-            return list(flat)
-    raise NotImplementedError(f"{type(zero_optimizer).__name__} is not a ZeRO-1/2/3 optimizer")
-
-
-def _ensure_adam_state(zero_optimizer: Any) -> None:
-    """Gives every flat partition the Adam state its first step would create (zero moments, step
-    0), where it has none yet: ZeRO creates optimizer state lazily, in its first ``step``, and the
-    fragment API reads and writes only existing state. Zero moments at step 0 are exactly Adam's
-    starting point, so this changes no result. ZeRO-1/2 then re-link each parameter to its
-    fragments of the state: DeepSpeed links them once, right after the first param group's first
-    step, when the other groups have no state yet, and those links stay empty (so does a link
-    made before any state existed, or before a native load replaced the state tensors)."""
-    base = zero_optimizer.optimizer
-    for flat in _hp_partitions(zero_optimizer):
-        st = base.state[flat]
-        if not all(k in st for k in _ADAM_KEYS):
-            st.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
-            for key in _ADAM_KEYS:
-                st.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
-    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO-1/2; a native load may also have replaced the state tensors
-        zero_optimizer._hp_optimizer_states_linked = False
-        link()
-
-
-def _adam_step(zero_optimizer: Any) -> float:
-    """The step count of the Adam under ZeRO (the same for every flat partition): in the param
-    groups for optimizers that keep it there (DeepSpeed's FusedAdam), else in the state."""
-    base = zero_optimizer.optimizer
-    for group in base.param_groups:
-        if "step" in group:
-            return float(group["step"])
-    for flat in _hp_partitions(zero_optimizer):
-        if "step" in base.state.get(flat, {}):
-            return float(base.state[flat]["step"])
-    return 0.0
-
-
-def _set_adam_step(zero_optimizer: Any, step: float) -> None:
-    """Sets the step count where :func:`_adam_step` reads it (keeping its type: tensor or int)."""
-    base = zero_optimizer.optimizer
-    for group in base.param_groups:
-        if "step" in group:
-            group["step"] = int(step) if isinstance(group["step"], int) else step
-    for flat in _hp_partitions(zero_optimizer):
-        st = base.state[flat]
-        if torch.is_tensor(st.get("step")):
-            st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
-        elif "step" in st:
-            st["step"] = int(step) if isinstance(st["step"], int) else step
-
-
-def _deepspeed_safe_globals() -> list[Any]:
-    """The DeepSpeed classes its optimizer-state files pickle (besides tensors and containers)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def _weights_only_load(path: str, map_location: Any = None) -> Any:
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def _is_deepspeed_engine(model: Any) -> bool:
     if type(model).__name__ in _ENGINE_TYPES:
         return True
@@ -673,82 +524,3 @@ def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _has_zero3_params(module: nn.Module) -> bool:
     return any(_is_zero3_param(p) for p in module.parameters())
-
-
-class _NormOnHost:
-    """Descriptor of ``_global_grad_norm`` on DeepSpeed's optimizer: when DeepSpeed stores the
-    norm (right after computing it, before the optimizer kernels), it is copied to pinned host
-    memory in stream order and an event recorded. ``optimizer_step`` then waits for that event
-    only, not for the whole step: a plain ``float(norm)`` after ``engine.step()`` would drain the
-    GPU queue and leave the GPU idle while the next forward is launched (~5% at ZeRO-2)."""
-
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        if obj is None:
-            return self
-        return obj.__dict__.get("_global_grad_norm")
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__["_global_grad_norm"] = value
-        if torch.is_tensor(value) and value.is_cuda and value.numel() == 1:
-            obj.__dict__["_lightrft_norm_event"] = (value, HostScalar(value))
-        else:
-            obj.__dict__["_lightrft_norm_event"] = None
-
-
-_NORM_CLASSES: dict[type, type] = {}
-
-
-def _capture_norm_on_host(optimizer: Any) -> None:
-    """Gives DeepSpeed's optimizer object a subclass (same name) whose ``_global_grad_norm`` is
-    a :class:`_NormOnHost`; the optimizer is otherwise unchanged."""
-    if optimizer is None or not hasattr(optimizer, "_global_grad_norm") or not torch.cuda.is_available():
-        return
-    cls = type(optimizer)
-    if isinstance(cls.__dict__.get("_global_grad_norm"), _NormOnHost):
-        return
-    if cls not in _NORM_CLASSES:
-        _NORM_CLASSES[cls] = type(cls.__name__, (cls,), {"_global_grad_norm": _NormOnHost()})
-    current = optimizer.__dict__.pop("_global_grad_norm", None)
-    optimizer.__class__ = _NORM_CLASSES[cls]
-    optimizer._global_grad_norm = current
-
-
-def _read_norm(engine: Any) -> float:
-    """The norm of the step that just ran, as a float (the same on every rank)."""
-    value = engine.get_global_grad_norm()
-    if value is None:
-        return math.nan
-    captured = getattr(engine.optimizer, "__dict__", {}).get("_lightrft_norm_event")
-    if captured is not None and captured[0] is value:
-        return float(captured[1])
-    return float(value)
-
-
-@contextlib.contextmanager
-def _skip_if(optimizer: Optimizer, skip: bool, params: list[nn.Parameter]) -> Iterator[None]:
-    """Makes ``engine.step()`` a counted skip for a bare client optimizer: its ``step`` does
-    nothing and ``overflow`` tells DeepSpeed to count the skip and leave the LR scheduler alone.
-    Gradients are zeroed (DeepSpeed clips them before stepping and cannot clip no gradients)."""
-    optimizer.overflow = skip  # type: ignore[attr-defined]
-    if not skip:
-        yield
-        return
-    for p in params:
-        p.grad.zero_()  # type: ignore[union-attr]
-    optimizer.step = _no_step  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del optimizer.step
-        optimizer.overflow = False  # type: ignore[attr-defined]
-
-
-def _no_step(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _grad_norm(params: list[nn.Parameter]) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.get_total_norm(grads, 2.0))

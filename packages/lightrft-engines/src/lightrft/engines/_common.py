@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from lightrft.strategy.engine import GenerationOutput, WeightBucket
 from lightrft.strategy.hf_io import is_peft_model, original_class_name
+from lightrft.strategy.utils import empty_device_cache as empty_device_cache  # the engines call it here
 
 logger = logging.getLogger("lightrft.engines")
 
@@ -288,9 +289,3 @@ def expandable_segments_enabled() -> bool:
         if re.search(r"expandable_segments\s*:\s*true", conf, re.IGNORECASE):
             return True
     return False
-
-
-def empty_device_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -11,23 +12,20 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
     set_model_state_dict,
-    set_state_dict,
 )
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lightrft.strategy import portable
 from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy.checkpointer import PORTABLE_FILE_KINDS
 from lightrft.strategy.engine import WeightBucket
 from lightrft.strategy.utils import HostScalar
 from lightrft.strategy.weights import clean_param_name, plan_buckets, sync_dtype
@@ -36,7 +34,9 @@ from . import sharding
 from .offload import offload_optimizer_states, reload_optimizer_states
 
 DCP_DIR = "dcp"
-SCHEDULER_FILE = "lr_scheduler.pt"
+LEGACY_SCHEDULER_FILE = "lr_scheduler.pt"
+"""The scheduler's file in FSDP checkpoints written before it took the shared name
+``lightrft_scheduler.pt``; such checkpoints still load and convert."""
 
 
 class FSDPV2Strategy(StrategyBase):
@@ -116,10 +116,7 @@ class FSDPV2Strategy(StrategyBase):
         return model
 
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
-        weight_decay = kwargs.pop("weight_decay", self.config.l2)
-        kwargs.setdefault("lr", self.config.actor_learning_rate)
-        kwargs.setdefault("betas", tuple(self.config.adam_betas))
-        kwargs.setdefault("eps", self.config.adam_eps)
+        weight_decay, kwargs = self.optimizer_kwargs(kwargs)
         params = [p for p in model.parameters() if p.requires_grad]
         if not any(isinstance(p, DTensor) for p in params) and self.world_size > 1:
             raise ValueError(
@@ -237,16 +234,19 @@ class FSDPV2Strategy(StrategyBase):
         return optimizer
 
     # ----------------------------------------------------------------- checkpoints
+    # The native layout is the portable one under another directory name: DCP files keyed by
+    # parameter name (reshardable between world sizes), written and read by the same code.
+    checkpoint_file_kinds = (
+        *PORTABLE_FILE_KINDS[:-1],
+        ("scheduler", (portable.SCHEDULER_FILE, LEGACY_SCHEDULER_FILE)),
+    )
+
     def _save_checkpoint(self, model: Any, path: Path) -> None:
         st = self._train_states.get(id(model))
-        if st is not None:
-            model_sd, optim_sd = get_state_dict(model, st.optimizer)
-            state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
-        else:
-            state = {"model": get_model_state_dict(model)}
-        dcp_save(state, checkpoint_id=str(path / DCP_DIR))
-        if st is not None and st.scheduler is not None and self.is_rank_0():
-            torch.save(st.scheduler.state_dict(), path / SCHEDULER_FILE)
+        optimizer = st.optimizer if st is not None else None
+        portable.save_portable(model, optimizer, path, no_dist=False, subdir=DCP_DIR)
+        if st is not None and self.is_rank_0():
+            portable.save_scheduler(st.scheduler, path)
 
     def _load_checkpoint(
         self,
@@ -258,27 +258,29 @@ class FSDPV2Strategy(StrategyBase):
         load_lr_scheduler_states: bool,
     ) -> None:
         st = self._train_states.get(id(model))
-        options = StateDictOptions(strict=load_module_strict)
-        planner = DefaultLoadPlanner(allow_partial_load=not load_module_strict)
-        if st is not None and load_optimizer_states:
-            model_sd, optim_sd = get_state_dict(model, st.optimizer)
-            state = {"model": model_sd, "optimizer": optim_sd}
-            dcp_load(state, checkpoint_id=str(path / DCP_DIR), planner=planner)
-            set_state_dict(
-                model,
-                st.optimizer,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optimizer"],
-                options=options,
-            )
-        else:
-            model_sd = get_model_state_dict(model)
-            state = {"model": model_sd}
-            dcp_load(state, checkpoint_id=str(path / DCP_DIR), planner=planner)
-            set_model_state_dict(model, state["model"], options=options)
-        sched_file = path / SCHEDULER_FILE
-        if st is not None and st.scheduler is not None and load_lr_scheduler_states and sched_file.exists():
-            st.scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
+        portable.load_portable(
+            model,
+            st.optimizer if st is not None else None,
+            path,
+            strict=load_module_strict,
+            with_optimizer=load_optimizer_states,
+            no_dist=False,
+            subdir=DCP_DIR,
+        )
+        if st is not None and load_lr_scheduler_states:
+            portable.load_scheduler(st.scheduler, path, legacy_names=(LEGACY_SCHEDULER_FILE,))
+
+    @classmethod
+    def read_checkpoint_tensors(cls, path: Path, manifest: dict[str, Any], load: bool) -> dict[str, Any]:
+        return portable.read_model_tensors(path / DCP_DIR, load)
+
+    @classmethod
+    def convert_checkpoint_to_portable(cls, path: Path, manifest: dict[str, Any], staging: Path) -> None:
+        """The DCP files are keyed by parameter name already: copied, not rewritten."""
+        shutil.copytree(path / DCP_DIR, staging / portable.PORTABLE_DIR)
+        legacy = path / LEGACY_SCHEDULER_FILE
+        if legacy.is_file() and not (staging / portable.SCHEDULER_FILE).exists():
+            shutil.copy2(legacy, staging / portable.SCHEDULER_FILE)
 
     # ----------------------------------------------------------------- model files
     def _full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:

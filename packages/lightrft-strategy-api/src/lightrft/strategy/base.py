@@ -1,17 +1,17 @@
 """StrategyBase: the one interface an RLHF loop uses, whatever the distributed backend.
 
 Backends implement the abstract methods (sharding, optimizer steps, checkpoint I/O, gathering full
-weights); everything that does not depend on the backend (collectives, printing, checkpoint
-directories and rotation, dataloaders, schedulers, the engine side) is written once here.
+weights); everything that does not depend on the backend (the training step, collectives,
+printing, dataloaders, schedulers) is written once here, and the facade over the two objects
+beside the strategy: checkpoints (:class:`~lightrft.strategy.checkpointer.Checkpointer`) and the
+rollout engine (:class:`~lightrft.strategy.engine.EngineLifecycle`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
-import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,8 +26,8 @@ from torch.optim import Optimizer
 
 from lightrft.config import StrategyConfig
 
-from . import checkpoint as ckpt
-from . import comm, integrity, portable, teardown
+from . import comm, portable, teardown
+from .checkpointer import CLIENT_STATE, LIGHTRFT_FILE_KINDS, RANK_STATE, Checkpointer
 from .data import ResumableDataLoader, ResumableDistributedSampler
 from .engine import (
     EngineLifecycle,
@@ -36,14 +36,12 @@ from .engine import (
     WeightBucket,
     lightrft_multi_modal_inputs,
 )
-from .hf_io import read_hf_state_dict, write_hf_directory
 from .integrity import CheckpointError
 from .schedulers import create_scheduler
-from .utils import get_rng_state, set_rng_state, set_seed
+from .utils import free_port, set_seed
 from .weights import bucket_named_tensors, cast_named_tensors, clean_param_name
 
-RANK_STATE = "lightrft_rank{rank:05d}.pt"
-CLIENT_STATE = "lightrft_client_state.pt"
+__all__ = ["CLIENT_STATE", "RANK_STATE", "StrategyBase", "TrainState"]  # the file names: re-exported
 _NO_DECAY_MODULES = ("Norm",)
 
 
@@ -183,7 +181,7 @@ class StrategyBase(ABC):
         if "RANK" not in os.environ:
             # One process without a launcher: a group of one, so that meshes and collectives work.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         local_rank = int(os.environ.get("LOCAL_RANK", max(self.config.local_rank, 0)))
         if torch.cuda.is_available():
@@ -263,6 +261,16 @@ class StrategyBase(ABC):
     @abstractmethod
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
         """Step 2 of 3: ``lr``, ``betas``, ``weight_decay``, ``eps``; no decay on biases and norms."""
+
+    def optimizer_kwargs(self, kwargs: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """``create_optimizer``'s keywords with the config's defaults filled in, as
+        ``(weight_decay, the rest)``: ``l2``, ``actor_learning_rate``, ``adam_betas``, ``adam_eps``."""
+        kwargs = dict(kwargs)
+        weight_decay = kwargs.pop("weight_decay", self.config.l2)
+        kwargs.setdefault("lr", self.config.actor_learning_rate)
+        kwargs.setdefault("betas", tuple(self.config.adam_betas))
+        kwargs.setdefault("eps", self.config.adam_eps)
+        return weight_decay, kwargs
 
     def create_scheduler(
         self,
@@ -493,6 +501,47 @@ class StrategyBase(ABC):
     #: lightrft-config and lightrft-strategy-api (a backend adds its own package and library).
     checkpoint_distributions: ClassVar[tuple[str, ...]] = ()
 
+    # Offline hooks: ``lightrft-ckpt`` and the fault kit (lightrft.testing.checkpoint_faults) find
+    # a checkpoint's strategy class through the registry, from the manifest's ``backend``, and ask
+    # it about its native files. They run without an instance, a process group or a GPU.
+    #: The kinds of files a native checkpoint of this backend holds, in the order the fault kit
+    #: damages them: ``(kind, glob patterns of the path relative to the checkpoint)``.
+    checkpoint_file_kinds: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = LIGHTRFT_FILE_KINDS
+
+    @classmethod
+    def read_checkpoint_tensors(cls, path: Path, manifest: dict[str, Any], load: bool) -> dict[str, Any]:
+        """The model weights of this backend's native checkpoint at ``path`` (``manifest``: its
+        manifest), keyed as the backend saved them: tensors with ``load``, else ``(shape, dtype)``
+        or tensors memory-mapped. A backend without an offline reader leaves this as it is."""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has backend={manifest.get('backend')!r}, whose strategy "
+            f"{cls.__name__} has no offline reader of its native files",
+            path=str(path),
+        )
+
+    @classmethod
+    def convert_checkpoint_to_portable(cls, path: Path, manifest: dict[str, Any], staging: Path) -> None:
+        """Writes the model, optimizer and scheduler state of this backend's native checkpoint
+        ``path`` in the portable layout into ``staging`` (which holds LightRFT's own files
+        already; the caller writes the manifest). A backend without an offline converter leaves
+        this as it is: :func:`lightrft.strategy.ckpt_cli.converts_offline` tells the two apart."""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has backend={manifest.get('backend')!r}, whose strategy "
+            f"{cls.__name__} has no offline conversion to the portable layout",
+            path=str(path),
+        )
+
+    # The orchestration (staging, manifest, verification and agreement, rotation, LightRFT's own
+    # files) lives in lightrft.strategy.checkpointer.Checkpointer; these methods keep their
+    # signatures and hand over. A backend supplies the hooks below.
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """The object that saves, verifies, loads and rotates this strategy's checkpoints."""
+        cp = self.__dict__.get("_checkpointer")
+        if cp is None:
+            cp = self.__dict__["_checkpointer"] = Checkpointer(self)
+        return cp
+
     def save_ckpt(
         self,
         model: Any,
@@ -511,50 +560,15 @@ class StrategyBase(ABC):
         ``layout``: ``"native"`` (the backend's own files; the default) or ``"portable"`` (model and
         optimizer state keyed by parameter name, which another backend or world size can load;
         see :mod:`lightrft.strategy.portable`). Defaults to the ``ckpt_layout`` argument."""
-        layout = portable.validate_layout(layout or self.get_extra_arg("ckpt_layout", "native"))
-        state = self._train_states.get(id(model))
-        tag = ckpt.validate_tag(tag or f"global_step{state.global_step if state else 0}")
-        client_state = dict(client_state or {})
-        _check_weights_only(client_state)
-        rank_state = {
-            "rng": get_rng_state(),
-            "dataloaders": [dl.state_dict() for dl in self._dataloaders],
-            "train_state": state.to_dict() if state else None,
-            "world_size": self.world_size,
-        }
-
-        def write(path: Path) -> None:
-            if layout == "portable":
-                self._save_portable(model, path)
-                if self.is_rank_0() and state is not None and state.scheduler is not None:
-                    torch.save(state.scheduler.state_dict(), path / portable.SCHEDULER_FILE)
-            else:
-                self._save_checkpoint(model, path)
-            torch.save(rank_state, path / RANK_STATE.format(rank=self.get_rank()))
-            if self.is_rank_0():
-                torch.save(client_state, path / CLIENT_STATE)
-
-        info = {
-            "step": state.global_step if state else 0,
-            "train_state": state.to_dict() if state else None,
-            "backend": self.name,
-            "layout": layout,
-            "libraries": integrity.library_versions(self.checkpoint_distributions),
-            **self._checkpoint_info(),
-        }
-        return ckpt.staged_save(
+        return self.checkpointer.save_ckpt(
+            model,
             save_dir,
             tag,
-            write,
-            is_rank_0=self.is_rank_0(),
-            barrier=self.barrier,
-            max_num=max_num or self.config.max_ckpt_num,
-            max_mem_gb=max_mem or self.config.max_ckpt_mem,
+            max_num=max_num,
+            max_mem=max_mem,
+            client_state=client_state,
             save_latest=save_latest,
-            rank=self.get_rank(),
-            world_size=self.world_size,
-            all_gather_object=self.all_gather_object,
-            manifest_info=info,
+            layout=layout,
         )
 
     def load_ckpt(
@@ -576,76 +590,16 @@ class StrategyBase(ABC):
         problem, every rank raises the same :class:`CheckpointError` naming the file, what is wrong
         and the last good checkpoint (``tag=``), and the model, optimizer, scheduler, RNG and
         dataloaders are untouched. Call it on every rank."""
-        root = Path(load_dir)
-        failure: BaseException | None = None
-        staged: tuple[Path, str, dict[str, Any], dict[str, Any] | None] | None = None
-        try:
-            staged = self._read_and_verify(root, tag, verify_checksums, load_module_only)
-        except FileNotFoundError as e:
-            failure = e
-        except CheckpointError as e:
-            failure = integrity.with_suggestion(e, root, ckpt.list_checkpoints(root))
-        integrity.agree(failure, self.all_gather_object)
-        assert staged is not None
-        path, layout, client_state, rank_state = staged
-        try:
-            load = self._load_portable if layout == "portable" else self._load_checkpoint
-            load(
-                model,
-                path,
-                load_module_strict=load_module_strict,
-                load_optimizer_states=load_optimizer_states and not load_module_only,
-                load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
-            )
-        except Exception as e:
-            # Verified files that still fail to load: a key / shape mismatch with this model.
-            failure = CheckpointError(
-                f"checkpoint {str(path)!r} passed verification but loading it into this {self.name} model failed "
-                f"({type(e).__name__}: {e}); the model and optimizer may be partly loaded",
-                path=str(path),
-            )
-            failure.__cause__ = e  # the traceback of what failed travels with the agreed error
-        integrity.agree(failure, self.all_gather_object)
-        if rank_state is not None:
-            if rank_state["world_size"] == self.world_size:
-                set_rng_state(rank_state["rng"])
-            for dl, dl_state in zip(self._dataloaders, rank_state["dataloaders"]):
-                dl.load_state_dict(dl_state)
-            if rank_state["train_state"] is not None and id(model) in self._train_states:
-                st = self._train_states[id(model)]
-                st.load_dict(rank_state["train_state"])
-                # Checkpoints are taken at accumulation boundaries; with another world size the
-                # number of micro-steps per step changes, so count them afresh from the steps.
-                st.micro_step = st.global_step * self.accumulated_gradient
-        return str(path), client_state
-
-    def _read_and_verify(
-        self, root: Path, tag: str | None, checksums: bool, module_only: bool
-    ) -> tuple[Path, str, dict[str, Any], dict[str, Any] | None]:
-        """This rank's half of the agreement: resolve, verify, check compatibility, read the small
-        files. Touches nothing but reads; raises FileNotFoundError or CheckpointError. Returns the
-        path, the layout, the client state and this rank's (or rank 0's) RNG / dataloader state."""
-        path = ckpt.resolve_checkpoint(root, tag)
-        manifest = integrity.verify_checkpoint(
-            path, checksums=checksums, rank=self.get_rank(), world_size=self.world_size
+        return self.checkpointer.load_ckpt(
+            model,
+            load_dir,
+            tag,
+            strict=load_module_strict,
+            optimizer_states=load_optimizer_states,
+            scheduler_states=load_lr_scheduler_states,
+            module_only=load_module_only,
+            checksums=verify_checksums,
         )
-        layout = manifest.get("layout", "native")
-        problem = None if layout == "portable" else self._checkpoint_incompatibility(manifest)
-        if problem is not None:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} {problem}; a checkpoint saved with layout='portable' loads on "
-                "any backend and world size",
-                path=str(path),
-                file=integrity.MANIFEST,
-            )
-        client_state = _load_small(path, CLIENT_STATE) if CLIENT_STATE in manifest["files"] else {}
-        rank_state = None
-        if not module_only:
-            own = RANK_STATE.format(rank=self.get_rank())
-            rank_file = own if own in manifest["files"] else RANK_STATE.format(rank=0)
-            if rank_file in manifest["files"]:
-                rank_state = _load_small(path, rank_file)
-        return path, layout, client_state, rank_state
 
     def _save_portable(self, model: Any, path: Path) -> None:
         """Writes the portable layout (every rank). The default serves torch-native backends
@@ -674,9 +628,8 @@ class StrategyBase(ABC):
             with_optimizer=load_optimizer_states,
             no_dist=self.world_size == 1,
         )
-        sched_file = path / portable.SCHEDULER_FILE
-        if st is not None and st.scheduler is not None and load_lr_scheduler_states and sched_file.is_file():
-            st.scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
+        if st is not None and load_lr_scheduler_states:
+            portable.load_scheduler(st.scheduler, path)
 
     def _checkpoint_info(self) -> dict[str, Any]:
         """Backend facts the manifest records besides backend, step and world size (e.g. the
@@ -714,16 +667,11 @@ class StrategyBase(ABC):
         self, model: Any, output_dir: str | os.PathLike, tokenizer: Any = None, **kwargs: Any
     ) -> None:
         """Writes a consolidated Hugging Face directory (safetensors, config, tokenizer) on rank 0."""
-        state_dict = self._full_state_dict(model)
-        if self.is_rank_0():
-            assert state_dict is not None
-            write_hf_directory(self.unwrap_model(model), state_dict, output_dir, tokenizer, **kwargs)
-        self.barrier()
+        self.checkpointer.save_model(model, output_dir, tokenizer, **kwargs)
 
     def load_model(self, model: Any, path: str | os.PathLike, strict: bool = True) -> None:
         """Loads a Hugging Face directory (or .safetensors file) into a prepared or plain model."""
-        self._load_full_state_dict(model, read_hf_state_dict(path), strict=strict)
-        self.barrier()
+        self.checkpointer.load_model(model, path, strict=strict)
 
     @abstractmethod
     def _full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
@@ -958,44 +906,3 @@ def _not_prepared(model: Any) -> ValueError:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _load_small(path: Path, name: str) -> Any:
-    """``torch.load(weights_only=True)`` of one of the base's own files; CheckpointError naming it."""
-    try:
-        return torch.load(path / name, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r}: {name} cannot be read ({type(e).__name__}: {e})",
-            path=str(path),
-            file=name,
-        ) from e
-
-
-def _check_weights_only(client_state: dict[str, Any]) -> None:
-    """Refuses, before anything is written, a client state that ``weights_only`` loading can't read."""
-    buf = io.BytesIO()
-    torch.save(client_state, buf)
-    buf.seek(0)
-    try:
-        torch.load(buf, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends
-        bad = []
-        for key, value in client_state.items():
-            b = io.BytesIO()
-            torch.save({key: value}, b)
-            b.seek(0)
-            try:
-                torch.load(b, weights_only=True)
-            except Exception:
-                bad.append(f"{key!r} ({type(value).__name__})")
-        raise ValueError(
-            f"client_state keys {', '.join(bad) or '?'} cannot be loaded with torch.load(weights_only=True); "
-            "use tensors, numbers, strings, lists, tuples and dicts of them"
-        ) from e

@@ -4,12 +4,14 @@
   (name, shape, dtype) and the manifest check (sizes; ``--checksums`` for the full check).
 - ``lightrft-ckpt verify PATH [--all] [--sizes-only]``: the full check (every checksum); exit status
   1 and the reason when a checkpoint is damaged.
-- ``lightrft-ckpt convert PATH --to hf OUT [--hf-config DIR]``: the model weights of a native
-  Fake, FSDP (DCP) or DeepSpeed (ZeRO 0-3) checkpoint as a Hugging Face safetensors directory.
-- ``lightrft-ckpt convert PATH --to portable OUT``: a native FSDP or DeepSpeed (ZeRO 1-3)
-  checkpoint as the portable layout, loadable by every backend at any world size. FSDP's DCP files
-  are already keyed by parameter name (renamed, not rewritten); DeepSpeed's partitions are merged
-  per parameter by DeepSpeed's ``ds_to_universal`` (needs lightrft-deepspeed installed).
+- ``lightrft-ckpt convert PATH --to hf OUT [--hf-config DIR]``: the model weights of a
+  checkpoint as a Hugging Face safetensors directory.
+- ``lightrft-ckpt convert PATH --to portable OUT``: a native checkpoint as the portable layout,
+  loadable by every backend at any world size.
+
+The command knows no backend: the manifest's ``backend`` names the strategy class (found through
+the ``lightrft.strategies`` entry points), whose offline hooks read its native files
+(``read_checkpoint_tensors``) and convert them (``convert_checkpoint_to_portable``).
 
 ``PATH`` is a checkpoint directory, or a save directory (its ``latest`` checkpoint, or every one
 with ``verify --all``).
@@ -25,22 +27,20 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from . import checkpoint as ckpt
-from . import integrity
+from . import integrity, portable, registry
+from .base import StrategyBase
 from .integrity import CheckpointError
 from .weights import clean_param_name
 
-FAKE_STATE = "fake_state.pt"
-DCP_DIR = "dcp"
-DS_MODEL_STATES = "mp_rank_00_model_states.pt"
-LIGHTRFT_PREFIX = "lightrft_"
-"""LightRFT's own files in a checkpoint (per-rank state, client state), whatever the backend."""
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
+LIGHTRFT_PREFIX = "lightrft_"
+"""LightRFT's own files in a checkpoint (per-rank state, client state, scheduler), whatever the backend."""
 
 
 def _checkpoint_dirs(path: Path, every: bool) -> list[Path]:
@@ -56,48 +56,53 @@ def _checkpoint_dirs(path: Path, every: bool) -> list[Path]:
     return [ckpt.resolve_checkpoint(path, None)]
 
 
-def _dcp_model_tensors(path: Path, load: bool) -> dict[str, Any]:
-    from torch.distributed.checkpoint import FileSystemReader
+def strategy_class(path: Path, manifest: dict[str, Any]) -> type[StrategyBase]:
+    """The strategy class that wrote the checkpoint at ``path``, found through the registry from
+    the manifest's ``backend`` (entry point group ``lightrft.strategies``)."""
+    backend = manifest.get("backend")
+    try:
+        return cast("type[StrategyBase]", registry.load_strategy_class(str(backend)))
+    except ImportError as e:
+        dist = registry.KNOWN_STRATEGIES.get(str(backend), "the distribution that registers it")
+        raise ImportError(
+            f"checkpoint {str(path)!r} has backend={backend!r}; reading it needs {dist}: {e}"
+        ) from e
+    except ValueError as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has backend={backend!r}, which no installed distribution "
+            f"registers as a strategy ({e})",
+            path=str(path),
+        ) from e
 
-    meta = FileSystemReader(str(path / DCP_DIR)).read_metadata()
-    keys = [k for k in meta.state_dict_metadata if k.startswith("model.")]
-    if not load:
-        out = {}
-        for k in keys:
-            md = meta.state_dict_metadata[k]
-            size = getattr(md, "size", None)
-            dtype = getattr(getattr(md, "properties", None), "dtype", None)
-            out[k[len("model.") :]] = (tuple(size) if size is not None else (), dtype)
-        return out
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    loaded = _load_state_dict_from_keys(set(keys), checkpoint_id=str(path / DCP_DIR))
-    model = loaded.get("model", loaded)
-    return {k[len("model.") :] if k.startswith("model.") else k: v for k, v in model.items()}
+def converts_offline(cls: type[StrategyBase]) -> bool:
+    """Whether the strategy class ``cls`` converts its native checkpoints to the portable layout."""
+    hook = StrategyBase.convert_checkpoint_to_portable.__func__  # type: ignore[attr-defined]
+    return cls.convert_checkpoint_to_portable.__func__ is not hook  # type: ignore[attr-defined]
+
+
+def _offline_converters() -> list[str]:
+    """The installed strategies that convert their native checkpoints offline."""
+    names = []
+    for name in registry.available(registry.STRATEGY_GROUP):
+        try:
+            cls = registry.load_strategy_class(name)
+        except ImportError:  # installed, but its own dependencies are not: it cannot convert here
+            continue
+        if isinstance(cls, type) and issubclass(cls, StrategyBase) and converts_offline(cls):
+            names.append(name)
+    return names
 
 
 def model_tensors(path: str | Path, manifest: dict[str, Any], load: bool = True) -> dict[str, Any]:
-    """The model weights of a native checkpoint, keyed by clean parameter name: tensors with
-    ``load``, else ``(shape, dtype)`` read from metadata or memory-mapped files."""
+    """The model weights of a checkpoint, keyed by clean parameter name: tensors with ``load``,
+    else ``(shape, dtype)`` read from metadata or memory-mapped files. A native checkpoint is read
+    by its backend's strategy class (:meth:`StrategyBase.read_checkpoint_tensors`)."""
     path = Path(path)
-    backend = manifest.get("backend")
-    if backend == "fsdp":
-        raw = _dcp_model_tensors(path, load)
-    elif backend == "fake":
-        raw = torch.load(path / FAKE_STATE, weights_only=True, mmap=True)["model"]
-    elif backend == "deepspeed" and manifest.get("zero_stage") != 3:
-        raw = torch.load(path / DS_MODEL_STATES, weights_only=False, mmap=True)["module"]
-    elif backend == "deepspeed":
-        try:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        except ImportError as e:
-            raise ImportError("reading a ZeRO-3 checkpoint needs DeepSpeed: `pip install deepspeed`") from e
-        raw = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    if manifest.get("layout") == "portable":
+        raw = portable.read_model_tensors(path / portable.PORTABLE_DIR, load)
     else:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has backend={backend!r}; lightrft-ckpt reads 'fake', 'fsdp' and 'deepspeed'",
-            path=str(path),
-        )
+        raw = strategy_class(path, manifest).read_checkpoint_tensors(path, manifest, load)
     out: dict[str, Any] = {}
     for name, t in raw.items():
         if load or not torch.is_tensor(t):
@@ -163,61 +168,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return status
 
 
-def _deepspeed_writer() -> Any:
-    try:
-        from lightrft.deepspeed.convert import write_portable
-    except ImportError as e:
-        raise ImportError(
-            "converting a DeepSpeed checkpoint needs lightrft-deepspeed (and DeepSpeed): "
-            "`uv add lightrft-deepspeed`"
-        ) from e
-    return write_portable
-
-
 def _to_portable(path: Path, manifest: dict[str, Any], out: Path) -> dict[str, Any]:
-    from .portable import PORTABLE_DIR, SCHEDULER_FILE
-
-    backend = manifest.get("backend")
     if manifest.get("layout") == "portable":
         raise CheckpointError(f"checkpoint {str(path)!r} has the portable layout already", path=str(path))
-    if backend not in ("fsdp", "deepspeed"):
+    cls = strategy_class(path, manifest)
+    if not converts_offline(cls):
+        found = _offline_converters()
         raise CheckpointError(
-            f"checkpoint {str(path)!r} has backend={backend!r}; offline conversion to the portable layout reads "
-            "native 'fsdp' and 'deepspeed' checkpoints",
-            path=str(path),
-        )
-    if backend == "deepspeed" and manifest.get("zero_stage") not in (1, 2, 3):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has zero_stage={manifest.get('zero_stage')!r}; offline conversion of a "
-            "DeepSpeed checkpoint to the portable layout reads ZeRO stages 1, 2 and 3 (their optimizer "
-            "partitions); convert --to hf takes the weights of any stage",
+            f"checkpoint {str(path)!r} has backend={manifest.get('backend')!r}, whose strategy "
+            f"{cls.__name__} has no offline conversion to the portable layout; the installed "
+            f"backends that convert: {', '.join(map(repr, found)) or 'none'}",
             path=str(path),
         )
     if out.exists():
         raise FileExistsError(f"{str(out)!r} exists: convert writes a new checkpoint directory")
     staging = out.parent / f"{ckpt.TMP_PREFIX}{out.name}"
     shutil.rmtree(staging, ignore_errors=True)
-    if backend == "fsdp":
-        # FSDP's DCP files are keyed by parameter name already: renamed, not rewritten.
-        shutil.copytree(path, staging, ignore=shutil.ignore_patterns(integrity.MANIFEST))
-        os.replace(staging / DCP_DIR, staging / PORTABLE_DIR)
-        if (staging / "lr_scheduler.pt").is_file():
-            os.replace(staging / "lr_scheduler.pt", staging / SCHEDULER_FILE)
-    else:
-        # DeepSpeed's partitions are merged per parameter (its ds_to_universal); LightRFT's own
-        # files (per-rank RNG / dataloader / train state, client state) are copied as they are.
-        # DeepSpeed logs (and its converter prints) on stdout, which is this command's report.
+    staging.mkdir(parents=True)
+    try:
+        # LightRFT's own files (per-rank RNG / dataloader / train state, client state, scheduler)
+        # are copied as they are; the backend writes the model and optimizer state. Backends'
+        # libraries log (DeepSpeed's converter prints) on stdout, which is this command's report.
+        for rel in integrity.list_files(path):
+            if rel.startswith(LIGHTRFT_PREFIX):
+                shutil.copy2(path / rel, staging / rel)
         with contextlib.redirect_stdout(sys.stderr):
-            write_portable = _deepspeed_writer()
-            staging.mkdir(parents=True)
-            for rel in integrity.list_files(path):
-                if rel.startswith(LIGHTRFT_PREFIX):
-                    shutil.copy2(path / rel, staging / rel)
-            try:
-                write_portable(path, staging)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
+            cls.convert_checkpoint_to_portable(path, manifest, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     algorithm = manifest["algorithm"]
     files = {
         rel: {"size": (staging / rel).stat().st_size, "hash": integrity.file_digest(staging / rel, algorithm)}

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from . import comm
+from .utils import empty_device_cache
 
 logger = logging.getLogger("lightrft.strategy")
 
@@ -233,7 +234,7 @@ class EngineLifecycle:
         )
         engine.update_weights(buckets)
         if was_sleeping:
-            _empty_device_cache()  # what the push used goes back before the KV cache is woken
+            empty_device_cache()  # what the push used goes back before the KV cache is woken
         if engine.is_sleeping:
             engine.wake_up(tags=None)
         reset = getattr(engine, "reset_prefix_cache", None)
@@ -256,7 +257,7 @@ class EngineLifecycle:
             )
         if self.strategy.config.enable_engine_sleep and not self.engine.is_sleeping:
             self.engine.sleep(level=level)
-            _empty_device_cache()
+            empty_device_cache()
         return self.is_sleeping
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
@@ -357,12 +358,6 @@ class EngineLifecycle:
         if self.engine is not None:
             engine, self.engine = self.engine, None
             engine.shutdown()
-
-
-def _empty_device_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def lightrft_multi_modal_inputs(

@@ -28,16 +28,18 @@ def get_strategy(args: Any = None, **overrides: Any) -> StrategyBase:
 
 
 def get_fake_strategy(args: Any = None, **overrides: Any) -> StrategyBase:
-    """A :class:`lightrft.testing.FakeStrategy`: the same loop in one process, without GPUs."""
+    """A :class:`lightrft.testing.FakeStrategy`: the same loop in one process, without GPUs. Found
+    through the registry (the ``fake`` entry point of lightrft-testing), as every backend is;
+    without lightrft-testing the ImportError says to install it."""
     try:
-        from lightrft.testing import FakeStrategy
-    except ImportError as e:
+        cls = load_strategy_class("fake")
+    except ImportError as e:  # not installed, or its import failed (the cause is chained)
         raise ImportError(
             "get_fake_strategy() needs the lightrft-testing distribution: `uv add lightrft-testing` "
             "(or `pip install lightrft-testing`)"
         ) from e
     config = StrategyConfig.from_args(args if args is not None else {})
     check_engine_name(overrides.get("engine_type", config.engine_type))
-    strategy = FakeStrategy(config, args=args, **overrides)
+    strategy = cls(config, args=args, **overrides)
     strategy.setup_distributed()
     return strategy

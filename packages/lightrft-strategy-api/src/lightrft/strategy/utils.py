@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 from typing import Any, cast
 
 import torch
@@ -84,3 +85,18 @@ class HostScalar:
         if self._event is not None:
             self._event.synchronize()
         return float(self._host)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's ``MASTER_PORT``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def empty_device_cache() -> None:
+    """Returns the CUDA caching allocator's free blocks to the device (after the queued work); a
+    no-op without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()

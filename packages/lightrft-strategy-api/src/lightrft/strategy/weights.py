@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 import torch
 
 from .engine import WeightBucket
+
+T = TypeVar("T")
 
 # Prefixes that wrappers insert in front of the real parameter names.
 _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
@@ -30,20 +33,25 @@ def tensor_nbytes(t: torch.Tensor) -> int:
 
 def plan_buckets(sizes: Iterable[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
     """Groups names (in order) into buckets of at most ``bucket_bytes``; a larger tensor is alone."""
+    return [[name for name, _ in bucket] for bucket in _greedy_buckets(sizes, bucket_bytes, lambda x: x[1])]
+
+
+def _greedy_buckets(items: Iterable[T], bucket_bytes: int, nbytes: Callable[[T], int]) -> Iterator[list[T]]:
+    """``items`` in order, cut into runs of at most ``bucket_bytes`` (by ``nbytes``); an item larger
+    than that forms a run of its own. Lazy: one run is held at a time."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes={bucket_bytes} is invalid: it must be > 0")
-    buckets: list[list[str]] = []
-    current: list[str] = []
+    bucket: list[T] = []
     used = 0
-    for name, nbytes in sizes:
-        if current and used + nbytes > bucket_bytes:
-            buckets.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += nbytes
-    if current:
-        buckets.append(current)
-    return buckets
+    for item in items:
+        n = nbytes(item)
+        if bucket and used + n > bucket_bytes:
+            yield bucket
+            bucket, used = [], 0
+        bucket.append(item)
+        used += n
+    if bucket:
+        yield bucket
 
 
 def sync_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -69,19 +77,8 @@ def bucket_named_tensors(
     """Streams ``(name, tensor)`` pairs into buckets of at most ``bucket_bytes`` (a larger tensor
     forms a bucket of its own). Only one bucket is held at a time, so the extra memory is bounded
     by ``max(bucket_bytes, largest tensor)``."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes={bucket_bytes} is invalid: it must be > 0")
-    bucket: WeightBucket = []
-    used = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor_nbytes(tensor)
-        if bucket and used + nbytes > bucket_bytes:
-            yield bucket
-            bucket, used = [], 0
-        bucket.append((name_map(name), tensor))
-        used += nbytes
-    if bucket:
-        yield bucket
+    for bucket in _greedy_buckets(named_tensors, bucket_bytes, lambda x: tensor_nbytes(x[1])):
+        yield [(name_map(name), tensor) for name, tensor in bucket]
 
 
 @torch.no_grad()

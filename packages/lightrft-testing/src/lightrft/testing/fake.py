@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightrft.strategy.base import StrategyBase, TrainState
+from lightrft.strategy.checkpointer import LIGHTRFT_FILE_KINDS
 from lightrft.strategy.weights import clean_param_name
 
 STATE_FILE = "fake_state.pt"
@@ -95,10 +96,7 @@ class FakeStrategy(StrategyBase):
 
     # ------------------------------------------------------------------ models
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
-        weight_decay = kwargs.pop("weight_decay", self.config.l2)
-        kwargs.setdefault("lr", self.config.actor_learning_rate)
-        kwargs.setdefault("betas", tuple(self.config.adam_betas))
-        kwargs.setdefault("eps", self.config.adam_eps)
+        weight_decay, kwargs = self.optimizer_kwargs(kwargs)
         return torch.optim.AdamW(self.optimizer_grouped_parameters(model, weight_decay), **kwargs)
 
     def _prepare_train(self, model: nn.Module, optimizer: Optimizer, scheduler: Any) -> tuple[Any, Any, Any]:
@@ -146,6 +144,12 @@ class FakeStrategy(StrategyBase):
             st.optimizer.load_state_dict(state["optimizer"])
         if load_lr_scheduler_states and "scheduler" in state and st.scheduler is not None:
             st.scheduler.load_state_dict(state["scheduler"])
+
+    checkpoint_file_kinds = (*LIGHTRFT_FILE_KINDS, ("fake_state", (STATE_FILE,)))
+
+    @classmethod
+    def read_checkpoint_tensors(cls, path: Path, manifest: dict[str, Any], load: bool) -> dict[str, Any]:
+        return torch.load(path / STATE_FILE, weights_only=True, mmap=True)["model"]
 
     # ---------------------------------------------------------------- weights
     def _full_state_dict(self, model: Any) -> dict[str, torch.Tensor]:

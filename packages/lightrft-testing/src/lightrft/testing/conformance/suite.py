@@ -10,6 +10,7 @@ an exception must be declared in ``expected_failures`` with a reason, and is the
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -40,7 +41,13 @@ def check_results(ranks: list[dict[str, Any]], check: str, where: str = "") -> l
 
 
 class StrategyConformanceSuite:
-    """Set ``strategy_name``, ``world_size`` and ``config_overrides`` in a subclass."""
+    """Set ``strategy_name``, ``world_size`` and ``config_overrides`` in a subclass.
+
+    The suite is closed: a subclass that defines (overrides, or deletes by setting to None) one of
+    the standard tests (:data:`STANDARD_TESTS`) or the suite's own machinery is refused when it is
+    created (TypeError), and ``test_no_overrides_DO_NOT_OVERRIDE`` catches one patched in later.
+    A test a backend cannot pass goes into ``expected_failures`` (a strict xfail), whose keys must
+    be standard tests."""
 
     strategy_name: ClassVar[str] = "fake"
     world_size: ClassVar[int] = 1
@@ -118,6 +125,42 @@ class StrategyConformanceSuite:
         if reason:
             request.node.add_marker(pytest.mark.xfail(reason=reason, strict=True))
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        problems = override_problems(cls)
+        if problems:
+            raise TypeError(f"{cls.__qualname__}: " + "; ".join(problems))
+
+    def test_no_overrides_DO_NOT_OVERRIDE(self) -> None:
+        """Every standard test of this class is the suite's own, and ``expected_failures`` names
+        only standard tests (also checked when the class is created; this catches later patches)."""
+        assert override_problems(type(self)) == []
+
+
+#: What a subclass may not define: the suite's machinery (set below, with the standard tests).
+_CLOSED: tuple[str, ...] = ("_declared_xfail", "test_no_overrides_DO_NOT_OVERRIDE", "__init_subclass__")
+
+
+def override_problems(cls: type) -> list[str]:
+    """What breaks the closed suite in ``cls`` (a subclass of :class:`StrategyConformanceSuite`):
+    standard tests or machinery that are not the suite's own (overridden, or deleted by setting
+    them to something else), and ``expected_failures`` keys that name no standard test."""
+    problems = []
+    for name in (*STANDARD_TESTS, *_CLOSED):
+        own = StrategyConformanceSuite.__dict__[name]
+        if inspect.getattr_static(cls, name, None) is not own:
+            problems.append(
+                f"{name} is overridden or deleted; a backend may not change a standard test: declare "
+                f"it in expected_failures = {{{name!r}: 'reason'}} (a strict xfail) instead"
+            )
+    unknown = sorted(set(getattr(cls, "expected_failures", {})) - set(STANDARD_TESTS))
+    if unknown:
+        problems.append(
+            f"expected_failures names {', '.join(map(repr, unknown))}, which are not standard tests "
+            f"(valid: {', '.join(STANDARD_TESTS)})"
+        )
+    return problems
+
 
 def _attach(
     capability: Capability, check: Callable[[Any], None]
@@ -139,3 +182,6 @@ def _attach(
 for _capability in CAPABILITIES:
     for _check in _capability.tests:
         setattr(StrategyConformanceSuite, _check.__name__, _attach(_capability, _check))
+
+#: The suite's standard tests, one per check of every capability, in order.
+STANDARD_TESTS: tuple[str, ...] = tuple(c.__name__ for cap in CAPABILITIES for c in cap.tests)

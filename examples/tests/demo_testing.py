@@ -1,10 +1,9 @@
-"""Helpers of the lightrft-demo tests: run the program as a user does, kill it, read its metrics."""
+"""Helpers of the lightrft-demo tests (here, not in the demo's runtime package, which must not import pytest): run the program as a user does, kill it, read its metrics."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,12 +41,6 @@ def run_ok(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess[
         pytest.fail(f"{cmd} did not finish within {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_improves(records: list[dict], margin: float = 0.15) -> None:

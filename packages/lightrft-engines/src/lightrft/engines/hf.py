@@ -2,8 +2,14 @@
 
 The embedded default engine: it runs wherever transformers runs (CPU or GPU), needs no server, and
 receives trained weights through the same buckets as vLLM and SGLang. ``sleep(1)`` moves the copy
-to CPU, ``sleep(2)`` frees it (the next ``update_weights`` rebuilds it), ``wake_up`` returns it to
-the device.
+to CPU (a host copy: wake alone restores it), ``sleep(2)`` frees it (no copy anywhere: the next
+``update_weights`` rebuilds it), ``wake_up`` returns it to the device.
+
+Engine settings follow the rules every engine shares (``StrategyConfig``): ``engine_dtype``
+(``engine_dtype_name``), the maximum prompt + completion length (``engine_max_len``: prompts that
+leave no room are refused, generation stops there) and the per-group sampling seed
+(``engine_seed``: used when a request has no seed, in a private RNG stream that leaves training's
+RNG alone).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from torch import nn
 from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
 from lightrft.strategy.weights import copy_bucket_into
 
-from ._common import is_sharded
+from ._common import check_prompt_lengths, engine_max_len, is_sharded, require_model
 
 
 class HFEngine:
@@ -47,7 +53,8 @@ class HFEngine:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model_path)
-        if model is None or not hasattr(model, "generate"):
+        require_model("HFEngine", model, model_path)
+        if not hasattr(model, "generate"):
             raise ValueError(
                 "HFEngine needs model=: a Hugging Face model with .generate() (e.g. the policy "
                 "before strategy.prepare); got " + type(model).__name__
@@ -57,7 +64,16 @@ class HFEngine:
             if device is not None
             else (strategy.device if strategy else torch.device("cpu"))
         )
-        self.dtype = dtype or (strategy.param_dtype if strategy is not None else None)
+        cfg = getattr(strategy, "config", None)
+        if dtype is None and cfg is not None:
+            dtype = getattr(torch, cfg.engine_dtype_name())
+        self.dtype = dtype
+        #: Longest prompt + completion (None: no limit known).
+        self.max_model_len: int | None = engine_max_len(cfg, model) if cfg is not None else None
+        #: Seed of the sampling stream used when a request gives none (per engine group).
+        rank = strategy.get_rank() if strategy is not None else 0
+        self.seed = cfg.engine_seed(rank) if cfg is not None else 0
+        self._unseeded_calls = 0
         sharded = is_sharded(model)
         if sharded:
             # A prepared (FSDP2 / ZeRO-3) actor: build the same architecture from its config; the
@@ -147,12 +163,32 @@ class HFEngine:
         if pad is None:
             pad = eos[0] if eos else 0
         gen_kwargs["pad_token_id"] = pad
+        check_prompt_lengths(prompt_token_ids, self.max_model_len, sp.max_new_tokens)
         if sp.seed is not None:
-            torch.manual_seed(sp.seed)
+            seed = int(sp.seed)
+        else:  # the engine's own stream: reproducible per engine group, distinct per call
+            seed = self.seed * 1_000_003 + self._unseeded_calls
+            self._unseeded_calls += 1
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # training's RNG is left as it was
+            torch.manual_seed(seed)
+            return self._generate_all(prompt_token_ids, sp, gen_kwargs, eos)
+
+    def _generate_all(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sp: SamplingParams,
+        gen_kwargs: dict[str, Any],
+        eos: list[int],
+    ) -> list[GenerationOutput]:
         outputs: list[GenerationOutput] = []
         for ids in prompt_token_ids:  # one prompt at a time: no padding, exact per-prompt outputs
             x = torch.tensor([list(ids)], device=self.device)
-            res = self.model.generate(x, attention_mask=torch.ones_like(x), **gen_kwargs)
+            kwargs = gen_kwargs
+            if self.max_model_len is not None:  # stop at the engine's length, as vLLM and SGLang do
+                room = self.max_model_len - x.shape[1]
+                kwargs = {**gen_kwargs, "max_new_tokens": min(sp.max_new_tokens, room)}
+            res = self.model.generate(x, attention_mask=torch.ones_like(x), **kwargs)
             new = res.sequences[:, x.shape[1] :]
             for j in range(new.shape[0]):
                 toks = new[j].tolist()

@@ -952,7 +952,7 @@ _OPTIMIZER_FIELDS = ("actor_learning_rate", "critic_learning_rate", "adam_betas"
 
 
 def _warn_args_disagree(cfg: StrategyConfig, args: Any) -> None:
-    """Warns (once per set of fields) when ``args`` give optimizer values other than the config's."""
+    """Warns when ``args`` give optimizer values other than the config's."""
     try:
         given = StrategyConfig.from_args(args)
     except Exception:  # args the config cannot read: the strategy's config is used, nothing to compare
@@ -963,8 +963,7 @@ def _warn_args_disagree(cfg: StrategyConfig, args: Any) -> None:
         if name in given.model_fields_set
         and tuple(_as_tuple(getattr(given, name))) != tuple(_as_tuple(getattr(cfg, name)))
     ]
-    if differ and tuple(differ) not in _WARNED_ARGS:
-        _WARNED_ARGS.add(tuple(differ))
+    if differ:  # Python's warning filters show it once per call site
         warnings.warn(
             "prepare_models_and_optimizers: args disagree with the strategy's config ("
             + "; ".join(differ)
@@ -972,9 +971,6 @@ def _warn_args_disagree(cfg: StrategyConfig, args: Any) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-_WARNED_ARGS: set[tuple[str, ...]] = set()
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:

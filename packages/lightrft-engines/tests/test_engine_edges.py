@@ -50,20 +50,43 @@ def test_hf_engine_max_len_refuses_and_stops_like_the_server_engines():
     )
 
 
-def test_hf_engine_unseeded_sampling_uses_the_group_seed_and_leaves_training_rng_alone():
+def test_hf_engine_unseeded_sampling_uses_the_group_seed_and_resumes_with_the_rng_state():
     sp = SamplingParams(6, 1.0, n=2)
 
-    def sample(seed: int) -> list[list[int]]:
+    def sample(seed: int, rng_seed: int = 1234) -> list[list[int]]:
         strategy = get_fake_strategy({**CFG, "bf16": False, "seed": seed})
         engine = strategy.setup_inference_engine(model=make_tiny_llama(seed=0), engine_type="hf")
-        torch.manual_seed(1234)
-        state = torch.get_rng_state()
+        torch.manual_seed(rng_seed)
+        before = torch.get_rng_state()
         outs = [o.output_token_ids for o in engine.generate(prompt_token_ids=[[5, 6]], sampling_params=sp)]
-        assert torch.equal(torch.get_rng_state(), state), "generation moved training's RNG"
-        return outs
+        torch.set_rng_state(before)
+        torch.randint(0, 2**31 - 1, (1,))  # generation took exactly one draw of the global RNG
+        return outs, torch.get_rng_state()
 
-    assert sample(3) == sample(3)  # reproducible per engine seed
-    assert sample(3) != sample(4)  # another group (or seed) samples differently
+    (a, state_a), (b, _) = sample(3), sample(3)
+    assert a == b  # the same RNG state (a resumed run) samples alike
+    strategy = get_fake_strategy({**CFG, "bf16": False, "seed": 3})
+    engine = strategy.setup_inference_engine(model=make_tiny_llama(seed=0), engine_type="hf")
+    torch.manual_seed(1234)
+    engine.generate(prompt_token_ids=[[5, 6]], sampling_params=sp)
+    assert torch.equal(torch.get_rng_state(), state_a)
+    assert sample(3)[0] != sample(4)[0]  # another engine group (seed) samples differently
+
+
+def test_hf_engine_level_2_keeps_the_buffers_a_push_cannot_restore():
+    model = make_tiny_llama(seed=5)
+    strategy = get_fake_strategy({**CFG, "bf16": False})
+    engine = strategy.setup_inference_engine(model=model, engine_type="hf")
+    sp = SamplingParams(6, 0.0, logprobs=True)
+    ref = engine.generate(prompt_token_ids=[[3, 4, 5]], sampling_params=sp)[0]
+    buffers = {n: b.clone() for n, b in engine.model.named_buffers()}
+    assert buffers  # the rotary table
+    strategy.maybe_sleep_inference_engine(2)
+    strategy.update_engine_weights(model)
+    for n, b in engine.model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    got = engine.generate(prompt_token_ids=[[3, 4, 5]], sampling_params=sp)[0]
+    assert got.output_token_ids == ref.output_token_ids and got.logprobs == ref.logprobs
 
 
 def test_every_engine_needs_a_model_or_a_path_in_the_same_words():

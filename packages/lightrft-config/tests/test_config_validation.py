@@ -73,7 +73,12 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("lr_warmup_ratio", 1.5, "StrategyConfig.lr_warmup_ratio=1.5 is invalid", "a number >= 0 and <= 1"),
     ("lr_scheduler", "cosine", "StrategyConfig.lr_scheduler='cosine' is invalid", "'constant_with_warmup'"),
     ("min_lr_ratio", -0.1, "StrategyConfig.min_lr_ratio=-0.1 is invalid", "a number >= 0 and <= 1"),
-    ("critic_pretrain", 123, "StrategyConfig.critic_pretrain=123 is invalid", "a string or None"),
+    (
+        "critic_pretrain",
+        123,
+        "StrategyConfig.critic_pretrain=123 is invalid",
+        "a bool (LightRFT's form) or None",
+    ),
     ("max_ckpt_num", 0, "StrategyConfig.max_ckpt_num=0 is invalid", "an integer > 0"),
     ("max_ckpt_mem", 0.0, "StrategyConfig.max_ckpt_mem=0.0 is invalid", "a number > 0"),
     ("max_ckpt_mem", math.nan, "StrategyConfig.max_ckpt_mem=nan is invalid", "a number > 0"),

@@ -70,14 +70,6 @@ def test_tp_group_size_must_divide_the_world():
         _common.engine_tp_groups(3)
 
 
-def test_expandable_segments_detection(monkeypatch):
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64,expandable_segments:True")
-    assert _common.expandable_segments_enabled()
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
-    assert not _common.expandable_segments_enabled()
-
-
 def test_config_dir_has_config_and_no_weights(tmp_path):
     pytest.importorskip("transformers")
     from lightrft.testing import make_tiny_llama

@@ -173,3 +173,46 @@ def test_two_gloo_ranks_push_equals_fresh_engine(backend, stage, tp, tie):
         assert r["after"] == r["fresh"], f"rank {rank}: pushed weights generate unlike a fresh engine"
         assert r["after"] != r["before"], f"rank {rank}: the update changed nothing"
     assert results[0]["after"] != results[1]["after"]  # each rank generated its own prompts
+
+
+def test_lora_actor_pushed_after_a_level_2_sleep_misses_nothing_and_equals_the_merged_model():
+    """Item 3 of issue 18: the names a full push must cover come from the one PEFT mapping, so a
+    complete LoRA push after a weight-discarding sleep is complete. On CPU vLLM has no sleep mode:
+    level 2 still means "push before the next generation" (needs_weight_push)."""
+    from lightrft.testing import make_lora_like
+
+    strategy = get_fake_strategy(CFG)
+    actor, merged = make_lora_like(tiny_llama(seed=4))
+    engine = strategy.setup_inference_engine(model=actor)
+    prompts = prompts_for(0)
+    try:
+        first = _ids(
+            strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
+        )
+        strategy.update_engine_weights(merged)
+        want = _ids(
+            strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
+        )
+        assert first == want  # built from the LoRA actor = the merged weights
+        strategy.maybe_sleep_inference_engine(2)
+        assert engine.needs_weight_push
+        with pytest.raises(RuntimeError, match=r"'vllm' engine discarded its weights \(sleep level 2\)"):
+            strategy.wakeup_inference_engine()
+        strategy.update_engine_weights(actor)  # a full LoRA push: no "misses N of them"
+        assert not engine.needs_weight_push
+        got = _ids(
+            strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
+        )
+        assert got == want
+        base = tiny_llama(seed=4)
+        strategy.update_engine_weights(base)
+        assert (
+            _ids(
+                strategy.gather_and_generate(
+                    prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False
+                )
+            )
+            != want
+        )
+    finally:
+        strategy.engine_lifecycle.shutdown()

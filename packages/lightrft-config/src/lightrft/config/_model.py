@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from . import _cli, _documents
 from ._cli import ParserT
@@ -21,6 +22,17 @@ NAME_PATTERN = r"^[a-z][a-z0-9_.-]*$"
 """Backend and engine names: lowercase identifiers, as registered under entry points."""
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _bool_or_path(value: Any) -> Any:
+    """A bool (LightRFT's form), a str (model name or path) or None; anything else is refused here,
+    before pydantic would try each member of the union (and report each)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise ValueError(f"expected a bool, a model name or path, or None; got {type(value).__name__}")
+
 
 _OWNER = "StrategyConfig"
 
@@ -113,7 +125,10 @@ class StrategyConfig(BaseModel):
     """Tensor-parallel size of the generation engine."""
 
     enable_engine_sleep: bool = True
-    """Release the engine's GPU memory (weights, KV cache) while training runs."""
+    """Release the engine's GPU memory (weights, KV cache) while training runs. vLLM's sleep mode
+    (and SGLang's memory saver) cannot free memory that the CUDA caching allocator holds in
+    expandable segments: with sleep on, `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` is refused
+    when the engine starts (`check_engine_allocator`)."""
 
     engine_mem_util: float = Field(default=0.5, gt=0.0, le=1.0)
     """Fraction of GPU memory the engine may use (vLLM gpu_memory_utilization, SGLang mem_fraction_static)."""
@@ -121,14 +136,18 @@ class StrategyConfig(BaseModel):
     weight_sync_bucket_mb: int = Field(default=512, gt=0)
     """Byte budget of one train-to-engine weight-sync bucket, in MiB."""
 
-    engine_sleep_level: Literal[1, 2] = 1
-    """Default level of `maybe_sleep_inference_engine`: 1 keeps the weights off the device (CPU), 2
-    discards them (cheapest; `update_engine_weights` must push them before the next generation)."""
+    engine_sleep_level: Literal[1, 2] = 2
+    """Level of `maybe_sleep_inference_engine` (one meaning on every engine):
+    2 (default, the RL fast path) keeps no copy of the weights anywhere: no host copy, no pinned
+    memory, so the loop must push them (`update_engine_weights`) before the next generation, and
+    `wakeup_inference_engine()` without a push raises. 1 keeps a host copy: wake alone restores the
+    weights, for loops that generate again without pushing (evaluation). SGLang keeps that copy only
+    when started for it (`enable_weights_cpu_backup`, set from this field when the engine starts)."""
 
     engine_max_model_len: int | None = Field(default=None, gt=0)
-    """Longest prompt plus completion the engine serves (vLLM max_model_len, SGLang context_length);
-    None: `prompt_max_len + generate_max_len` when both are given (LightRFT's args), else the model's
-    `max_position_embeddings`."""
+    """Longest prompt plus completion the engine serves (vLLM max_model_len, SGLang context_length,
+    hf `max_length` check); None: `prompt_max_len + generate_max_len` when both are given
+    (LightRFT's args), else the model's `max_position_embeddings` (`engine_max_len`)."""
 
     engine_enforce_eager: bool = False
     """Run the engine without CUDA graphs (vLLM enforce_eager, SGLang disable_cuda_graph): slower
@@ -138,7 +157,8 @@ class StrategyConfig(BaseModel):
     """Reuse the KV cache of shared prompt prefixes (reset after every weight update)."""
 
     engine_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Engine weights and activations; "auto" follows training (bfloat16 with `bf16`, else float32)."""
+    """Engine weights and activations, on every engine (hf, vllm, sglang); "auto" follows training
+    (bfloat16 with `bf16`, else float32): `engine_dtype_name`."""
 
     # ----------------------------------------------------------------- distributed layout
     local_rank: int = Field(default=-1, ge=-1)
@@ -172,8 +192,9 @@ class StrategyConfig(BaseModel):
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     """Floor of the cosine schedule as a fraction of the peak learning rate."""
 
-    critic_pretrain: str | None = None
-    """Model name or path the critic starts from; None when there is no critic."""
+    critic_pretrain: Annotated[bool | str | None, BeforeValidator(_bool_or_path)] = None
+    """Model name or path the critic starts from, or a bool as LightRFT has it (False: no critic
+    pretraining); None when there is no critic."""
 
     # ----------------------------------------------------------------- checkpoints
     max_ckpt_num: int = Field(default=3, gt=0)
@@ -267,6 +288,46 @@ class StrategyConfig(BaseModel):
                 f"a multiple of {per_step}, e.g. {_neighbours(self.train_batch_size, per_step)}",
             )
         return self.train_batch_size // per_step
+
+    # ----------------------------------------------------------------- engine settings
+    # One rule per engine setting, used by every engine (hf, vllm, sglang).
+    def engine_dtype_name(self) -> Literal["bfloat16", "float16", "float32"]:
+        """The engine's dtype: `engine_dtype`, or with "auto" bfloat16 when `bf16`, else float32."""
+        if self.engine_dtype != "auto":
+            return self.engine_dtype
+        return "bfloat16" if self.bf16 else "float32"
+
+    def engine_max_len(self, max_position_embeddings: int | None = None) -> int | None:
+        """Longest prompt plus completion the engine serves: `engine_max_model_len`, else LightRFT's
+        `prompt_max_len + generate_max_len` (extra args) when both are given, else the model's
+        `max_position_embeddings` (None when unknown: the engine's own default)."""
+        if self.engine_max_model_len is not None:
+            return int(self.engine_max_model_len)
+        p, g = self.get_extra_arg("prompt_max_len"), self.get_extra_arg("generate_max_len")
+        if p is not None and g is not None:
+            return int(p) + int(g)
+        return int(max_position_embeddings) if max_position_embeddings is not None else None
+
+    def engine_seed(self, rank: int) -> int:
+        """Sampling seed of the engine that `rank` belongs to: `seed + rank // engine_tp_size`. The
+        ranks of one tensor-parallel group share an engine and must sample alike; data-parallel
+        engines sample differently."""
+        return self.seed + int(rank) // self.engine_tp_size
+
+    def check_engine_allocator(self, engine: str, environ: Mapping[str, str] | None = None) -> None:
+        """Refuses `PYTORCH_CUDA_ALLOC_CONF` / `PYTORCH_ALLOC_CONF` with `expandable_segments:True`
+        when `enable_engine_sleep` is on (see that field): a RuntimeError naming the variable, its
+        value and both ways out. An environment problem, not a config value, hence not ConfigError."""
+        if not self.enable_engine_sleep:
+            return
+        env = os.environ if environ is None else environ
+        for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+            if re.search(r"expandable_segments\s*:\s*true", env.get(var, ""), re.IGNORECASE):
+                raise RuntimeError(
+                    f"{var}={env[var]!r} has expandable_segments:True, which stops the {engine} "
+                    "engine's sleep from freeing memory (and SGLang's memory saver from starting). "
+                    f"Unset it for this run, or set {_OWNER}.enable_engine_sleep=False."
+                )
 
     def get_extra_arg(self, name: str, default: Any = None) -> Any:
         """Value of an unknown key kept from the input (or of a declared field), else `default`."""
@@ -388,6 +449,7 @@ _VALID_HINTS = {
     "adam_betas": "two numbers, each >= 0 and < 1",
     "no_split_modules": "a list of module class names",
     "deepspeed_config": "a mapping of DeepSpeed config keys, or None",
+    "critic_pretrain": "a model name or path (str), a bool (LightRFT's form) or None",
 }
 
 

@@ -150,6 +150,31 @@ def make_output(
     )
 
 
+# ------------------------------------------------------------------- engine settings
+def require_model(engine: str, model: Any, model_path: str | None) -> None:
+    """Every engine is built from ``model=`` (a Hugging Face model, possibly sharded: its config is
+    used and its weights are pushed) or ``model_path=`` (a Hugging Face directory); raises naming
+    both when neither is given."""
+    if model is None and model_path is None:
+        raise ValueError(
+            f"{engine} needs model= (a Hugging Face model, possibly sharded: the engine is built from "
+            "its config and receives its weights) or model_path= (a Hugging Face directory)"
+        )
+
+
+def model_max_positions(model: Any) -> int | None:
+    """``max_position_embeddings`` of the model's Hugging Face config (None when it has none)."""
+    config = getattr(base_hf_model(model), "config", None) if model is not None else None
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value is not None else None
+
+
+def engine_max_len(cfg: Any, model: Any) -> int | None:
+    """The engine's maximum prompt + completion length: ``StrategyConfig.engine_max_len`` (the rule
+    lives next to ``engine_max_model_len``) with the model's ``max_position_embeddings``."""
+    return cfg.engine_max_len(model_max_positions(model))
+
+
 # ------------------------------------------------------------------- temporary HF directory
 def base_hf_model(model: Any) -> Any:
     """The Hugging Face model under wrappers (DeepSpeed engine, DDP, compile, PEFT)."""
@@ -212,8 +237,29 @@ _LORA_PART = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)
 
 
 def hf_model_state_names(model: Any) -> list[str]:
-    """Parameter names the engine's model expects (the base model's, with tied ones once)."""
+    """Parameter names of the model under its wrappers (a PEFT model's base with its LoRA parts
+    and ``base_layer`` names; tied ones once)."""
     return [n for n, _ in base_hf_model(model).named_parameters()]
+
+
+def engine_weight_names(model: Any) -> set[str]:
+    """The names a full push must cover once it reached the engine: ``model``'s parameters as
+    :func:`merge_peft_stream` yields them (the one mapping of pushed names, used by every engine).
+    For a PEFT LoRA model the ``lora_A`` / ``lora_B`` parts are merged away and ``.base_layer.``
+    is dropped; other models' names pass unchanged."""
+    peft = bool(lora_scalings(model))
+    names = set()
+    for name in hf_model_state_names(model):
+        if peft and ".lora_" in name:
+            continue
+        names.add(peft_engine_name(name) if peft else name)
+    return names
+
+
+def peft_engine_name(name: str) -> str:
+    """A PEFT model's parameter name as the engine's base model has it (``base_model.model.`` and
+    ``.base_layer.`` removed)."""
+    return _PEFT_PREFIX.sub("", name).replace(".base_layer.", ".")
 
 
 def lora_scalings(model: Any) -> dict[str, float]:
@@ -266,7 +312,7 @@ def merge_peft_stream(
                 module = name[: -len(".base_layer.weight")]
                 pending.setdefault(module, {})["base"] = t
             else:
-                out.append((name.replace(".base_layer.", "."), t))
+                out.append((peft_engine_name(name), t))
                 continue
             done = ready(module)
             if done is not None:
@@ -280,12 +326,3 @@ def merge_peft_stream(
         )
 
 
-# --------------------------------------------------------------------- allocator
-def expandable_segments_enabled() -> bool:
-    """Whether the CUDA caching allocator uses expandable segments (``PYTORCH_CUDA_ALLOC_CONF`` /
-    ``PYTORCH_ALLOC_CONF``, the variables torch reads when the allocator starts)."""
-    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        conf = os.environ.get(var, "")
-        if re.search(r"expandable_segments\s*:\s*true", conf, re.IGNORECASE):
-            return True
-    return False

@@ -72,7 +72,9 @@ import logging.handlers
 import multiprocessing
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -418,3 +420,32 @@ def _record_fields(cls: Any) -> frozenset[str]:
     if dataclasses.is_dataclass(cls):
         return frozenset(f.name for f in dataclasses.fields(cls))
     return frozenset(getattr(cls, "__annotations__", {}))
+
+
+def disarm_process_killers(engine: Any, on_sigquit: Callable[[int, Any], None]) -> None:
+    """Stops SGLang from killing the training process when one of its subprocesses dies.
+
+    SGLang 0.5.x answers a dead scheduler with SIGQUIT to this process (its ``SubprocessWatchdog``,
+    or the scheduler's own exception handler), and its SIGQUIT handlers (the launch-phase one of
+    ``_set_envs_and_config``, the tokenizer manager's ``running_phase_sigquit_handler`` on its event
+    loop) call ``kill_process_tree`` on this process: training state lost, no checkpoint. The
+    engine watches its processes itself (``SGLangEngine``), so here the watchdog is stopped and
+    SIGQUIT goes to ``on_sigquit``. Best effort on every version; main thread only (signals)."""
+    manager = getattr(engine, "tokenizer_manager", None)
+    watchdog = getattr(manager, "_subprocess_watchdog", None)
+    if watchdog is not None and hasattr(watchdog, "stop"):
+        try:
+            watchdog.stop()
+        except Exception:
+            pass
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for loop in {
+        id(x): x for x in (getattr(engine, "loop", None), getattr(manager, "event_loop", None))
+    }.values():
+        if loop is not None and hasattr(loop, "remove_signal_handler"):
+            try:
+                loop.remove_signal_handler(signal.SIGQUIT)
+            except Exception:
+                pass
+    signal.signal(signal.SIGQUIT, on_sigquit)

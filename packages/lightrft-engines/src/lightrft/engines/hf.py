@@ -2,8 +2,15 @@
 
 The embedded default engine: it runs wherever transformers runs (CPU or GPU), needs no server, and
 receives trained weights through the same buckets as vLLM and SGLang. ``sleep(1)`` moves the copy
-to CPU, ``sleep(2)`` frees it (the next ``update_weights`` rebuilds it), ``wake_up`` returns it to
-the device.
+to CPU (a host copy: wake alone restores it), ``sleep(2)`` frees it (no copy anywhere: the next
+``update_weights`` rebuilds it), ``wake_up`` returns it to the device.
+
+Engine settings follow the rules every engine shares (``StrategyConfig``): ``engine_dtype``
+(``engine_dtype_name``), the maximum prompt + completion length (``engine_max_len``: prompts that
+leave no room are refused, generation stops there) and the per-group sampling seed
+(``engine_seed``: mixed into requests without a seed, with one draw of the global RNG so a resumed
+run samples alike). ``sleep(2)`` keeps the model's buffers (rotary tables, a few KiB) on the host:
+they are not weights, so no push would restore them.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from torch import nn
 from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
 from lightrft.strategy.weights import copy_bucket_into
 
-from ._common import is_sharded
+from ._common import check_prompt_lengths, engine_max_len, is_sharded, require_model
 
 
 class HFEngine:
@@ -47,7 +54,8 @@ class HFEngine:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model_path)
-        if model is None or not hasattr(model, "generate"):
+        require_model("HFEngine", model, model_path)
+        if not hasattr(model, "generate"):
             raise ValueError(
                 "HFEngine needs model=: a Hugging Face model with .generate() (e.g. the policy "
                 "before strategy.prepare); got " + type(model).__name__
@@ -57,7 +65,15 @@ class HFEngine:
             if device is not None
             else (strategy.device if strategy else torch.device("cpu"))
         )
-        self.dtype = dtype or (strategy.param_dtype if strategy is not None else None)
+        cfg = getattr(strategy, "config", None)
+        if dtype is None and cfg is not None:
+            dtype = getattr(torch, cfg.engine_dtype_name())
+        self.dtype = dtype
+        #: Longest prompt + completion (None: no limit known).
+        self.max_model_len: int | None = engine_max_len(cfg, model) if cfg is not None else None
+        #: Seed of the sampling stream used when a request gives none (per engine group).
+        rank = strategy.get_rank() if strategy is not None else 0
+        self.seed = cfg.engine_seed(rank) if cfg is not None else 0
         sharded = is_sharded(model)
         if sharded:
             # A prepared (FSDP2 / ZeRO-3) actor: build the same architecture from its config; the
@@ -67,6 +83,8 @@ class HFEngine:
             with torch.device("meta"):
                 self.model = cls(model.config).eval().requires_grad_(False)
             self.model.to_empty(device="cpu")
+            # Buffers (rotary inv_freq, ...) are not sharded: the actor's are the model's own.
+            _copy_buffers(self.model, model)
         else:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
         if self.dtype is not None:
@@ -78,6 +96,7 @@ class HFEngine:
         self.sleeping_level = 0
         self._params: dict[str, torch.Tensor] = dict(self.model.named_parameters())
         self._discarded = sharded
+        self._saved_buffers: dict[str, torch.Tensor] = {}
         self.closed = False
         #: HFEngine runs one private copy per rank: no tensor-parallel group.
         self.tp_group: Any = None
@@ -96,6 +115,8 @@ class HFEngine:
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         if self._discarded:
             self.model.to_empty(device=self.device)
+            if self._saved_buffers:  # level 2 kept the (small) buffers: to_empty left garbage there
+                _copy_buffers(self.model, self._saved_buffers)
             self._params = dict(self.model.named_parameters())
         for bucket in buckets:
             copy_bucket_into(self._params, bucket)
@@ -147,12 +168,33 @@ class HFEngine:
         if pad is None:
             pad = eos[0] if eos else 0
         gen_kwargs["pad_token_id"] = pad
+        check_prompt_lengths(prompt_token_ids, self.max_model_len, sp.max_new_tokens)
         if sp.seed is not None:
-            torch.manual_seed(sp.seed)
+            seed = int(sp.seed)
+        else:
+            # The engine group's seed mixed with one draw of the global RNG: engine groups sample
+            # differently, and a run resumed with its RNG state draws the same samples.
+            seed = self.seed * 1_000_003 + int(torch.randint(0, 2**31 - 1, (1,)))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # generation's own draws stay out of training's RNG
+            torch.manual_seed(seed)
+            return self._generate_all(prompt_token_ids, sp, gen_kwargs, eos)
+
+    def _generate_all(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sp: SamplingParams,
+        gen_kwargs: dict[str, Any],
+        eos: list[int],
+    ) -> list[GenerationOutput]:
         outputs: list[GenerationOutput] = []
         for ids in prompt_token_ids:  # one prompt at a time: no padding, exact per-prompt outputs
             x = torch.tensor([list(ids)], device=self.device)
-            res = self.model.generate(x, attention_mask=torch.ones_like(x), **gen_kwargs)
+            kwargs = gen_kwargs
+            if self.max_model_len is not None:  # stop at the engine's length, as vLLM and SGLang do
+                room = self.max_model_len - x.shape[1]
+                kwargs = {**gen_kwargs, "max_new_tokens": min(sp.max_new_tokens, room)}
+            res = self.model.generate(x, attention_mask=torch.ones_like(x), **kwargs)
             new = res.sequences[:, x.shape[1] :]
             for j in range(new.shape[0]):
                 toks = new[j].tolist()
@@ -178,6 +220,9 @@ class HFEngine:
         if level == 1:
             self.model.to("cpu")
         else:
+            if not self._discarded:
+                # Buffers are no weights: no push brings them back (as vLLM, keep them on the host).
+                self._saved_buffers = {n: b.detach().cpu().clone() for n, b in self.model.named_buffers()}
             self.model.to("meta")
             self._discarded = True
         self.sleeping_level = level
@@ -196,7 +241,17 @@ class HFEngine:
 
     def shutdown(self) -> None:
         """Frees the model copy; the engine cannot be used afterwards."""
+        self._saved_buffers = {}
         self.model.to("meta")
         self._params = {}
         self._discarded = True
         self.closed = True
+
+
+@torch.no_grad()
+def _copy_buffers(model: nn.Module, source: nn.Module | dict[str, torch.Tensor]) -> None:
+    """Copies ``source``'s buffers (a module's, or a name -> tensor dict) into ``model``'s."""
+    src = dict(source.named_buffers()) if isinstance(source, nn.Module) else source
+    for name, buf in model.named_buffers():
+        if name in src:
+            buf.copy_(src[name].to(device=buf.device, dtype=buf.dtype))

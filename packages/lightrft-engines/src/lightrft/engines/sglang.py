@@ -14,10 +14,11 @@ of the group:
   rank; 0.5.21+ sessions (``begin_weight_update`` / ``end_weight_update``) bracket the push;
   ``flush_cache`` runs once at the end.
 - ``sleep`` / ``wake_up``: ``release_memory_occupation`` / ``resume_memory_occupation`` with tags.
-  SGLang frees released weights (no CPU copy) unless the engine was started with
-  ``enable_weights_cpu_backup`` (the default when ``engine_sleep_level`` is 1). Without the copy,
-  ``needs_weight_push`` stays True after a release until every weight was pushed again, and
-  ``generate`` refuses to run.
+  One meaning per level, as on every engine: level 2 (the default ``engine_sleep_level``) keeps no
+  copy of the weights (the engine starts without ``enable_weights_cpu_backup``): ``needs_weight_push``
+  stays True until every weight was pushed again, and ``generate`` refuses to run. Level 1 keeps a
+  host copy (the engine starts with ``enable_weights_cpu_backup`` when ``engine_sleep_level`` is 1;
+  level 1 on an engine started without it is refused).
 
 Starting (``sglang.Engine``) on the first rank:
 
@@ -51,7 +52,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
+from lightrft.strategy.engine import EngineDiedError, GenerationOutput, SamplingParams, WeightBucket
 from lightrft.strategy.weights import bucket_named_tensors
 
 from . import _sglang_compat as compat
@@ -59,14 +60,15 @@ from ._common import (
     base_hf_model,
     check_prompt_lengths,
     empty_device_cache,
+    engine_max_len,
     engine_tp_groups,
-    expandable_segments_enabled,
-    hf_model_state_names,
+    engine_weight_names,
     is_sharded,
     lora_scalings,
     make_output,
     merge_peft_stream,
     remove_dir,
+    require_model,
     say_once,
     to_token_id_lists,
     write_config_dir,
@@ -80,6 +82,17 @@ DEFAULT_START_TIMEOUT_S = 1200.0
 _TAIL_LINES = 40
 #: Byte alignment of each tensor inside a flattened bucket (``view(dtype)`` needs aligned offsets).
 _ALIGN = 16
+#: Seconds between liveness checks of the engine's processes while a call waits on them (env
+#: ``LIGHTRFT_SGLANG_DEATH_POLL_S``; 0 calls SGLang directly, unwatched). A dead scheduler is reported
+#: within about this long, instead of a call that waits forever.
+DEFAULT_DEATH_POLL_S = 0.5
+#: monotonic times of the SIGQUITs SGLang's processes sent this process (``_on_sigquit``).
+_SIGQUITS: list[float] = []
+
+
+def _on_sigquit(signum: int, frame: Any) -> None:
+    """SIGQUIT from an SGLang subprocess (it failed): remembered, the training process lives on."""
+    _SIGQUITS.append(time.monotonic())
 
 
 def flatten_bucket(
@@ -163,16 +176,12 @@ class SGLangEngine:
         self.is_leader = self.rank == self.leader
         self.device = _device(strategy)
         self.tokenizer = tokenizer
-        if model is None and model_path is None:
-            raise ValueError(
-                "SGLangEngine needs model= (a Hugging Face model; the engine is built from its config "
-                "and receives its weights) or model_path= (a Hugging Face directory)"
-            )
-        self.dtype_name = _dtype_name(cfg)
+        require_model("SGLangEngine", model, model_path)
+        self.dtype_name = cfg.engine_dtype_name()
         self.dtype = _DTYPES[self.dtype_name]
         #: The strategy casts (sharded backends: before gathering) the pushed weights to this.
         self.weight_dtype = self.dtype
-        self.context_length = _context_length(cfg, strategy, model, engine_kwargs)
+        self.context_length = _context_length(cfg, model, engine_kwargs)
         concurrency = _concurrency(cfg, strategy)
         #: The decode CUDA-graph cap the engine asks for (None: SGLang's own range).
         self.decode_graph_max_bs = None if concurrency is None else compat.rl_decode_graph_max_bs(concurrency)
@@ -180,7 +189,7 @@ class SGLangEngine:
         #: after the start; a larger generation is said once, as a warning (it runs eagerly).
         self.decode_graph_captured: int | None = None
         self._lora = lora_scalings(model) if model is not None else {}
-        self.expected_names = _engine_names(model, self._lora) if model is not None else None
+        self.expected_names = engine_weight_names(model) if model is not None else None
         self._released: set[str] = set()
         self._pushed: set[str] = set()
         self._needs_push = False
@@ -191,16 +200,18 @@ class SGLangEngine:
                 "enable_weights_cpu_backup", cfg.enable_engine_sleep and cfg.engine_sleep_level == 1
             )
         )
-        if self.memory_saver and expandable_segments_enabled():
-            raise RuntimeError(
-                "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which SGLang's memory saver "
-                "(torch_memory_saver) refuses: its schedulers inherit the variable and would fail to start. "
-                "Unset it for this run, or set enable_engine_sleep=False."
-            )
+        if self.memory_saver:
+            # torch_memory_saver refuses expandable segments: the schedulers would fail to start.
+            cfg.model_copy(update={"enable_engine_sleep": True}).check_engine_allocator("sglang")
         self.skip_tokenizer_init = bool(engine_kwargs.get("skip_tokenizer_init", True))
         self.tags = compat.memory_tags(self.runtime.version)
         self.engine: Any = None
         self._config_dir = None
+        #: Processes the engine started (schedulers, detokenizer): watched during every call.
+        self.engine_pids: list[int] = []
+        self.death_poll_s = float(os.environ.get("LIGHTRFT_SGLANG_DEATH_POLL_S", DEFAULT_DEATH_POLL_S))
+        self._dead: tuple[str, str] | None = None  # (what happened, log tail) once the engine died
+        self._started_at = time.monotonic()
         sharded = model is not None and is_sharded(model)
         self._leader_step("Engine start", lambda: self._start(model, model_path, engine_kwargs))
         if self.is_leader:
@@ -264,13 +275,21 @@ class SGLangEngine:
             check_prompt_lengths(ids, self.context_length, sp.max_new_tokens)
             if not ids:
                 return []
-        status: tuple[bool, Any] = (True, None)
+        status: tuple[bool, Any, Any] = (True, None, None)
         if self.is_leader:
             try:
-                status = (True, self._generate_here(ids, prompts, images, sp))
+                status = (
+                    True,
+                    self._watched("generate", lambda: self._generate_here(ids, prompts, images, sp)),
+                    None,
+                )
+            except EngineDiedError as e:
+                status = (False, str(e), (e.what, e.log_tail))
             except Exception as e:  # every rank must learn of it: nobody waits for a broadcast
-                status = (False, f"{type(e).__name__}: {e}")
-        ok, value = self._from_leader(status)
+                status = (False, f"{type(e).__name__}: {e}", None)
+        ok, value, died = self._from_leader(status)
+        if died is not None:
+            raise self._mark_dead(*died)
         if not ok:
             raise RuntimeError(f"SGLang generation failed on rank {self.leader}: {value}")
         return value
@@ -359,15 +378,17 @@ class SGLangEngine:
 
     # ------------------------------------------------------------ sleep / wake
     def sleep(self, level: int = 1) -> None:
-        """Releases the engine's weights, KV cache and CUDA graphs. Level 1 and 2 release the same
-        memory: the weights come back by themselves only when the engine keeps a CPU copy
-        (``enable_weights_cpu_backup``, on when ``engine_sleep_level`` is 1); otherwise they must
-        be pushed again (``needs_weight_push``)."""
+        """Releases the engine's weights, KV cache and CUDA graphs, with the meaning every engine
+        gives the level. Level 2: no copy of the weights is kept (the engine starts without
+        ``enable_weights_cpu_backup`` when ``engine_sleep_level`` is 2), so they must be pushed
+        again (``needs_weight_push``). Level 1: SGLang keeps a host copy and resume restores it;
+        that copy exists only when the engine was started for it (``engine_sleep_level=1``), so
+        level 1 on an engine started without it is refused."""
         self._check_open()
         if level not in (1, 2):
             raise ValueError(
-                f"sleep level={level!r} is invalid: valid are 1 and 2 (SGLang releases weights, KV cache "
-                "and CUDA graphs at both; see SGLangEngine.sleep)"
+                f"sleep level={level!r} is invalid: valid are 1 (host copy kept, wake restores) and 2 "
+                "(no copy kept, push before the next generate)"
             )
         if not self.memory_saver:
             raise RuntimeError(
@@ -375,10 +396,18 @@ class SGLangEngine:
                 "(or enable_memory_saver=True) when setting up the engine"
             )
         if level == 1 and not self.cpu_backup:
+            raise RuntimeError(
+                "SGLangEngine.sleep(level=1) keeps a host copy of the weights, which this engine was "
+                "started without (StrategyConfig.engine_sleep_level=2: no enable_weights_cpu_backup). "
+                "Sleep at level 2 and push the weights (strategy.update_engine_weights) before the next "
+                "generation, or set engine_sleep_level=1 before setup_inference_engine"
+            )
+        if level == 2 and self.cpu_backup:
             say_once(
-                "sglang-level1",
-                "SGLang engine started without enable_weights_cpu_backup: sleep level 1 frees the "
-                "weights like level 2; update_engine_weights pushes them back",
+                "sglang-level2-backup",
+                "SGLang engine started with enable_weights_cpu_backup (engine_sleep_level=1): at sleep "
+                "level 2 SGLang still copies the weights to the host; they are treated as discarded "
+                "(push before the next generation). engine_sleep_level=2 starts the engine without the copy",
             )
         todo = [t for t in self.tags if t not in self._released]
         if todo:
@@ -386,9 +415,9 @@ class SGLangEngine:
                 "release_memory_occupation", lambda: self.engine.release_memory_occupation(tags=todo)
             )
             self._released |= set(todo)
-            if "weights" in todo and not self.cpu_backup:
-                self._needs_push = True
-                self._pushed = set()
+        if level == 2 or ("weights" in todo and not self.cpu_backup):
+            self._needs_push = True
+            self._pushed = set()
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Resumes the released memory named by ``tags`` (None: everything released). ``weights``
@@ -434,12 +463,18 @@ class SGLangEngine:
         try:
             config_path = self._write_logging_config()
             changes = compat.scheduler_env(os.environ, str(config_path))
+            before = set(_child_pids())
             with compat.scoped_env(changes):
                 self.engine = start_with_deadline(
                     lambda: self.runtime.create_engine(**self.server_args),
                     self.start_timeout_s,
                     self.log_path,
                 )
+            self.engine_pids = [
+                p for p in _child_pids() if p not in before and "resource_tracker" not in _cmdline(p)
+            ]
+            self._started_at = time.monotonic()
+            compat.disarm_process_killers(self.engine, _on_sigquit)
         except BaseException:
             remove_dir(self._config_dir)
             raise
@@ -470,8 +505,7 @@ class SGLangEngine:
             "base_gpu_id": self.device.index or 0,
             "skip_tokenizer_init": self.skip_tokenizer_init,
             "mem_fraction_static": cfg.engine_mem_util,
-            # One seed per engine group, as the vllm engine does: data-parallel engines sample differently.
-            "random_seed": cfg.seed + self.leader // self.tp_size,
+            "random_seed": cfg.engine_seed(self.leader),
             "dtype": self.dtype_name,
             "context_length": self.context_length,
             "enable_memory_saver": self.memory_saver,
@@ -512,6 +546,65 @@ class SGLangEngine:
             raise RuntimeError(
                 "SGLangEngine was shut down: set up a new engine (strategy.setup_inference_engine)"
             )
+        if self._dead is not None:
+            raise EngineDiedError("sglang", *self._dead)
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether every process the engine started still runs (this rank's view: the first rank
+        of the group watches them)."""
+        return self._dead is None and not self._find_death()
+
+    def _find_death(self) -> str | None:
+        """What killed the engine, or None while its processes run (first rank only)."""
+        if not self.is_leader or self.engine is None:
+            return None
+        gone = [p for p in self.engine_pids if not _alive(p)]
+        if gone:
+            return f"its process(es) {gone} (scheduler / detokenizer of {self.log_path}) exited"
+        if any(t >= self._started_at for t in _SIGQUITS):
+            return "one of its processes reported a failure (SIGQUIT)"
+        return None
+
+    def _mark_dead(self, what: str, tail: str | None = None) -> EngineDiedError:
+        self._dead = (what, _log_tails(self.log_path) if tail is None else tail)
+        return EngineDiedError("sglang", *self._dead)
+
+    def _watched(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()`` (an SGLang call, first rank) while the engine's processes are watched: a
+        dead process raises :class:`EngineDiedError` within ``death_poll_s`` instead of a call that
+        waits forever. The call runs on a helper thread (a call left waiting on a dead scheduler
+        stays there: the engine is unusable from then on)."""
+        death = self._find_death()
+        if death is not None:
+            raise self._mark_dead(f"{death} before {what}")
+        if self.death_poll_s <= 0 or not self.engine_pids:
+            return call()
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        device = self.device
+
+        def run() -> None:
+            try:
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)
+                box["value"] = call()
+            except BaseException as e:  # handed to the caller's thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"sglang-{what}", daemon=True).start()
+        while not done.wait(self.death_poll_s):
+            death = self._find_death()
+            if death is not None:
+                raise self._mark_dead(f"{death} during {what}")
+        if "error" in box:
+            death = self._find_death()
+            if death is not None:
+                raise self._mark_dead(f"{death} during {what}") from box["error"]
+            raise box["error"]
+        return box["value"]
 
     def _check_generate_ready(self) -> None:
         if self._needs_push:
@@ -545,13 +638,18 @@ class SGLangEngine:
         """Runs ``call`` on the first rank, then tells every rank of the group whether SGLang
         reported success; raises on every rank when it did not."""
         status: tuple[bool, str] = (True, "")
+        died: tuple[str, str] | None = None
         error: Exception | None = None
         if self.is_leader:
             try:
-                status = compat.result_ok(call())
+                status = compat.result_ok(self._watched(what, call))
+            except EngineDiedError as e:
+                died, status = (e.what, e.log_tail), (False, str(e))
             except Exception as e:  # every rank must learn of it: nobody waits for a broadcast
                 error, status = e, (False, f"{type(e).__name__}: {e}")
-        ok, message = self._from_leader(status)
+        ok, message, died = self._from_leader((*status, died))
+        if died is not None:
+            raise self._mark_dead(*died) from error
         if not ok:
             raise RuntimeError(
                 f"SGLang {what} failed on rank {self.leader}: {message or 'no message'}"
@@ -729,27 +827,11 @@ def _device(strategy: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _dtype_name(cfg: Any) -> str:
-    name = getattr(cfg, "engine_dtype", "auto")
-    if name == "auto":
-        return "bfloat16" if cfg.bf16 else "float32"
-    return str(name)
-
-
-def _context_length(cfg: Any, strategy: Any, model: Any, engine_kwargs: dict[str, Any]) -> int | None:
-    """SGLang ``context_length``: the caller's, else ``engine_max_model_len``, else LightRFT's
-    ``prompt_max_len + generate_max_len``, else the model's ``max_position_embeddings``."""
+def _context_length(cfg: Any, model: Any, engine_kwargs: dict[str, Any]) -> int | None:
+    """SGLang ``context_length``: the caller's, else the engines' rule (``engine_max_len``)."""
     if engine_kwargs.get("context_length") is not None:
         return int(engine_kwargs["context_length"])
-    if getattr(cfg, "engine_max_model_len", None) is not None:
-        return int(cfg.engine_max_model_len)
-    if strategy is not None and hasattr(strategy, "get_extra_arg"):
-        p, g = strategy.get_extra_arg("prompt_max_len"), strategy.get_extra_arg("generate_max_len")
-        if p is not None and g is not None:
-            return int(p) + int(g)
-    config = getattr(base_hf_model(model), "config", None) if model is not None else None
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if value is not None else None
+    return engine_max_len(cfg, model)
 
 
 def _concurrency(cfg: Any, strategy: Any) -> int | None:
@@ -762,17 +844,6 @@ def _concurrency(cfg: Any, strategy: Any) -> int | None:
     if n is None and "micro_rollout_batch_size" not in getattr(cfg, "model_fields_set", set()):
         return None
     return int(getattr(cfg, "micro_rollout_batch_size", 8)) * int(n or 1) * int(cfg.engine_tp_size)
-
-
-def _engine_names(model: Any, lora: dict[str, float]) -> set[str]:
-    """The names a full push must cover: the model's parameters, with a PEFT model's LoRA parts
-    merged into their base weights (what ``merge_peft_stream`` yields)."""
-    names = set()
-    for name in hf_model_state_names(model):
-        if lora and ".lora_" in name:
-            continue
-        names.add(name.replace(".base_layer.", ".") if lora else name)
-    return names
 
 
 __all__ = ["SGLangEngine", "convert_output", "flatten_bucket", "sampling_dict", "unflatten_bucket"]

@@ -11,8 +11,14 @@
   a checkpoint directory instead.
 - ``update_weights`` streams buckets into the workers' ``model.load_weights`` (names as the
   training model has them; PEFT LoRA merged; dtype cast once) and resets the prefix cache.
-- ``sleep(1)`` offloads weights and drops the KV cache, ``sleep(2)`` discards both
-  (``needs_weight_push`` until a full push). vLLM on CPU has no sleep mode: said once, no-op.
+- ``sleep(1)`` offloads weights to a host copy and drops the KV cache, ``sleep(2)`` discards both
+  (``needs_weight_push`` until a full push). vLLM on CPU has no sleep mode: said once, nothing is
+  freed, and level 2 still means "push before the next generation".
+- One sleep-mode engine per process (vLLM's CuMemAllocator): ``shutdown()`` parks it asleep at
+  level 2 and the next engine of the same settings reuses it with the new model's weights; other
+  settings are refused with what works (:mod:`lightrft.engines._vllm_process`).
+- In process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): no engine process can die apart from the
+  training process, so there is nothing to watch (SGLang's schedulers are: ``EngineDiedError``).
 
 Version and platform differences live in :mod:`lightrft.engines._vllm_compat`.
 """
@@ -20,8 +26,10 @@ Version and platform differences live in :mod:`lightrft.engines._vllm_compat`.
 from __future__ import annotations
 
 import gc
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +41,7 @@ from lightrft.strategy.weights import bucket_named_tensors
 
 from . import _common
 from . import _vllm_compat as compat
+from . import _vllm_process as _process
 
 _TAGS = ("weights", "kv_cache")
 _EXTENSION = "lightrft.engines._vllm_worker.LightRFTWorkerExtension"
@@ -60,11 +69,7 @@ class VLLMEngine:
         from lightrft.config import StrategyConfig
 
         cfg = strategy.config if strategy is not None else StrategyConfig()
-        if model is None and model_path is None:
-            raise ValueError(
-                "VLLMEngine needs model= (a Hugging Face model, possibly sharded: its config is used) "
-                "or model_path= (a Hugging Face directory)"
-            )
+        _common.require_model("VLLMEngine", model, model_path)
         self.tokenizer = tokenizer
         self.closed = False
         self.tp_group, self.tp_ranks = _common.engine_tp_groups(cfg.engine_tp_size)
@@ -72,12 +77,8 @@ class VLLMEngine:
         rank = dist.get_rank() if dist.is_initialized() else 0
         self._on_cpu = compat.on_cpu()
         self._sleep_ok = compat.sleep_supported() and cfg.enable_engine_sleep
-        if self._sleep_ok and _common.expandable_segments_enabled():
-            raise RuntimeError(
-                "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which stops vLLM's sleep mode from "
-                "freeing memory (the CuMem pool cannot use expandable segments). Unset it for this run, "
-                "or set enable_engine_sleep=False."
-            )
+        if self._sleep_ok:
+            cfg.check_engine_allocator("vllm")  # the CuMem pool cannot use expandable segments
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker must live in this process
         self._dir: str | None = None
         self._peft_scalings = _common.lora_scalings(model) if model is not None else {}
@@ -85,18 +86,18 @@ class VLLMEngine:
         if model_path is None:
             assert model is not None
             self._dir = str(_common.write_config_dir(model, tokenizer))
-            self._expected_names = set(_common.hf_model_state_names(model))
-        dtype = cfg.engine_dtype if cfg.engine_dtype != "auto" else ("bfloat16" if cfg.bf16 else "float32")
+            # The names as merge_peft_stream yields them (a PEFT actor's LoRA parts merged away).
+            self._expected_names = _common.engine_weight_names(model)
+        dtype = cfg.engine_dtype_name()
         kwargs: dict[str, Any] = {
             "model": model_path or self._dir,
             "tokenizer": (model_path or self._dir) if (tokenizer is not None or model_path) else None,
             "skip_tokenizer_init": tokenizer is None and model_path is None,
             "tensor_parallel_size": cfg.engine_tp_size,
             "gpu_memory_utilization": cfg.engine_mem_util,
-            # One seed per engine group: the ranks of a group must sample alike.
-            "seed": cfg.seed + rank // cfg.engine_tp_size,
+            "seed": cfg.engine_seed(rank),
             "dtype": dtype,
-            "max_model_len": self._max_model_len(cfg),
+            "max_model_len": _common.engine_max_len(cfg, model),
             "enforce_eager": cfg.engine_enforce_eager,
             "enable_prefix_caching": cfg.engine_enable_prefix_caching,
             "enable_sleep_mode": self._sleep_ok,
@@ -109,17 +110,34 @@ class VLLMEngine:
         kwargs.update(llm_kwargs)
         kwargs = {k: v for k, v in compat.filter_llm_kwargs(kwargs).items() if v is not None}
         self._had_group = dist.is_initialized()  # the training job's group survives shutdown()
+        #: Set for a sleep-mode engine: what a later engine must match to reuse this one's vllm.LLM
+        #: (one sleep-mode engine per process: see _vllm_process).
+        self._process_key: dict[str, Any] | None = None
+        reused: _process.Parked | None = None
         try:
-            self.llm = vllm.LLM(**kwargs)
+            if self._sleep_ok:
+                self._process_key = _process.engine_key(kwargs, _read_model_config(kwargs["model"]))
+                reused = _process.claim(self, self._process_key, getattr(vllm, "__version__", "?"))
+            if reused is not None:
+                self.llm = reused.llm
+                _common.remove_dir(self._dir)
+                self._dir = reused.directory
+            else:
+                self.llm = vllm.LLM(**kwargs)
         except Exception:
+            _process.forget(self)
             _common.remove_dir(self._dir)
             raise
+        #: Whether this engine took over the process's parked vllm.LLM (same settings).
+        self.reused = reused is not None
         self.max_model_len: int = int(self.llm.llm_engine.model_config.max_model_len)
         #: The strategy casts (and gathers) the pushed weights in this dtype: the engine's own.
         self.weight_dtype: torch.dtype | None = _torch_dtype(self.llm.llm_engine.model_config.dtype)
-        self._asleep: set[str] = set()
-        self._level = 0
-        self._needs_push = False
+        self._asleep: set[str] = set(_TAGS) if self.reused else set()
+        self._level = 2 if self.reused else 0
+        self._needs_push = self.reused
+        if self.reused:
+            self.wake_up()  # memory back; the weights hold garbage until the push below
         if model_path is None:
             assert model is not None
             if _common.is_sharded(model):
@@ -128,13 +146,6 @@ class VLLMEngine:
                 self.update_weights(bucket_named_tensors(_plain_named_parameters(model), 256 << 20, str))
         if not self._sleep_ok and compat.on_cpu():
             _common.say_once("vllm-cpu-sleep", "vLLM on CPU has no sleep mode: sleep()/wake_up() do nothing")
-
-    @staticmethod
-    def _max_model_len(cfg: Any) -> int | None:
-        if cfg.engine_max_model_len is not None:
-            return int(cfg.engine_max_model_len)
-        p, g = cfg.get_extra_arg("prompt_max_len"), cfg.get_extra_arg("generate_max_len")
-        return int(p) + int(g) if p is not None and g is not None else None
 
     # -------------------------------------------------------------- protocol state
     @property
@@ -259,15 +270,22 @@ class VLLMEngine:
 
     # --------------------------------------------------------------- sleep / wake
     def sleep(self, level: int = 1) -> None:
-        """Level 1: weights to CPU, KV cache freed. Level 2: both freed (push before generating)."""
+        """Level 1: weights to a host copy (wake restores them), KV cache freed. Level 2: both
+        freed, no copy anywhere (push before generating). Without sleep mode (vLLM on CPU,
+        ``enable_engine_sleep=False``) nothing is freed, but level 2 keeps its meaning: the weights
+        count as discarded until the next push, as on every engine."""
         self._check_open("sleep")
         if level not in (1, 2):
-            raise ValueError(f"sleep level={level} is invalid: valid are 1 (offload weights) and 2 (discard)")
+            raise ValueError(
+                f"sleep level={level} is invalid: valid are 1 (host copy, wake restores) and 2 (no copy)"
+            )
         if not self._sleep_ok:
             reason = "vLLM on CPU has no sleep mode" if compat.on_cpu() else "enable_engine_sleep=False"
             _common.say_once(
                 f"vllm-nosleep-{reason}", f"VLLMEngine.sleep(): {reason}; the engine stays awake"
             )
+            if level == 2:
+                self._needs_push = True
             return
         if self._asleep:
             return
@@ -298,11 +316,47 @@ class VLLMEngine:
         if self.closed:
             return
         self.closed = True
-        compat.shutdown(self.llm, keep_default_group=self._had_group)
+        if self._process_key is not None:
+            self._park()
+        else:
+            compat.shutdown(self.llm, keep_default_group=self._had_group)
+            _common.remove_dir(self._dir)
         del self.llm
         gc.collect()
         _common.empty_device_cache()
-        _common.remove_dir(self._dir)
+
+    def _park(self) -> None:
+        """A sleep-mode engine is not destroyed (vLLM allows one per process): it sleeps at level 2
+        (no weights, no KV cache on the device, no host copy) and waits for the next engine of the
+        same settings; the process's exit shuts it down for real (_vllm_process)."""
+        llm, had_group, directory = self.llm, self._had_group, self._dir
+        try:
+            if self._asleep and self._level != 2:  # a host copy to drop: wake, then discard
+                llm.wake_up(tags=None)
+                self._asleep = set()
+            if not self._asleep:
+                llm.sleep(level=2)
+        except Exception:
+            _process.forget(self)
+            compat.shutdown(llm, keep_default_group=had_group)
+            _common.remove_dir(directory)
+            raise
+
+        def close() -> None:
+            compat.shutdown(llm, keep_default_group=had_group)
+            _common.remove_dir(directory)
+
+        assert self._process_key is not None
+        _process.park(self, _process.Parked(llm, self._process_key, directory, close))
+
+
+def _read_model_config(directory: Any) -> dict[str, Any] | None:
+    """The Hugging Face ``config.json`` of the engine's model directory (None without one)."""
+    path = Path(str(directory)) / "config.json"
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def _torch_dtype(value: Any) -> torch.dtype | None:

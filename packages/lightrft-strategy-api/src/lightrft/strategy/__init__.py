@@ -9,6 +9,7 @@ from .base import StrategyBase, TrainState
 from .config import ConfigError, StrategyConfig
 from .data import ResumableDataLoader, ResumableDistributedSampler
 from .engine import (
+    EngineDiedError,
     EngineLifecycle,
     EngineNotSetUpWarning,
     GenerationOutput,
@@ -24,6 +25,7 @@ from .weights import bucket_named_tensors, clean_param_name, plan_buckets
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "EngineDiedError",
     "EngineLifecycle",
     "EngineNotSetUpWarning",
     "GenerationOutput",

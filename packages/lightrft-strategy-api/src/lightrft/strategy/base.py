@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -353,8 +354,15 @@ class StrategyBase(ABC):
         max_steps: int | None = None,
     ) -> tuple[tuple[Any, Any, Any], tuple[Any, Any, Any], Any, Any]:
         """Runs the three-step protocol for the actor and critic (with their learning rates) and
-        prepares the reward and reference models frozen."""
-        cfg = self.config if args is None else StrategyConfig.from_args(args)
+        prepares the reward and reference models frozen.
+
+        The optimizer settings come from the strategy's own config (``self.config``), which already
+        holds ``args`` and every override given to ``get_strategy(args, **overrides)``. ``args`` is
+        accepted for LightRFT's call form; where it disagrees with the config, the config wins and a
+        warning names the fields."""
+        cfg = self.config
+        if args is not None:
+            _warn_args_disagree(cfg, args)
         if max_steps is None or max_steps <= 0:
             raise ValueError(f"max_steps={max_steps!r} is invalid: pass the number of optimizer steps (> 0)")
 
@@ -895,6 +903,35 @@ class StrategyBase(ABC):
         """Wakes the engine (no-op when awake or absent). After a level-2 sleep the weights are
         gone: this raises, naming ``update_engine_weights``, which wakes and pushes in order."""
         self.engine_lifecycle.wake_up(tags)
+
+
+_OPTIMIZER_FIELDS = ("actor_learning_rate", "critic_learning_rate", "adam_betas", "adam_eps", "l2")
+
+
+def _warn_args_disagree(cfg: StrategyConfig, args: Any) -> None:
+    """Warns when ``args`` give optimizer values other than the config's."""
+    try:
+        given = StrategyConfig.from_args(args)
+    except Exception:  # args the config cannot read: the strategy's config is used, nothing to compare
+        return
+    differ = [
+        f"{name}: args {getattr(given, name)!r}, strategy {getattr(cfg, name)!r}"
+        for name in _OPTIMIZER_FIELDS
+        if name in given.model_fields_set
+        and tuple(_as_tuple(getattr(given, name))) != tuple(_as_tuple(getattr(cfg, name)))
+    ]
+    if differ:  # Python's warning filters show it once per call site
+        warnings.warn(
+            "prepare_models_and_optimizers: args disagree with the strategy's config ("
+            + "; ".join(differ)
+            + "); the strategy's config is used (it holds the overrides given to get_strategy)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def _not_prepared(model: Any) -> ValueError:

@@ -111,6 +111,25 @@ _PROTOCOL_MEMBERS = (
 )
 
 
+class EngineDiedError(RuntimeError):
+    """The rollout engine is gone (its process died, or it failed in a way it cannot recover from).
+
+    Raised by the call that found out and by every later engine call, on every rank of the
+    engine's group; the message names the engine, quotes its last log lines and says how to
+    recover. The training state is untouched: ``save_ckpt`` still works."""
+
+    def __init__(self, engine: str, what: str, log_tail: str = "") -> None:
+        self.engine = engine
+        self.what = what
+        self.log_tail = log_tail
+        super().__init__(
+            f"the {engine!r} inference engine died: {what}. The training state is intact. To recover: "
+            "save a checkpoint (strategy.save_ckpt), then call strategy.engine_lifecycle.shutdown() and "
+            "strategy.setup_inference_engine(...) again, or restart the job from the checkpoint."
+            + (f"\n{log_tail}" if log_tail else "")
+        )
+
+
 class EngineNotSetUpWarning(UserWarning):
     """``update_engine_weights`` was called before ``setup_inference_engine``: nothing was pushed."""
 
@@ -252,8 +271,9 @@ class EngineLifecycle:
         level = self.strategy.config.engine_sleep_level if level is None else level
         if level not in (1, 2):
             raise ValueError(
-                f"sleep level={level!r} is invalid: valid are 1 (weights kept off the device) and 2 "
-                "(weights discarded; update_engine_weights must push them before the next generate)"
+                f"sleep level={level!r} is invalid: valid are 1 (a host copy of the weights is kept: "
+                "wake restores them) and 2 (no copy is kept: update_engine_weights must push them "
+                "before the next generate)"
             )
         if self.strategy.config.enable_engine_sleep and not self.engine.is_sleeping:
             self.engine.sleep(level=level)
@@ -263,10 +283,11 @@ class EngineLifecycle:
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Wakes the engine (all of it by default). Refuses when the engine's weights were
         discarded: ``update_engine_weights`` wakes it and pushes them in the right order."""
-        if self.engine is None or not self.engine.is_sleeping:
+        if self.engine is None:
             return
         self._check_weights("wakeup_inference_engine()")
-        self.engine.wake_up(tags=tags)
+        if self.engine.is_sleeping:
+            self.engine.wake_up(tags=tags)
 
     def _check_weights(self, what: str) -> None:
         if self.engine is not None and self.engine.needs_weight_push:
@@ -406,6 +427,7 @@ def lightrft_multi_modal_inputs(
 
 
 __all__ = [
+    "EngineDiedError",
     "EngineLifecycle",
     "EngineNotSetUpWarning",
     "GenerationOutput",

@@ -13,12 +13,14 @@ from importlib.metadata import version as _distribution_version
 from . import harness
 from .distributed import RANK_THREADS, DistributedRunError, call, rank_threads, run_distributed
 from .engine import FakeEngine
-from .fake import FakeStrategy, clone_model
+from .fake import FakeStrategy, NoEngineModelWarning, clone_model
 from .models import (
+    PeftShapedModel,
     TinyCausalLM,
     TinyConfig,
     causal_lm_loss,
     make_batches,
+    make_lora_like,
     make_sequential_lm,
     make_tiny_llama,
     make_tiny_model,
@@ -37,6 +39,8 @@ __all__ = [
     "DistributedRunError",
     "FakeEngine",
     "FakeStrategy",
+    "NoEngineModelWarning",
+    "PeftShapedModel",
     "TinyCausalLM",
     "TinyConfig",
     "call",
@@ -45,6 +49,7 @@ __all__ = [
     "get_fake_strategy",
     "harness",
     "make_batches",
+    "make_lora_like",
     "make_sequential_lm",
     "make_tiny_llama",
     "make_tiny_model",

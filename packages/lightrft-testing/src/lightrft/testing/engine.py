@@ -30,12 +30,15 @@ class FakeEngine:
         model: nn.Module | None = None,
         tokenizer: Any = None,
         zero_init: bool = True,
+        allow_no_model: bool = False,
         **_: Any,
     ) -> None:
-        if model is None:
+        if model is None and not allow_no_model:
             raise ValueError("FakeEngine needs model=: an unsharded module of the trained architecture")
-        self.model = copy.deepcopy(model).cpu().eval().requires_grad_(False)
-        if zero_init:
+        #: None for a model-less engine (FakeStrategy.setup_inference_engine(args) without a model):
+        #: it sleeps, wakes and takes pushes (counted), but cannot generate.
+        self.model = None if model is None else copy.deepcopy(model).cpu().eval().requires_grad_(False)
+        if zero_init and self.model is not None:
             for p in self.model.parameters():
                 p.zero_()
         self.tokenizer = tokenizer
@@ -67,15 +70,20 @@ class FakeEngine:
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         self._check_open()
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters()) if self.model is not None else None
         for bucket in buckets:
             self.buckets_received += 1
             self.max_bucket_bytes = max(self.max_bucket_bytes, sum(tensor_nbytes(t) for _, t in bucket))
-            self.names_received.update(copy_bucket_into(params, bucket))
+            if params is None:
+                self.names_received.update(name for name, _ in bucket)
+            else:
+                self.names_received.update(copy_bucket_into(params, bucket))
         self.updates += 1
         self.weights_valid = True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.model is None:
+            return {}
         return {k: v.clone() for k, v in self.model.state_dict().items()}
 
     # ------------------------------------------------------------ generate
@@ -95,6 +103,14 @@ class FakeEngine:
         if not self.weights_valid:
             raise RuntimeError(
                 "FakeEngine's weights were discarded by sleep(level=2): update_weights() first"
+            )
+        if self.model is None:
+            if not prompt_token_ids and not prompts:
+                return []  # nothing asked: LightRFT's trainer tests call engine_generate_local(None)
+            raise RuntimeError(
+                "FakeEngine was set up without a model (setup_inference_engine(args) with no model=, "
+                "actor= or args.pretrain): it sleeps, wakes and takes weight pushes, but cannot "
+                "generate; pass model= (or actor=) to setup_inference_engine to generate"
             )
         sp = sampling_params or SamplingParams(temperature=0.0)
         if prompt_token_ids is None:
@@ -130,12 +146,12 @@ class FakeEngine:
 
     # --------------------------------------------------------- sleep / wake
     def sleep(self, level: int = 1) -> None:
-        """Level 1 keeps the weights (offloaded); level 2 discards them."""
+        """Level 1 keeps the weights (a host copy); level 2 discards them (push before generating)."""
         if level not in (1, 2):
             raise ValueError(f"sleep level={level} is invalid: valid are 1 and 2")
         self._check_open()
         self.sleeping_level = level
-        if level == 2:
+        if level == 2 and self.model is not None:  # a model-less engine has no weights to lose
             self.weights_valid = False
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:

@@ -19,6 +19,10 @@ from lightrft.strategy.weights import clean_param_name
 STATE_FILE = "fake_state.pt"
 
 
+class NoEngineModelWarning(UserWarning):
+    """FakeStrategy.setup_inference_engine() was given no model: a model-less FakeEngine stands in."""
+
+
 class FakeStrategy(StrategyBase):
     """A drop-in strategy for unit tests of training code.
 
@@ -49,6 +53,69 @@ class FakeStrategy(StrategyBase):
         if self.strict or not isinstance(model, nn.Module) or not isinstance(optimizer, Optimizer):
             return super()._adopt(model, optimizer, scheduler)
         return TrainState(model, optimizer, scheduler)
+
+    def setup_inference_engine(
+        self,
+        args: Any = None,
+        engine_type: str | None = None,
+        actor: Any = None,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As :meth:`StrategyBase.setup_inference_engine`, and LightRFT's trainer-test form
+        ``setup_inference_engine(args)`` with no model (no ``model=``, ``actor=``, module or
+        ``args.pretrain``): then a model-less :class:`~lightrft.testing.FakeEngine` is set up with
+        a :class:`NoEngineModelWarning`. It sleeps, wakes and takes weight pushes (counted), and
+        refuses to generate with an error that says to pass a model."""
+        no_model = (
+            model is None
+            and actor is None
+            and not isinstance(args, nn.Module)
+            and not getattr(args, "pretrain", None)
+            and "model_path" not in kwargs
+        )
+        if not no_model:
+            return super().setup_inference_engine(
+                args, engine_type, actor, model=model, tokenizer=tokenizer, **kwargs
+            )
+        import warnings
+
+        from .engine import FakeEngine
+
+        name = engine_type or self.config.engine_type
+        warnings.warn(
+            f"FakeStrategy.setup_inference_engine() got no model (model=, actor= or args.pretrain): "
+            f"a model-less FakeEngine stands in for the {name!r} engine. Sleep, wake and weight pushes "
+            "work; generation raises until an engine is set up with a model",
+            NoEngineModelWarning,
+            stacklevel=2,
+        )
+        lifecycle = self.engine_lifecycle
+        if lifecycle.engine is not None:
+            lifecycle.shutdown()
+        engine = FakeEngine(strategy=self, model=None, tokenizer=tokenizer, allow_no_model=True)
+        lifecycle.engine, lifecycle.engine_type = engine, "fake"
+        return engine
+
+    def engine_generate_local(
+        self,
+        sampling_params: Any = None,
+        prompt_token_ids: Any = None,
+        multi_modal_inputs: Any = None,
+        *,
+        prompts: Any = None,
+    ) -> list[Any]:
+        """As the base; with a model-less engine (see ``setup_inference_engine``) and no prompts at
+        all it returns ``[]``, as LightRFT's FakeStrategy does."""
+        engine = self.engine_lifecycle.engine
+        nothing = prompt_token_ids is None and prompts is None and multi_modal_inputs is None
+        if nothing and engine is not None and getattr(engine, "model", False) is None:
+            return []
+        return super().engine_generate_local(
+            sampling_params, prompt_token_ids, multi_modal_inputs, prompts=prompts
+        )
 
     def setup_distributed(self, timeout: timedelta | None = None) -> None:
         from lightrft.strategy.utils import set_seed

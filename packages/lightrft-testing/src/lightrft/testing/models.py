@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -120,3 +121,73 @@ def make_batches(
     """``num`` deterministic batches of token ids (independent of the global RNG)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (batch_size, seq_len), generator=g) for _ in range(num)]
+
+
+class _LoraLinear(nn.Module):
+    """A LoRA layer with peft's parameter names: ``base_layer``, ``lora_A.<adapter>``,
+    ``lora_B.<adapter>``; ``y = base(x) + scale * B(A(x))``."""
+
+    def __init__(self, base: nn.Linear, r: int, scale: float, gen: torch.Generator, adapter: str) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.scale = scale
+        self.adapter = adapter
+        self.lora_A = nn.ModuleDict({adapter: nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({adapter: nn.Linear(r, base.out_features, bias=False)})
+        with torch.no_grad():  # both nonzero (peft starts B at zero): the delta is real
+            self.lora_A[adapter].weight.normal_(0.0, 0.05, generator=gen)
+            self.lora_B[adapter].weight.normal_(0.0, 0.05, generator=gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.scale * self.lora_B[self.adapter](self.lora_A[self.adapter](x))
+
+
+class PeftShapedModel(nn.Module):
+    """A stand-in for ``peft.PeftModel`` (not peft): the names (``base_model.model.<...>``,
+    ``.base_layer.weight``, ``.lora_A.default.weight``), ``peft_config`` with ``r`` and
+    ``lora_alpha``, ``get_base_model()`` and ``save_pretrained`` that peft models have, so engine
+    code that maps PEFT names can be tested where peft is not installed."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: int, targets: tuple[str, ...], seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        for module in list(base.modules()):
+            for child, sub in list(module.named_children()):
+                if child in targets and isinstance(sub, nn.Linear):
+                    setattr(module, child, _LoraLinear(sub, r, alpha / r, gen, "default"))
+        self.base_model = nn.Module()
+        self.base_model.model = base
+        self.peft_config = {"default": SimpleNamespace(r=r, lora_alpha=alpha, use_rslora=False)}
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - shape only
+        raise NotImplementedError("PeftShapedModel is a test stand-in: it saves nothing")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model(*args, **kwargs)
+
+
+def make_lora_like(
+    base: nn.Module,
+    r: int = 4,
+    alpha: int = 8,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 11,
+) -> tuple[PeftShapedModel, nn.Module]:
+    """A PEFT-shaped LoRA model over a copy of ``base`` (:class:`PeftShapedModel`) and the plain model
+    it equals, with every LoRA delta merged: ``W + (alpha / r) * B @ A`` in float32."""
+    import copy
+
+    actor = PeftShapedModel(copy.deepcopy(base), r, alpha, targets, seed)
+    merged = copy.deepcopy(base)
+    params = dict(merged.named_parameters())
+    with torch.no_grad():
+        for name, module in actor.base_model.model.named_modules():
+            if isinstance(module, _LoraLinear):
+                a = module.lora_A["default"].weight.float()
+                b = module.lora_B["default"].weight.float()
+                w = params[f"{name}.weight"]
+                w.copy_((w.float() + module.scale * (b @ a)).to(w.dtype))
+    return actor, merged

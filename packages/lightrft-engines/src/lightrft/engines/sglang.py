@@ -52,22 +52,32 @@ import torch
 import torch.distributed as dist
 
 from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
+from lightrft.strategy.hf_io import original_class_name
 from lightrft.strategy.weights import bucket_named_tensors
 
 from . import _sglang_compat as compat
 from ._common import (
     base_hf_model,
+    check_images,
+    check_multimodal_lengths,
     check_prompt_lengths,
     empty_device_cache,
     engine_tp_groups,
+    engine_weight_names,
     expandable_segments_enabled,
+    find_processor,
     hf_model_state_names,
+    image_lists,
+    is_multimodal,
     is_sharded,
     lora_scalings,
     make_output,
     merge_peft_stream,
     remove_dir,
+    rename_stream,
     say_once,
+    text_config,
+    text_tokenizer,
     to_token_id_lists,
     write_config_dir,
 )
@@ -162,7 +172,13 @@ class SGLangEngine:
         self.leader = self.group_ranks[0]
         self.is_leader = self.rank == self.leader
         self.device = _device(strategy)
-        self.tokenizer = tokenizer
+        #: A vision-language model's processor (``processor=``, or ``tokenizer=`` when it is one):
+        #: written into the engine's directory, where SGLang builds its own.
+        self.processor = find_processor(tokenizer, engine_kwargs.pop("processor", None))
+        self.tokenizer = text_tokenizer(tokenizer)
+        self.model_name = original_class_name(base_hf_model(model)) if model is not None else str(model_path)
+        #: Whether the model takes images (its config has a vision_config).
+        self.multimodal = is_multimodal(model) if model is not None else _config_has_vision(model_path)
         if model is None and model_path is None:
             raise ValueError(
                 "SGLangEngine needs model= (a Hugging Face model; the engine is built from its config "
@@ -175,7 +191,9 @@ class SGLangEngine:
         self.context_length = _context_length(cfg, strategy, model, engine_kwargs)
         self.decode_graph_max_bs = compat.rl_decode_graph_max_bs(_concurrency(cfg, strategy))
         self._lora = lora_scalings(model) if model is not None else {}
-        self.expected_names = _engine_names(model, self._lora) if model is not None else None
+        #: Training names -> the names SGLang's model class loads (None: unchanged); once per engine.
+        self._rename = engine_weight_names(model)
+        self.expected_names = _engine_names(model, self._lora, self._rename) if model is not None else None
         self._released: set[str] = set()
         self._pushed: set[str] = set()
         self._needs_push = False
@@ -192,7 +210,8 @@ class SGLangEngine:
                 "(torch_memory_saver) refuses: its schedulers inherit the variable and would fail to start. "
                 "Unset it for this run, or set enable_engine_sleep=False."
             )
-        self.skip_tokenizer_init = bool(engine_kwargs.get("skip_tokenizer_init", True))
+        # SGLang expands image placeholders with its own processor: a multimodal engine needs it.
+        self.skip_tokenizer_init = bool(engine_kwargs.get("skip_tokenizer_init", not self.multimodal))
         self.tags = compat.memory_tags(self.runtime.version)
         self.engine: Any = None
         self._config_dir = None
@@ -241,15 +260,26 @@ class SGLangEngine:
         self._check_open()
         self._check_generate_ready()
         sp = sampling_params or SamplingParams(temperature=0.0)
-        images = _images(multi_modal_inputs)
-        if images is not None and self.skip_tokenizer_init:
-            raise ValueError(
-                "multi_modal_inputs with images need SGLang's processor: set up the engine with "
-                "skip_tokenizer_init=False (and tokenizer= / a model_path with the processor files)"
-            )
+        n = len(prompts) if prompts is not None else len(prompt_token_ids or [])
+        images = image_lists(multi_modal_inputs, n)
+        expanded: list[Any] | None = None
         if images is not None:
-            if prompts is None:
-                raise ValueError("multi_modal_inputs need text prompts= (SGLang expands the image tokens)")
+            check_images(
+                images,
+                prompts,
+                multimodal=self.multimodal,
+                placeholder=getattr(self.processor, "image_token", None),
+                model_name=self.model_name,
+            )
+            if self.skip_tokenizer_init:
+                raise ValueError(
+                    "multi_modal_inputs with images need SGLang's processor: set up the engine with "
+                    "skip_tokenizer_init=False (and tokenizer= / a model_path with the processor files)"
+                )
+            assert prompts is not None
+            # The processor's expansion: the length check, and the prompt ids of the outputs
+            # (SGLang does not return the ids of a prompt it tokenized).
+            expanded = check_multimodal_lengths(self.processor, prompts, images, self.context_length)
             ids = None
         else:
             ids = to_token_id_lists(prompts, prompt_token_ids, self.tokenizer, "SGLangEngine")
@@ -259,7 +289,7 @@ class SGLangEngine:
         status: tuple[bool, Any] = (True, None)
         if self.is_leader:
             try:
-                status = (True, self._generate_here(ids, prompts, images, sp))
+                status = (True, self._generate_here(ids, prompts, images, sp, expanded))
             except Exception as e:  # every rank must learn of it: nobody waits for a broadcast
                 status = (False, f"{type(e).__name__}: {e}")
         ok, value = self._from_leader(status)
@@ -271,16 +301,19 @@ class SGLangEngine:
         self,
         ids: list[list[int]] | None,
         prompts: Sequence[str] | None,
-        images: list[Any] | None,
+        images: list[list[Any]] | None,
         sp: SamplingParams,
+        expanded: list[Any] | None = None,
     ) -> list[GenerationOutput]:
         params = sampling_dict(sp)
         if ids is not None:
             raw = self.engine.generate(input_ids=ids, sampling_params=params, return_logprob=sp.logprobs)
         else:
+            # A list per prompt (an empty one for a text-only prompt): SGLang reads the batch's
+            # layout from the first entry.
             raw = self.engine.generate(
                 prompt=list(prompts or []),
-                image_data=images,
+                image_data=[list(imgs) for imgs in images or []],
                 sampling_params=params,
                 return_logprob=sp.logprobs,
             )
@@ -289,10 +322,19 @@ class SGLangEngine:
         n_prompts = len(ids) if ids is not None else len(prompts or [])
         if len(raw) != n_prompts * sp.n:
             raise RuntimeError(f"SGLang returned {len(raw)} outputs for {n_prompts} prompts with n={sp.n}")
-        # Text prompts with images are tokenized by SGLang (it expands the image tokens): their
-        # prompt ids are not known here and stay empty.
+
+        # Text prompts are tokenized by SGLang (it expands the image tokens): their prompt ids are
+        # the processor's expansion where it ran, the tokenizer's for a text-only prompt.
+        def prompt_ids(i: int) -> list[int]:
+            if ids is not None:
+                return ids[i]
+            if expanded is not None and expanded[i] is not None:
+                return list(expanded[i])
+            text = (prompts or [])[i]
+            return list(self.tokenizer.encode(text)) if self.tokenizer is not None else []
+
         return [
-            convert_output(item, ids[k // sp.n] if ids is not None else [], self.tokenizer, sp.logprobs)
+            convert_output(item, prompt_ids(k // sp.n), self.tokenizer, sp.logprobs)
             for k, item in enumerate(raw)
         ]
 
@@ -312,6 +354,7 @@ class SGLangEngine:
         stream: Iterable[WeightBucket] = buckets
         if self._lora:
             stream = merge_peft_stream(buckets, self._lora)
+        stream = rename_stream(stream, self._rename)
         pushed: set[str] = set()
         session = self.is_leader and compat.has_update_session(self.engine)
         self._leader_step(
@@ -424,7 +467,11 @@ class SGLangEngine:
         self.server_args = self._server_args(model, model_path, engine_kwargs)
         try:
             config_path = self._write_logging_config()
-            changes = compat.scheduler_env(os.environ, str(config_path))
+            changes = dict(compat.scheduler_env(os.environ, str(config_path)))
+            if self.multimodal:
+                # SGLang keeps vision embeddings by image hash across requests and no flush drops
+                # them: after a weight push they would be stale. 0 MB turns that cache off.
+                changes["SGLANG_VLM_CACHE_SIZE_MB"] = "0"
             with compat.scoped_env(changes):
                 self.engine = start_with_deadline(
                     lambda: self.runtime.create_engine(**self.server_args),
@@ -450,7 +497,7 @@ class SGLangEngine:
         cfg = self.config
         if model_path is None:
             self._config_dir = write_config_dir(
-                model, self.tokenizer if not self.skip_tokenizer_init else None
+                model, (self.processor or self.tokenizer) if not self.skip_tokenizer_init else None
             )
             path, load_format = str(self._config_dir), "dummy"
         else:
@@ -687,15 +734,10 @@ def convert_output(
     return result
 
 
-def _images(multi_modal_inputs: Sequence[Any] | None) -> list[Any] | None:
-    """Per-prompt ``image`` entries (SGLang's ``image_data``), or None when no prompt has one."""
-    if multi_modal_inputs is None:
-        return None
-    images = []
-    for mm in multi_modal_inputs:
-        img = mm.get("image") if isinstance(mm, dict) else None
-        images.append(img)
-    return images if any(i is not None for i in images) else None
+def _config_has_vision(model_path: str | None) -> bool:
+    """Whether the Hugging Face directory's ``config.json`` describes a vision-language model."""
+    cfg = Path(model_path or "") / "config.json"
+    return cfg.is_file() and "vision_config" in json.loads(cfg.read_text())
 
 
 def _device(strategy: Any) -> torch.device:
@@ -725,7 +767,7 @@ def _context_length(cfg: Any, strategy: Any, model: Any, engine_kwargs: dict[str
         if p is not None and g is not None:
             return int(p) + int(g)
     config = getattr(base_hf_model(model), "config", None) if model is not None else None
-    value = getattr(config, "max_position_embeddings", None)
+    value = getattr(text_config(config), "max_position_embeddings", None)
     return int(value) if value is not None else None
 
 
@@ -738,14 +780,15 @@ def _concurrency(cfg: Any, strategy: Any) -> int:
     return int(getattr(cfg, "micro_rollout_batch_size", 8)) * n * int(cfg.engine_tp_size)
 
 
-def _engine_names(model: Any, lora: dict[str, float]) -> set[str]:
+def _engine_names(model: Any, lora: dict[str, float], rename: Any = None) -> set[str]:
     """The names a full push must cover: the model's parameters, with a PEFT model's LoRA parts
-    merged into their base weights (what ``merge_peft_stream`` yields)."""
+    merged into their base weights (what ``merge_peft_stream`` yields), renamed for the engine."""
     names = set()
     for name in hf_model_state_names(model):
         if lora and ".lora_" in name:
             continue
-        names.add(name.replace(".base_layer.", ".") if lora else name)
+        name = name.replace(".base_layer.", ".") if lora else name
+        names.add(rename(name) if rename is not None else name)
     return names
 
 

@@ -15,13 +15,20 @@ from .distributed import DistributedRunError, call, run_distributed
 from .engine import FakeEngine
 from .fake import FakeStrategy, clone_model
 from .models import (
+    COLORS,
+    IMAGE_PLACEHOLDER,
     TinyCausalLM,
     TinyConfig,
     causal_lm_loss,
     make_batches,
+    make_color_image,
     make_sequential_lm,
     make_tiny_llama,
     make_tiny_model,
+    make_tiny_vlm,
+    make_tiny_vlm_tokenizer,
+    vlm_batch,
+    vlm_loss,
 )
 
 
@@ -33,6 +40,8 @@ def get_fake_strategy(args=None, **overrides):  # noqa: ANN001, ANN201 - mirrors
 
 
 __all__ = [
+    "COLORS",
+    "IMAGE_PLACEHOLDER",
     "DistributedRunError",
     "FakeEngine",
     "FakeStrategy",
@@ -44,9 +53,14 @@ __all__ = [
     "get_fake_strategy",
     "harness",
     "make_batches",
+    "make_color_image",
     "make_sequential_lm",
     "make_tiny_llama",
     "make_tiny_model",
+    "make_tiny_vlm",
+    "make_tiny_vlm_tokenizer",
     "run_distributed",
+    "vlm_batch",
+    "vlm_loss",
 ]
 __version__ = _distribution_version("lightrft-testing")  # the version is written once: pyproject.toml

@@ -242,6 +242,11 @@ def make_tiny_vlm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Gemma3ForConditionalGeneration(config)
+        # Gemma 3 initialises its image projection to zeros: images would change nothing until
+        # trained. A random projection makes the image matter from the start.
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        with torch.no_grad():
+            projection.normal_(0.0, vision_hidden_size**-0.5)
     model.generation_config.pad_token_id = ids["<pad>"]
     model.generation_config.eos_token_id = ids["<eos>"]
     return model, processor

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=int, default=32,
                       help="policy width; use >= 256 (head_dim 64) with vllm / sglang (default: %(default)s)")  # fmt: skip
     demo.add_argument("--num-layers", "--num_layers", dest="num_layers", type=int, default=2)
+    demo.add_argument("--multimodal", action="store_true",
+                      help="the visual task instead: a tiny vision-language policy names the colour of an "
+                      "image (reward 1 when right; hf engine)")  # fmt: skip
+    demo.add_argument("--mm-lr", "--mm_lr", dest="mm_lr", type=float, default=3e-3,
+                      help="learning rate of --multimodal (default: %(default)s)")  # fmt: skip
 
     launch = parser.add_argument_group("launch (torchrun starts when --nproc or --nnodes is above 1)")
     launch.add_argument("--nproc", type=int, default=1, help="processes per node (default: %(default)s)")
@@ -225,6 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from .train import SetupError, run
 
+    if args.multimodal:
+        from .multimodal import run_multimodal
+
+        run_multimodal(args)
+        return 0
     try:
         run(args)
     except SetupError as exc:

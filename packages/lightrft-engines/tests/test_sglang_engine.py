@@ -621,10 +621,11 @@ def test_prompt_too_long_names_the_prompt() -> None:
     assert not [c for c in double.calls if c[0] == "generate"]
 
 
-def test_images_need_the_processor() -> None:
-    engine, _ = _setup(_strategy(), make_tiny_llama(seed=0))
-    with pytest.raises(ValueError, match="skip_tokenizer_init=False"):
-        engine.generate(prompts=["x"], multi_modal_inputs=[{"image": [object()]}])
+def test_images_for_a_text_only_model_name_the_prompt() -> None:
+    engine, double = _setup(_strategy(), make_tiny_llama(seed=0))
+    with pytest.raises(ValueError, match="prompt 1 has 1 image.*LlamaForCausalLM is text-only"):
+        engine.generate(prompts=["x", "y"], multi_modal_inputs=[None, {"image": [object()]}])
+    assert not [c for c in double.calls if c[0] == "generate"]
 
 
 def test_use_after_shutdown() -> None:

@@ -163,9 +163,10 @@ def require_model(engine: str, model: Any, model_path: str | None) -> None:
 
 
 def model_max_positions(model: Any) -> int | None:
-    """``max_position_embeddings`` of the model's Hugging Face config (None when it has none)."""
+    """``max_position_embeddings`` of the model's Hugging Face config (a vision-language model's
+    language model's; None when it has none)."""
     config = getattr(base_hf_model(model), "config", None) if model is not None else None
-    value = getattr(config, "max_position_embeddings", None)
+    value = getattr(text_config(config), "max_position_embeddings", None)
     return int(value) if value is not None else None
 
 
@@ -246,13 +247,16 @@ def engine_weight_names(model: Any) -> set[str]:
     """The names a full push must cover once it reached the engine: ``model``'s parameters as
     :func:`merge_peft_stream` yields them (the one mapping of pushed names, used by every engine).
     For a PEFT LoRA model the ``lora_A`` / ``lora_B`` parts are merged away and ``.base_layer.``
-    is dropped; other models' names pass unchanged."""
+    is dropped; a vision-language model's names are mapped by :func:`engine_name_map`; other
+    models' names pass unchanged."""
     peft = bool(lora_scalings(model))
+    rename = engine_name_map(model)  # a vision-language model's hub layout
     names = set()
     for name in hf_model_state_names(model):
         if peft and ".lora_" in name:
             continue
-        names.add(peft_engine_name(name) if peft else name)
+        name = peft_engine_name(name) if peft else name
+        names.add(rename(name) if rename is not None else name)
     return names
 
 
@@ -326,3 +330,165 @@ def merge_peft_stream(
         )
 
 
+# ------------------------------------------------------------------- multimodal
+def text_config(config: Any) -> Any:
+    """The language model's config of a vision-language config (``text_config``), else ``config``."""
+    return getattr(config, "text_config", None) or config
+
+
+def is_multimodal(model: Any) -> bool:
+    """Whether ``model`` (a Hugging Face model, possibly wrapped or sharded) takes images: its
+    config has a ``vision_config``."""
+    config = getattr(base_hf_model(model), "config", None) if model is not None else None
+    return getattr(config, "vision_config", None) is not None
+
+
+def find_processor(tokenizer: Any, processor: Any = None) -> Any:
+    """The Hugging Face processor (image processor + tokenizer) an engine was given: ``processor``,
+    or ``tokenizer`` when it is one (LightRFT passes the processor as the tokenizer)."""
+    if processor is not None:
+        return processor
+    return tokenizer if hasattr(tokenizer, "image_processor") else None
+
+
+def text_tokenizer(tokenizer: Any) -> Any:
+    """The text tokenizer of a processor (or ``tokenizer`` itself)."""
+    return getattr(tokenizer, "tokenizer", None) or tokenizer
+
+
+# Training-side (transformers >= 4.52) prefixes of a vision-language model -> the prefixes of the
+# checkpoints on the Hugging Face hub, which vLLM's and SGLang's model classes load (vLLM also
+# maps the new names itself; SGLang does not). Applied once per pushed name, at the engine.
+_VLM_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+# Vision towers whose hub checkpoints nest the encoder under ``vision_model.`` (transformers 5
+# builds some of them flat: ``vision_tower.embeddings...``).
+_NESTED_VISION_MODELS = ("siglip_vision_model", "clip_vision_model")
+
+
+def engine_name_map(model: Any) -> Any:
+    """The name map (a function) from the training model's parameter names to the names vLLM's
+    and SGLang's implementations of the model load, or None when the names pass unchanged (a
+    text-only model). For a vision-language model: the hub checkpoint layout
+    (``language_model.model.*``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*``,
+    ``language_model.lm_head.*``), from the layout of transformers >= 4.52 or the old one alike."""
+    if model is None or not is_multimodal(model):
+        return None
+    config = base_hf_model(model).config
+    vision_type = getattr(config.vision_config, "model_type", "")
+    nest = vision_type in _NESTED_VISION_MODELS
+
+    def rename(name: str) -> str:
+        for old, new in _VLM_PREFIXES:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        if nest and name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+            name = "vision_tower.vision_model." + name[len("vision_tower.") :]
+        return name
+
+    return rename
+
+
+def rename_stream(buckets: Iterable[WeightBucket], rename: Any) -> Iterator[WeightBucket]:
+    """``buckets`` with every name passed through ``rename`` (None: unchanged)."""
+    for bucket in buckets:
+        yield bucket if rename is None else [(rename(n), t) for n, t in bucket]
+
+
+def image_lists(multi_modal_inputs: Sequence[Any] | None, n_prompts: int) -> list[list[Any]] | None:
+    """Each prompt's images (``multi_modal_inputs[i]["image"]``: one image or a list), or None when
+    no prompt has one. Raises when the entries do not match the prompts or carry unknown keys."""
+    if multi_modal_inputs is None:
+        return None
+    if len(multi_modal_inputs) != n_prompts:
+        raise ValueError(
+            f"multi_modal_inputs has {len(multi_modal_inputs)} entries for {n_prompts} prompts: give "
+            "one per prompt (None where a prompt has no image)"
+        )
+    out: list[list[Any]] = []
+    for i, mm in enumerate(multi_modal_inputs):
+        if mm is None:
+            out.append([])
+            continue
+        if not isinstance(mm, dict):
+            raise TypeError(
+                f"multi_modal_inputs[{i}] must be a dict like {{'image': [images]}} or None; got "
+                f"{type(mm).__name__}"
+            )
+        unknown = sorted(set(mm) - {"image"})
+        if unknown:
+            raise ValueError(
+                f"multi_modal_inputs[{i}] has keys {unknown}: only 'image' is supported (videos are not)"
+            )
+        img = mm.get("image")
+        out.append([] if img is None else list(img) if isinstance(img, (list, tuple)) else [img])
+    return out if any(out) else None
+
+
+def check_images(
+    images: list[list[Any]] | None,
+    prompts: Sequence[str] | None,
+    *,
+    multimodal: bool,
+    placeholder: str | None,
+    model_name: str,
+) -> None:
+    """Refuses, naming the prompt: images for a text-only model, images without text prompts, and
+    a prompt whose count of image placeholders differs from its number of images."""
+    if images is None:
+        return
+    first = next(i for i, imgs in enumerate(images) if imgs)
+    if not multimodal:
+        raise ValueError(
+            f"prompt {first} has {len(images[first])} image(s), but the engine's model {model_name} is "
+            "text-only (its config has no vision_config): pass no images, or build the engine from a "
+            "vision-language model"
+        )
+    if prompts is None:
+        raise ValueError(
+            f"prompt {first} has images: multimodal generation needs the text prompts (prompts= / "
+            "all_prompts=) with their image placeholders, not token ids"
+        )
+    if placeholder is None:
+        return
+    for i, (text, imgs) in enumerate(zip(prompts, images)):
+        found = text.count(placeholder)
+        if found != len(imgs):
+            raise ValueError(
+                f"prompt {i} has {found} image placeholder(s) {placeholder!r} but {len(imgs)} image(s) "
+                f"were given for it (images_num[{i}]={len(imgs)}): put one {placeholder!r} in the text "
+                "per image"
+            )
+
+
+def check_multimodal_lengths(
+    processor: Any,
+    prompts: Sequence[str],
+    images: list[list[Any]],
+    max_model_len: int | None,
+) -> list[list[int]] | None:
+    """The expanded token ids of each prompt with images (the processor inserts the image tokens),
+    None for a prompt without; raises, naming the prompt, when one does not fit ``max_model_len``
+    with room to generate. Nothing is computed when ``max_model_len`` is None."""
+    if max_model_len is None or processor is None:
+        return None
+    out: list[list[int] | None] = []
+    for i, (text, imgs) in enumerate(zip(prompts, images)):
+        if not imgs:
+            out.append(None)
+            continue
+        ids = list(processor(text=[text], images=[imgs], return_tensors="pt")["input_ids"][0].tolist())
+        if len(ids) >= max_model_len:
+            raise ValueError(
+                f"prompt {i} with its {len(imgs)} image(s) takes {len(ids)} tokens once the processor "
+                f"inserted the image tokens, which does not fit max_model_len={max_model_len} "
+                "(StrategyConfig.engine_max_model_len) with room to generate; use fewer or smaller "
+                "images, or raise engine_max_model_len"
+            )
+        out.append(ids)
+    return out  # type: ignore[return-value]

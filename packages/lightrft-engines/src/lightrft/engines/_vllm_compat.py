@@ -99,6 +99,21 @@ def model_of(worker: Any) -> torch.nn.Module:
     return worker.model_runner.model
 
 
+def reset_encoder_cache(llm: Any) -> bool:
+    """Drops the vision encoder outputs vLLM keeps across requests by image hash (they were
+    computed with the previous weights); returns whether this vLLM has that cache to reset."""
+    reset = getattr(llm.llm_engine, "reset_encoder_cache", None)
+    if not callable(reset):
+        return False
+    reset()
+    return True
+
+
+def is_multimodal(llm: Any) -> bool:
+    """Whether the engine's model takes images (vLLM's own reading of its config)."""
+    return bool(getattr(llm.llm_engine.model_config, "is_multimodal_model", False))
+
+
 def shutdown(llm: Any, keep_default_group: bool) -> None:
     """Shuts an in-process engine down. vLLM's ``EngineCore.shutdown`` ends with
     ``cleanup_dist_env_and_memory()``, which destroys torch's default process group: the training

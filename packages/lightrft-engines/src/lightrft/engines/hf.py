@@ -25,7 +25,18 @@ from torch import nn
 from lightrft.strategy.engine import GenerationOutput, SamplingParams, WeightBucket
 from lightrft.strategy.weights import copy_bucket_into
 
-from ._common import check_prompt_lengths, engine_max_len, is_sharded, require_model
+from ._common import (
+    base_hf_model,
+    check_images,
+    check_prompt_lengths,
+    engine_max_len,
+    find_processor,
+    image_lists,
+    is_multimodal,
+    is_sharded,
+    require_model,
+    text_tokenizer,
+)
 
 
 class HFEngine:
@@ -42,6 +53,7 @@ class HFEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         model_path: str | None = None,
+        processor: Any = None,
         **_: Any,
     ) -> None:
         try:
@@ -51,9 +63,11 @@ class HFEngine:
                 "HFEngine (engine_type='hf') needs transformers: `uv add 'lightrft-engines[hf]'`"
             ) from e
         if model is None and model_path is not None:
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-            model = AutoModelForCausalLM.from_pretrained(model_path)
+            config = AutoConfig.from_pretrained(model_path)
+            auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+            model = auto.from_pretrained(model_path)
         require_model("HFEngine", model, model_path)
         if not hasattr(model, "generate"):
             raise ValueError(
@@ -92,7 +106,11 @@ class HFEngine:
         #: The strategy sends the pushed weights in this dtype (None: as they are).
         self.weight_dtype: torch.dtype | None = self.dtype
         self.model.to(self.device)
-        self.tokenizer = tokenizer
+        #: The processor (image processor + tokenizer) of a vision-language model: ``processor=``,
+        #: or ``tokenizer=`` when it is one.
+        self.processor = find_processor(tokenizer, processor)
+        self.tokenizer = text_tokenizer(tokenizer if tokenizer is not None else self.processor)
+        self.multimodal = is_multimodal(self.model)
         self.sleeping_level = 0
         self._params: dict[str, torch.Tensor] = dict(self.model.named_parameters())
         self._discarded = sharded
@@ -140,15 +158,47 @@ class HFEngine:
             )
         if self._discarded:
             raise RuntimeError("HFEngine's weights were freed by sleep(level=2): update_weights() first")
-        if multi_modal_inputs is not None:
-            raise NotImplementedError(
-                "HFEngine generates text only; use the vllm engine for multimodal inputs"
-            )
         sp = sampling_params or SamplingParams(temperature=0.0)
-        if prompt_token_ids is None:
-            if prompts is None or self.tokenizer is None:
-                raise ValueError("generate() needs prompt_token_ids, or prompts with a tokenizer")
-            prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
+        n = len(prompts) if prompts is not None else len(prompt_token_ids or [])
+        images = image_lists(multi_modal_inputs, n)
+        check_images(
+            images,
+            prompts,
+            multimodal=self.multimodal,
+            placeholder=getattr(self.processor, "image_token", None),
+            model_name=type(base_hf_model(self.model)).__name__,
+        )
+        if images is not None and self.processor is None:
+            raise ValueError(
+                "HFEngine got images but no processor: pass processor= (or the processor as "
+                "tokenizer=) to strategy.setup_inference_engine"
+            )
+        # Per prompt: the model's inputs (the processor's, with pixel values, for a prompt with
+        # images; the token ids otherwise).
+        inputs: list[dict[str, torch.Tensor]] = []
+        if images is not None:
+            assert prompts is not None
+            for text, imgs in zip(prompts, images):
+                if imgs:
+                    batch = self.processor(text=[text], images=[imgs], return_tensors="pt")
+                    inputs.append(self._to_device(batch))
+                else:
+                    inputs.append(self._ids_input(self.tokenizer.encode(text)))
+        else:
+            if prompt_token_ids is None:
+                if prompts is None or self.tokenizer is None:
+                    raise ValueError("generate() needs prompt_token_ids, or prompts with a tokenizer")
+                prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
+            inputs = [self._ids_input(list(ids)) for ids in prompt_token_ids]
+        for i, x in enumerate(inputs):
+            length = x["input_ids"].shape[1]
+            if self.max_model_len is not None and length >= self.max_model_len:
+                with_images = f" with its {len(images[i])} image(s)" if images and images[i] else ""
+                raise ValueError(
+                    f"prompt {i}{with_images} takes {length} tokens, which does not fit max_model_len="
+                    f"{self.max_model_len} (StrategyConfig.engine_max_model_len) with room to generate; "
+                    "shorten it (fewer or smaller images) or raise engine_max_model_len"
+                )
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": sp.max_new_tokens,
             "do_sample": not sp.greedy,
@@ -168,7 +218,8 @@ class HFEngine:
         if pad is None:
             pad = eos[0] if eos else 0
         gen_kwargs["pad_token_id"] = pad
-        check_prompt_lengths(prompt_token_ids, self.max_model_len, sp.max_new_tokens)
+        if prompt_token_ids is not None:
+            check_prompt_lengths(prompt_token_ids, self.max_model_len, sp.max_new_tokens)
         if sp.seed is not None:
             seed = int(sp.seed)
         else:
@@ -178,24 +229,24 @@ class HFEngine:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # generation's own draws stay out of training's RNG
             torch.manual_seed(seed)
-            return self._generate_all(prompt_token_ids, sp, gen_kwargs, eos)
+            return self._generate_all(inputs, sp, gen_kwargs, eos)
 
     def _generate_all(
         self,
-        prompt_token_ids: Sequence[Sequence[int]],
+        inputs: list[dict[str, torch.Tensor]],
         sp: SamplingParams,
         gen_kwargs: dict[str, Any],
         eos: list[int],
     ) -> list[GenerationOutput]:
         outputs: list[GenerationOutput] = []
-        for ids in prompt_token_ids:  # one prompt at a time: no padding, exact per-prompt outputs
-            x = torch.tensor([list(ids)], device=self.device)
+        for x in inputs:  # one prompt at a time: no padding, exact per-prompt outputs
+            ids = x["input_ids"][0].tolist()
             kwargs = gen_kwargs
             if self.max_model_len is not None:  # stop at the engine's length, as vLLM and SGLang do
-                room = self.max_model_len - x.shape[1]
+                room = self.max_model_len - x["input_ids"].shape[1]
                 kwargs = {**gen_kwargs, "max_new_tokens": min(sp.max_new_tokens, room)}
-            res = self.model.generate(x, attention_mask=torch.ones_like(x), **kwargs)
-            new = res.sequences[:, x.shape[1] :]
+            res = self.model.generate(**x, **kwargs)
+            new = res.sequences[:, x["input_ids"].shape[1] :]
             for j in range(new.shape[0]):
                 toks = new[j].tolist()
                 finish = "length"
@@ -211,6 +262,19 @@ class HFEngine:
                 text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
                 outputs.append(GenerationOutput(list(ids), toks, text, logprobs, finish))
         return outputs
+
+    def _ids_input(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        x = torch.tensor([ids], device=self.device)
+        return {"input_ids": x, "attention_mask": torch.ones_like(x)}
+
+    def _to_device(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The processor's tensors on the engine's device, pixel values in the model's dtype."""
+        dtype = next(self.model.parameters()).dtype
+        return {
+            k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in batch.items()
+            if torch.is_tensor(v)
+        }
 
     def sleep(self, level: int = 1) -> None:
         if level not in (1, 2):

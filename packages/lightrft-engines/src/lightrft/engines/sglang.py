@@ -53,23 +53,32 @@ import torch
 import torch.distributed as dist
 
 from lightrft.strategy.engine import EngineDiedError, GenerationOutput, SamplingParams, WeightBucket
+from lightrft.strategy.hf_io import original_class_name
 from lightrft.strategy.weights import bucket_named_tensors
 
 from . import _sglang_compat as compat
 from ._common import (
     base_hf_model,
+    check_images,
+    check_multimodal_lengths,
     check_prompt_lengths,
     empty_device_cache,
     engine_max_len,
+    engine_name_map,
     engine_tp_groups,
     engine_weight_names,
+    find_processor,
+    image_lists,
+    is_multimodal,
     is_sharded,
     lora_scalings,
     make_output,
     merge_peft_stream,
     remove_dir,
+    rename_stream,
     require_model,
     say_once,
+    text_tokenizer,
     to_token_id_lists,
     write_config_dir,
 )
@@ -175,8 +184,14 @@ class SGLangEngine:
         self.leader = self.group_ranks[0]
         self.is_leader = self.rank == self.leader
         self.device = _device(strategy)
-        self.tokenizer = tokenizer
+        #: A vision-language model's processor (``processor=``, or ``tokenizer=`` when it is one):
+        #: written into the engine's directory, where SGLang builds its own.
+        self.processor = find_processor(tokenizer, engine_kwargs.pop("processor", None))
+        self.tokenizer = text_tokenizer(tokenizer)
         require_model("SGLangEngine", model, model_path)
+        self.model_name = original_class_name(base_hf_model(model)) if model is not None else str(model_path)
+        #: Whether the model takes images (its config has a vision_config).
+        self.multimodal = is_multimodal(model) if model is not None else _config_has_vision(model_path)
         self.dtype_name = cfg.engine_dtype_name()
         self.dtype = _DTYPES[self.dtype_name]
         #: The strategy casts (sharded backends: before gathering) the pushed weights to this.
@@ -189,6 +204,8 @@ class SGLangEngine:
         #: after the start; a larger generation is said once, as a warning (it runs eagerly).
         self.decode_graph_captured: int | None = None
         self._lora = lora_scalings(model) if model is not None else {}
+        #: Training names -> the names SGLang's model class loads (None: unchanged); once per engine.
+        self._rename = engine_name_map(model)
         self.expected_names = engine_weight_names(model) if model is not None else None
         self._released: set[str] = set()
         self._pushed: set[str] = set()
@@ -203,7 +220,8 @@ class SGLangEngine:
         if self.memory_saver:
             # torch_memory_saver refuses expandable segments: the schedulers would fail to start.
             cfg.model_copy(update={"enable_engine_sleep": True}).check_engine_allocator("sglang")
-        self.skip_tokenizer_init = bool(engine_kwargs.get("skip_tokenizer_init", True))
+        # SGLang expands image placeholders with its own processor: a multimodal engine needs it.
+        self.skip_tokenizer_init = bool(engine_kwargs.get("skip_tokenizer_init", not self.multimodal))
         self.tags = compat.memory_tags(self.runtime.version)
         self.engine: Any = None
         self._config_dir = None
@@ -260,15 +278,26 @@ class SGLangEngine:
         self._check_open()
         self._check_generate_ready()
         sp = sampling_params or SamplingParams(temperature=0.0)
-        images = _images(multi_modal_inputs)
-        if images is not None and self.skip_tokenizer_init:
-            raise ValueError(
-                "multi_modal_inputs with images need SGLang's processor: set up the engine with "
-                "skip_tokenizer_init=False (and tokenizer= / a model_path with the processor files)"
-            )
+        n = len(prompts) if prompts is not None else len(prompt_token_ids or [])
+        images = image_lists(multi_modal_inputs, n)
+        expanded: list[Any] | None = None
         if images is not None:
-            if prompts is None:
-                raise ValueError("multi_modal_inputs need text prompts= (SGLang expands the image tokens)")
+            check_images(
+                images,
+                prompts,
+                multimodal=self.multimodal,
+                placeholder=getattr(self.processor, "image_token", None),
+                model_name=self.model_name,
+            )
+            if self.skip_tokenizer_init:
+                raise ValueError(
+                    "multi_modal_inputs with images need SGLang's processor: set up the engine with "
+                    "skip_tokenizer_init=False (and tokenizer= / a model_path with the processor files)"
+                )
+            assert prompts is not None
+            # The processor's expansion: the length check, and the prompt ids of the outputs
+            # (SGLang does not return the ids of a prompt it tokenized).
+            expanded = check_multimodal_lengths(self.processor, prompts, images, self.context_length)
             ids = None
         else:
             ids = to_token_id_lists(prompts, prompt_token_ids, self.tokenizer, "SGLangEngine")
@@ -280,7 +309,9 @@ class SGLangEngine:
             try:
                 status = (
                     True,
-                    self._watched("generate", lambda: self._generate_here(ids, prompts, images, sp)),
+                    self._watched(
+                        "generate", lambda: self._generate_here(ids, prompts, images, sp, expanded)
+                    ),
                     None,
                 )
             except EngineDiedError as e:
@@ -298,17 +329,20 @@ class SGLangEngine:
         self,
         ids: list[list[int]] | None,
         prompts: Sequence[str] | None,
-        images: list[Any] | None,
+        images: list[list[Any]] | None,
         sp: SamplingParams,
+        expanded: list[Any] | None = None,
     ) -> list[GenerationOutput]:
         params = sampling_dict(sp)
         self._warn_if_eager((len(ids) if ids is not None else len(prompts or [])) * sp.n)
         if ids is not None:
             raw = self.engine.generate(input_ids=ids, sampling_params=params, return_logprob=sp.logprobs)
         else:
+            # A list per prompt (an empty one for a text-only prompt): SGLang reads the batch's
+            # layout from the first entry.
             raw = self.engine.generate(
                 prompt=list(prompts or []),
-                image_data=images,
+                image_data=[list(imgs) for imgs in images or []],
                 sampling_params=params,
                 return_logprob=sp.logprobs,
             )
@@ -317,10 +351,19 @@ class SGLangEngine:
         n_prompts = len(ids) if ids is not None else len(prompts or [])
         if len(raw) != n_prompts * sp.n:
             raise RuntimeError(f"SGLang returned {len(raw)} outputs for {n_prompts} prompts with n={sp.n}")
-        # Text prompts with images are tokenized by SGLang (it expands the image tokens): their
-        # prompt ids are not known here and stay empty.
+
+        # Text prompts are tokenized by SGLang (it expands the image tokens): their prompt ids are
+        # the processor's expansion where it ran, the tokenizer's for a text-only prompt.
+        def prompt_ids(i: int) -> list[int]:
+            if ids is not None:
+                return ids[i]
+            if expanded is not None and expanded[i] is not None:
+                return list(expanded[i])
+            text = (prompts or [])[i]
+            return list(self.tokenizer.encode(text)) if self.tokenizer is not None else []
+
         return [
-            convert_output(item, ids[k // sp.n] if ids is not None else [], self.tokenizer, sp.logprobs)
+            convert_output(item, prompt_ids(k // sp.n), self.tokenizer, sp.logprobs)
             for k, item in enumerate(raw)
         ]
 
@@ -340,6 +383,7 @@ class SGLangEngine:
         stream: Iterable[WeightBucket] = buckets
         if self._lora:
             stream = merge_peft_stream(buckets, self._lora)
+        stream = rename_stream(stream, self._rename)
         pushed: set[str] = set()
         session = self.is_leader and compat.has_update_session(self.engine)
         self._leader_step(
@@ -462,7 +506,11 @@ class SGLangEngine:
         self.server_args = self._server_args(model, model_path, engine_kwargs)
         try:
             config_path = self._write_logging_config()
-            changes = compat.scheduler_env(os.environ, str(config_path))
+            changes = dict(compat.scheduler_env(os.environ, str(config_path)))
+            if self.multimodal:
+                # SGLang keeps vision embeddings by image hash across requests and no flush drops
+                # them: after a weight push they would be stale. 0 MB turns that cache off.
+                changes["SGLANG_VLM_CACHE_SIZE_MB"] = "0"
             before = set(_child_pids())
             with compat.scoped_env(changes):
                 self.engine = start_with_deadline(
@@ -494,7 +542,7 @@ class SGLangEngine:
         cfg = self.config
         if model_path is None:
             self._config_dir = write_config_dir(
-                model, self.tokenizer if not self.skip_tokenizer_init else None
+                model, (self.processor or self.tokenizer) if not self.skip_tokenizer_init else None
             )
             path, load_format = str(self._config_dir), "dummy"
         else:
@@ -808,15 +856,10 @@ def convert_output(
     return result
 
 
-def _images(multi_modal_inputs: Sequence[Any] | None) -> list[Any] | None:
-    """Per-prompt ``image`` entries (SGLang's ``image_data``), or None when no prompt has one."""
-    if multi_modal_inputs is None:
-        return None
-    images = []
-    for mm in multi_modal_inputs:
-        img = mm.get("image") if isinstance(mm, dict) else None
-        images.append(img)
-    return images if any(i is not None for i in images) else None
+def _config_has_vision(model_path: str | None) -> bool:
+    """Whether the Hugging Face directory's ``config.json`` describes a vision-language model."""
+    cfg = Path(model_path or "") / "config.json"
+    return cfg.is_file() and "vision_config" in json.loads(cfg.read_text())
 
 
 def _device(strategy: Any) -> torch.device:

@@ -62,6 +62,7 @@ class VLLMEngine:
         model: nn.Module | None = None,
         tokenizer: Any = None,
         model_path: str | None = None,
+        processor: Any = None,
         **llm_kwargs: Any,
     ) -> None:
         vllm = compat.import_vllm()
@@ -70,7 +71,10 @@ class VLLMEngine:
 
         cfg = strategy.config if strategy is not None else StrategyConfig()
         _common.require_model("VLLMEngine", model, model_path)
-        self.tokenizer = tokenizer
+        #: A vision-language model's processor (``processor=``, or ``tokenizer=`` when it is one): it
+        #: goes into the engine's directory (vLLM builds its own from there) and counts image tokens.
+        self.processor = _common.find_processor(tokenizer, processor)
+        self.tokenizer = _common.text_tokenizer(tokenizer)
         self.closed = False
         self.tp_group, self.tp_ranks = _common.engine_tp_groups(cfg.engine_tp_size)
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -83,10 +87,14 @@ class VLLMEngine:
         self._dir: str | None = None
         self._peft_scalings = _common.lora_scalings(model) if model is not None else {}
         self._expected_names: set[str] = set()
+        #: Training names -> the names vLLM's model class loads (None: unchanged); once per engine.
+        self._rename = _common.engine_name_map(model)
+        multimodal = _common.is_multimodal(model) if model is not None else _config_has_vision(model_path)
         if model_path is None:
             assert model is not None
-            self._dir = str(_common.write_config_dir(model, tokenizer))
-            # The names as merge_peft_stream yields them (a PEFT actor's LoRA parts merged away).
+            self._dir = str(_common.write_config_dir(model, self.processor or tokenizer))
+            # The names as merge_peft_stream yields them (a PEFT actor's LoRA parts merged away),
+            # in the engine's layout (a vision-language model's hub names).
             self._expected_names = _common.engine_weight_names(model)
         dtype = cfg.engine_dtype_name()
         kwargs: dict[str, Any] = {
@@ -105,6 +113,9 @@ class VLLMEngine:
             "load_format": "auto" if model_path else "dummy",
             "logprobs_mode": "processed_logprobs",
         }
+        if multimodal:
+            # vLLM sizes its encoder cache and profiling for this many images in one prompt.
+            kwargs["limit_mm_per_prompt"] = {"image": int(cfg.get_extra_arg("limit_mm_per_prompt", 4) or 4)}
         if world > 1 or cfg.engine_tp_size > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(llm_kwargs)
@@ -131,6 +142,12 @@ class VLLMEngine:
         #: Whether this engine took over the process's parked vllm.LLM (same settings).
         self.reused = reused is not None
         self.max_model_len: int = int(self.llm.llm_engine.model_config.max_model_len)
+        #: Whether the engine's model takes images (vLLM's reading of its config).
+        self.multimodal = compat.is_multimodal(self.llm)
+        if self.processor is None and self.multimodal and model_path is not None:
+            from transformers import AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(model_path)
         #: The strategy casts (and gathers) the pushed weights in this dtype: the engine's own.
         self.weight_dtype: torch.dtype | None = _torch_dtype(self.llm.llm_engine.model_config.dtype)
         self._asleep: set[str] = set(_TAGS) if self.reused else set()
@@ -172,6 +189,7 @@ class VLLMEngine:
         stream: Iterable[WeightBucket] = buckets
         if self._peft_scalings:
             stream = _common.merge_peft_stream(stream, self._peft_scalings)
+        stream = _common.rename_stream(stream, self._rename)
         seen: set[str] = set()
         for bucket in stream:
             if bucket:
@@ -190,10 +208,13 @@ class VLLMEngine:
         self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:
-        """Drops cached prefixes (vLLM does not do it on a weight update)."""
+        """Drops cached prefixes (vLLM does not do it on a weight update) and, for a
+        vision-language model, the cached vision-encoder outputs of earlier images."""
         self._check_open("reset_prefix_cache")
         if not self._asleep:
             self.llm.reset_prefix_cache()
+            if self.multimodal:
+                compat.reset_encoder_cache(self.llm)
 
     def set_copy_plan(self, enabled: bool) -> dict[str, int]:
         """Pushes through the recorded copy plan (default) or through ``load_weights`` every time
@@ -230,13 +251,11 @@ class VLLMEngine:
 
         sp = sampling_params or SamplingParams(temperature=0.0)
         requests: list[Any]
-        if multi_modal_inputs is not None and any(m is not None for m in multi_modal_inputs):
-            if prompts is None:
-                raise ValueError("multimodal generation needs the text prompts (prompts=) with the images")
-            requests = [
-                {"prompt": p, **({"multi_modal_data": m} if m is not None else {})}
-                for p, m in zip(prompts, multi_modal_inputs)
-            ]
+        n = len(prompts) if prompts is not None else len(prompt_token_ids or [])
+        images = _common.image_lists(multi_modal_inputs, n)
+        ids: list[list[int]] | None
+        if images is not None:
+            requests = self.multimodal_requests(prompts, images)
             ids = None
         else:
             ids = _common.to_token_id_lists(prompts, prompt_token_ids, self.tokenizer, "VLLMEngine")
@@ -267,6 +286,27 @@ class VLLMEngine:
                     lps = [float(o.logprobs[t][tok].logprob) for t, tok in enumerate(toks)]
                 outputs.append(_common.make_output(prompt_ids, toks, self.tokenizer, lps, o.finish_reason))
         return outputs
+
+    def multimodal_requests(
+        self, prompts: Sequence[str] | None, images: list[list[Any]]
+    ) -> list[dict[str, Any]]:
+        """vLLM's requests for text prompts with their images (one ``multi_modal_data`` per prompt
+        with images, a plain text prompt otherwise), after the checks that name the bad prompt:
+        images for a text-only model, a placeholder count that differs from the image count, a
+        prompt that does not fit ``max_model_len`` once its image tokens are inserted."""
+        _common.check_images(
+            images,
+            prompts,
+            multimodal=self.multimodal,
+            placeholder=getattr(self.processor, "image_token", None),
+            model_name=str(self.llm.llm_engine.model_config.architectures),
+        )
+        assert prompts is not None
+        _common.check_multimodal_lengths(self.processor, prompts, images, self.max_model_len)
+        return [
+            {"prompt": p, "multi_modal_data": {"image": imgs}} if imgs else {"prompt": p}
+            for p, imgs in zip(prompts, images)
+        ]
 
     # --------------------------------------------------------------- sleep / wake
     def sleep(self, level: int = 1) -> None:
@@ -363,6 +403,15 @@ def _torch_dtype(value: Any) -> torch.dtype | None:
     if isinstance(value, torch.dtype):
         return value
     return getattr(torch, str(value), None) if isinstance(value, str) else None
+
+
+def _config_has_vision(model_path: str | None) -> bool:
+    """Whether the Hugging Face directory's ``config.json`` describes a vision-language model."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(model_path or "") / "config.json"
+    return cfg.is_file() and "vision_config" in json.loads(cfg.read_text())
 
 
 def _plain_named_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

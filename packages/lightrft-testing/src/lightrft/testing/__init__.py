@@ -15,15 +15,22 @@ from .distributed import RANK_THREADS, DistributedRunError, call, rank_threads, 
 from .engine import FakeEngine
 from .fake import FakeStrategy, NoEngineModelWarning, clone_model
 from .models import (
+    COLORS,
+    IMAGE_PLACEHOLDER,
     PeftShapedModel,
     TinyCausalLM,
     TinyConfig,
     causal_lm_loss,
     make_batches,
+    make_color_image,
     make_lora_like,
     make_sequential_lm,
     make_tiny_llama,
     make_tiny_model,
+    make_tiny_vlm,
+    make_tiny_vlm_tokenizer,
+    vlm_batch,
+    vlm_loss,
 )
 
 
@@ -35,6 +42,8 @@ def get_fake_strategy(args=None, **overrides):  # noqa: ANN001, ANN201 - mirrors
 
 
 __all__ = [
+    "COLORS",
+    "IMAGE_PLACEHOLDER",
     "RANK_THREADS",
     "DistributedRunError",
     "FakeEngine",
@@ -49,11 +58,16 @@ __all__ = [
     "get_fake_strategy",
     "harness",
     "make_batches",
+    "make_color_image",
     "make_lora_like",
     "make_sequential_lm",
     "make_tiny_llama",
     "make_tiny_model",
+    "make_tiny_vlm",
+    "make_tiny_vlm_tokenizer",
     "rank_threads",
     "run_distributed",
+    "vlm_batch",
+    "vlm_loss",
 ]
 __version__ = _distribution_version("lightrft-testing")  # the version is written once: pyproject.toml

@@ -191,3 +191,179 @@ def make_lora_like(
                 w = params[f"{name}.weight"]
                 w.copy_((w.float() + module.scale * (b @ a)).to(w.dtype))
     return actor, merged
+
+
+# ----------------------------------------------------------------------- a tiny vision-language model
+#: Colours of :func:`make_color_image`, each a single token of :func:`make_tiny_vlm`'s tokenizer.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (25, 200, 25),
+    "blue": (25, 25, 230),
+    "yellow": (230, 230, 25),
+}
+#: The text placeholder of one image in a prompt of :func:`make_tiny_vlm` (Gemma 3's processor
+#: expands it into begin-of-image, ``mm_tokens_per_image`` soft tokens and end-of-image).
+IMAGE_PLACEHOLDER = "<start_of_image>"
+_VLM_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", IMAGE_PLACEHOLDER, "<end_of_image>", "<image_soft_token>"]
+_VLM_CORPUS = (
+    "what colour is the image ? the image is {c} . name the colour : {c} . "
+    "a {c} square . is it {c} ? yes it is {c} . describe both images : {c} and {c} ."
+)
+
+
+def make_tiny_vlm_tokenizer() -> Any:
+    """A byte-level BPE tokenizer trained here on a few sentences about colours (no hub): the
+    colour names are single tokens; ``<start_of_image>`` is the image placeholder."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as e:
+        raise ImportError("make_tiny_vlm needs transformers: `uv add transformers pillow`") from e
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=_VLM_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [_VLM_CORPUS.format(c=c) for c in COLORS for _ in range(8)] + ["\n\n", "\n"] * 8
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": IMAGE_PLACEHOLDER,
+            "eoi_token": "<end_of_image>",
+        },
+    )
+
+
+def make_tiny_vlm(
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_hidden_size: int = 64,
+    vision_layers: int = 2,
+    image_size: int = 28,
+    patch_size: int = 14,
+    tokens_per_image: int = 4,
+) -> tuple[Any, Any]:
+    """A randomly initialised ``Gemma3ForConditionalGeneration`` (SigLIP vision tower + Gemma 3
+    decoder) and its ``Gemma3Processor``, built locally (no hub): about 0.5 M parameters at the
+    defaults, 28x28 images as ``tokens_per_image`` soft tokens each. Gemma 3 is a vision-language
+    architecture that transformers, vLLM and SGLang all implement natively; its processor works
+    without torchvision (transformers falls back to the PIL image processor).
+
+    Returns ``(model, processor)``; ``processor.tokenizer`` is :func:`make_tiny_vlm_tokenizer`'s.
+    Needs transformers and pillow."""
+    try:
+        import transformers
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    except ImportError as e:
+        raise ImportError("make_tiny_vlm needs transformers: `uv add transformers pillow`") from e
+    tokenizer = make_tiny_vlm_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _VLM_SPECIAL}
+    heads = max(1, hidden_size // 64)
+    config = Gemma3Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 1,
+            "head_dim": hidden_size // heads,
+            "max_position_embeddings": 512,
+            "sliding_window": 64,
+            "pad_token_id": ids["<pad>"],
+            "bos_token_id": ids["<bos>"],
+            "eos_token_id": ids["<eos>"],
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": 2 * vision_hidden_size,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": max(1, vision_hidden_size // 64),
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "vision_use_head": False,
+        },
+        mm_tokens_per_image=tokens_per_image,
+        image_token_index=ids["<image_soft_token>"],
+        boi_token_index=ids[IMAGE_PLACEHOLDER],
+        eoi_token_index=ids["<end_of_image>"],
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<bos>"],
+        eos_token_id=ids["<eos>"],
+        tie_word_embeddings=True,
+    )
+    image_processor = transformers.Gemma3ImageProcessor(
+        size={"height": image_size, "width": image_size}, do_pan_and_scan=False
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(config)
+        # Gemma 3 initialises its image projection to zeros: images would change nothing until
+        # trained. A random projection makes the image matter from the start.
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        with torch.no_grad():
+            projection.normal_(0.0, vision_hidden_size**-0.5)
+    model.generation_config.pad_token_id = ids["<pad>"]
+    model.generation_config.eos_token_id = ids["<eos>"]
+    return model, processor
+
+
+def make_color_image(color: str, size: int = 28, seed: int | None = None) -> Any:
+    """A ``size`` x ``size`` PIL image of one of :data:`COLORS` (with ``seed``: a little noise, so
+    no two images are equal). Needs pillow."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("make_color_image needs pillow: `uv add pillow`") from e
+    if color not in COLORS:
+        raise ValueError(f"color={color!r} is unknown; valid: {sorted(COLORS)}")
+    base = torch.tensor(COLORS[color], dtype=torch.int16).view(1, 1, 3).expand(size, size, 3)
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        base = base + torch.randint(-20, 21, (size, size, 3), generator=g, dtype=torch.int16)
+    pixels = base.clamp(0, 255).to(torch.uint8).contiguous()
+    return Image.frombytes("RGB", (size, size), bytes(pixels.flatten().tolist()))
+
+
+def vlm_batch(processor: Any, texts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor]:
+    """A padded training batch for :func:`make_tiny_vlm` (or any Hugging Face vision-language
+    processor): the processor's tensors plus ``labels`` (the input ids, -100 on padding and on the
+    image tokens, which are not predicted). ``images[i]``: prompt i's images (may be empty)."""
+    flat = [img for imgs in images for img in imgs]
+    kwargs: dict[str, Any] = {"text": list(texts), "return_tensors": "pt", "padding": True}
+    if flat:
+        kwargs["images"] = [list(imgs) for imgs in images]
+    batch = dict(processor(**kwargs))
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    if "token_type_ids" in batch:
+        labels[batch["token_type_ids"] != 0] = -100
+    else:
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    batch["labels"] = labels
+    return batch
+
+
+def vlm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross entropy of a vision-language ``model`` on a :func:`vlm_batch`."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = logits_of(model(**inputs)).float()
+    labels = batch["labels"].to(logits.device)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )

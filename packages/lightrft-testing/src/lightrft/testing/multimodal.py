@@ -1,0 +1,151 @@
+"""One multimodal RL round on any strategy, run on every rank: the tiny vision-language model
+(:func:`~lightrft.testing.models.make_tiny_vlm`) prepared, trained on image+text batches, its
+weights pushed into the rollout engine with ``update_engine_weights``, generating with images in
+LightRFT's call form, then saved and loaded into a fresh engine. Backends' tests call
+:func:`train_push_generate` (through ``run_distributed`` for several ranks) and assert on what it
+returns. Needs transformers, pillow and an engine (``lightrft-engines[hf]`` for ``engine_type="hf"``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from .models import IMAGE_PLACEHOLDER, make_color_image, make_tiny_vlm, vlm_batch, vlm_loss
+
+#: The rollout batch: prompts with 1, 2 and 0 images, as LightRFT passes them (flat images + counts).
+PROMPTS = [
+    f"{IMAGE_PLACEHOLDER} what colour is the image ?",
+    f"{IMAGE_PLACEHOLDER} and {IMAGE_PLACEHOLDER} describe both images :",
+    "what colour is the image ?",
+]
+IMAGES_NUM = [1, 2, 0]
+_COLOURS = ["red", "green", "blue", "yellow"]
+
+
+def rollout_images() -> list[Any]:
+    return [make_color_image("red"), make_color_image("blue"), make_color_image("green")]
+
+
+def training_samples(step: int, n: int) -> list[tuple[str, Any]]:
+    """``n`` (text, image) pairs of optimizer step ``step``: a colour's image and its name."""
+    out = []
+    for i in range(n):
+        colour = _COLOURS[(step + i) % len(_COLOURS)]
+        out.append(
+            (
+                f"{IMAGE_PLACEHOLDER} what colour is the image ? {colour}",
+                make_color_image(colour, seed=97 * step + i),
+            )
+        )
+    return out
+
+
+def generate(strategy: Any, processor: Any, max_new_tokens: int = 6) -> list[dict[str, Any]]:
+    """Greedy generations of :data:`PROMPTS` with their images (``gather_and_generate`` in
+    LightRFT's argument form): tokens and log-probs per prompt."""
+    from lightrft.strategy import SamplingParams
+
+    outs = strategy.gather_and_generate(
+        SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, logprobs=True),
+        all_prompt_token_ids=[processor.tokenizer.encode(p) for p in PROMPTS],
+        all_prompts=PROMPTS,
+        all_images=rollout_images(),
+        sleep_engine=False,
+        images_num=IMAGES_NUM,
+    )
+    return [{"tokens": list(o.output_token_ids), "logprobs": list(o.logprobs or [])} for o in outs]
+
+
+def train_push_generate(config: dict[str, Any], tmp: str, steps: int = 2, lr: float = 1e-3) -> dict[str, Any]:
+    """Prepares the tiny VLM on ``config``'s strategy, builds the engine (``config["engine_type"]``)
+    from an unsharded copy, trains ``steps`` optimizer steps on image+text batches (each rank its
+    share of ``train_batch_size`` samples per step, in micro-batches), pushes, generates, saves the
+    model under ``tmp`` and generates with a fresh engine built from that directory.
+
+    Returns: ``losses`` (this rank's micro-batch losses), ``units`` (the class names of the FSDP
+    units below the root, empty for other backends), ``before`` / ``pushed`` / ``fresh``
+    generations and ``rank``."""
+    import torch
+
+    from lightrft.strategy import get_strategy
+
+    strategy = get_strategy(config)
+    model, processor = make_tiny_vlm(seed=0)
+    engine_model = copy.deepcopy(model)
+    actor = strategy.prepare_model(model, is_training=True)
+    optim = strategy.create_optimizer(actor, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    actor, optim, _ = strategy.prepare((actor, optim, None))
+    units: list[str] = []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        root = strategy.unwrap_model(actor)
+        units = sorted(
+            {type(m).__name__ for m in root.modules() if isinstance(m, FSDPModule) and m is not root}
+        )
+    except ImportError:
+        pass
+    strategy.setup_inference_engine(model=engine_model, tokenizer=processor)
+    before = generate(strategy, processor)
+    rank, world = strategy.get_rank(), strategy.world_size
+    micro = strategy.config.micro_train_batch_size
+    losses: list[float] = []
+    for step in range(steps):
+        mine = training_samples(step, strategy.config.train_batch_size)[rank::world]
+        for start in range(0, len(mine), micro):
+            part = mine[start : start + micro]
+            batch = vlm_batch(processor, [t for t, _ in part], [[img] for _, img in part])
+            batch = {k: v.to(strategy.device) for k, v in batch.items()}
+            loss = vlm_loss(actor, batch)
+            strategy.backward(loss, actor, optim)
+            strategy.optimizer_step(optim, actor, None)
+            losses.append(float(loss.detach()))
+    strategy.update_engine_weights(actor)
+    pushed = generate(strategy, processor)
+    saved = Path(tmp) / "trained"
+    strategy.save_model(actor, saved, tokenizer=processor)
+    strategy.engine_lifecycle.shutdown()
+    strategy.setup_inference_engine(model_path=str(saved), tokenizer=processor)
+    fresh = generate(strategy, processor)
+    strategy.engine_lifecycle.shutdown()
+    del torch
+    return {
+        "rank": rank,
+        "losses": losses,
+        "units": units,
+        "before": before,
+        "pushed": pushed,
+        "fresh": fresh,
+    }
+
+
+#: Losses of the first optimizer step are computed with the initial weights on both sides: only the
+#: order of fp32 sums differs (~1e-7 relative on values ~6). Later losses follow an Adam step whose
+#: gradients were reduced in another order: each weight moves by lr * g / (|g| + eps), and a 1e-7
+#: relative change of g moves it by ~lr * 1e-7 = 1e-10, except for weights with |g| ~ eps, whose
+#: effect on the loss is itself ~|g| * lr = 1e-11. 1e-4 covers both with a wide margin.
+LOSS_ATOL = 1e-4
+#: The fresh engine holds the very fp32 values that were pushed: generations are identical, and
+#: log-probs differ at most by the order of a reduction (a few fp32 ulps of values ~6: 1e-5).
+LOGPROB_ATOL = 1e-5
+
+
+def check_round(results: list[dict[str, Any]], fake: dict[str, Any]) -> None:
+    """Asserts on :func:`train_push_generate`'s per-rank ``results`` against FakeStrategy's
+    ``fake`` (one process, the whole batch): on every rank the pushed engine's generations equal
+    the fresh engine's (tokens exactly, log-probs within :data:`LOGPROB_ATOL`), the push changed
+    them, and all ranks generated alike; the ranks' losses (sample i of a step on rank
+    ``i % world``) equal FakeStrategy's within :data:`LOSS_ATOL`."""
+    world = len(results)
+    for r in results:
+        assert [g["tokens"] for g in r["fresh"]] == [g["tokens"] for g in r["pushed"]], r["rank"]
+        for f, p in zip(r["fresh"], r["pushed"]):
+            assert max(abs(a - b) for a, b in zip(f["logprobs"], p["logprobs"])) < LOGPROB_ATOL
+        assert [g["logprobs"] for g in r["pushed"]] != [g["logprobs"] for g in r["before"]]
+        assert r["pushed"] == results[0]["pushed"]
+    ranks = [list(r["losses"]) for r in sorted(results, key=lambda r: r["rank"])]
+    merged = [ranks[k % world].pop(0) for k in range(len(fake["losses"]))]
+    assert not any(ranks), "the ranks ran more micro-batches than FakeStrategy"
+    assert max(abs(a - b) for a, b in zip(merged, fake["losses"])) < LOSS_ATOL, (merged, fake["losses"])

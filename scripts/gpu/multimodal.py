@@ -1,0 +1,431 @@
+"""Multimodal rollouts on a real engine: a vision-language policy trained one step with FSDP2 on
+one rank, pushed into the engine, generating with images; the generations after the push must
+equal those of a fresh engine built from the saved trained weights.
+
+    # on the GPU machine (source scripts/gpu-env.sh first; vLLM or SGLang on the path, not both)
+    PYTHONPATH=/tmp/site:/tmp/vsite python3 scripts/gpu/multimodal.py --engine vllm --out $OUT/mm-vllm --budget-s 200
+    PYTHONPATH=/tmp/site:/tmp/ssite python3 scripts/gpu/multimodal.py --engine sglang --out $OUT/mm-sglang --budget-s 200
+    # CPU dry run (the hf engine, gloo, fp32)
+    uv run python scripts/gpu/multimodal.py --engine hf --device cpu --size tiny --out /tmp/mm-hf --budget-s 300
+
+The model is ``lightrft.testing.make_tiny_vlm`` (Gemma 3: SigLIP vision tower + Gemma 3 decoder,
+random weights, a BPE tokenizer trained locally; ``--size small`` widens it to 256 / 128 hidden so
+every attention head is 64 wide). One batch mixes prompts with one, two and three images and a
+text-only prompt. Checks (each a row of the table, all must pass):
+
+1. ``push_changes_outputs``: greedy generations after the step and the push differ from those before
+   (at least one prompt's tokens, or its first token's log-prob by more than ``LOGPROB_CHANGED``).
+2. ``pushed_equals_fresh``: the pushed engine's generations equal, token for token, those of a
+   fresh engine built from ``save_model``'s directory (weights in the hub layout, the processor
+   beside them; the engine builds its own processor from there: SGLang without
+   ``skip_tokenizer_init``).
+3. ``vision_tower_pushed``: pushing the same weights with only the vision tower perturbed changes
+   an image prompt's generation (tokens or first log-prob) and leaves the text-only prompt's tokens
+   unchanged; pushing the trained weights back restores ``pushed`` exactly.
+4. ``bad_input_errors``: an image count that does not match the placeholders and a prompt too long
+   for ``max_model_len`` are refused naming the prompt, before the engine is called.
+
+Writes ``<out>/multimodal_<engine>.json`` (results, versions, timings) and ``<out>/multimodal_<engine>.log``.
+Exit status: 0 when every check passed, 1 when one failed, 3 when the budget ran out first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+# The engine's start-up costs (s), to skip a phase the budget cannot hold.
+ENGINE_START_S = {"hf": 5.0, "vllm": 40.0, "sglang": 100.0}
+
+
+class Budget(Exception):
+    """The time budget ran out before a phase."""
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.monotonic()
+        self.log_path = self.out / f"multimodal_{args.engine}.log"
+        self.log_file = self.log_path.open("w")
+        self.results: dict[str, Any] = {
+            "engine": args.engine,
+            "device": args.device,
+            "size": args.size,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "checks": {},
+            "timings_s": {},
+            "status": "running",
+        }
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.monotonic() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def need(self, seconds: float, what: str) -> None:
+        left = self.args.budget_s - (time.monotonic() - self.t0)
+        if left < seconds:
+            raise Budget(f"{what} needs ~{seconds:.0f} s, {left:.0f} s of the budget left")
+
+    def timed(self, name: str, fn: Any) -> Any:
+        t = time.monotonic()
+        value = fn()
+        self.results["timings_s"][name] = round(time.monotonic() - t, 2)
+        self.log(f"{name}: {self.results['timings_s'][name]} s")
+        return value
+
+    def check(self, name: str, ok: bool, detail: Any) -> None:
+        self.results["checks"][name] = {"ok": bool(ok), "detail": detail}
+        self.log(f"check {name}: {'PASS' if ok else 'FAIL'} {detail}")
+
+    def write(self) -> None:
+        self.results["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        path = self.out / f"multimodal_{self.args.engine}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results, indent=2, default=str))
+        os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for mod in ("torch", "transformers", "vllm", "sglang", "PIL"):
+        try:
+            out[mod] = getattr(__import__(mod), "__version__", "?")
+        except Exception:  # noqa: BLE001 - absent is a fact to record
+            out[mod] = "absent"
+    import torch
+
+    out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return out
+
+
+def build(size: str) -> tuple[Any, Any]:
+    from lightrft.testing import make_tiny_vlm
+
+    if size == "tiny":
+        model, processor = make_tiny_vlm(seed=0)
+    else:
+        model, processor = make_tiny_vlm(
+            seed=0, hidden_size=256, num_layers=4, vision_hidden_size=128, vision_layers=2
+        )
+    # Random weights give near-uniform logits (log-probs within ~0.01 of each other), in which an
+    # image barely moves a log-prob: scaling the (tied) embeddings by 3 scales the logits by 3,
+    # so a change of the vision tower shows far above bf16 rounding.
+    import torch
+
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(3.0)
+    return model, processor
+
+
+def rollout_batch() -> tuple[list[str], list[Any], list[int]]:
+    """Prompts with 1, 2, 0 and 3 images (LightRFT's flat ``all_images`` + ``images_num``)."""
+    from lightrft.testing import IMAGE_PLACEHOLDER as P
+    from lightrft.testing import make_color_image as img
+
+    prompts = [
+        f"{P} what colour is the image ?",
+        f"{P} and {P} describe both images :",
+        "what colour is the image ?",
+        f"{P} {P} {P} name the colour :",
+    ]
+    images = [img("red"), img("blue"), img("green"), img("yellow"), img("red", seed=1), img("blue", seed=2)]
+    return prompts, images, [1, 2, 0, 3]
+
+
+#: The text tokenizer of the model's processor (set once the model is built).
+TOKENIZER: Any = None
+
+
+#: Log-probs of the first generated token of the image prompts, with and without the vision tower
+#: perturbed (or before and after the step), must differ by more than this to count as changed.
+#: bf16 keeps 8 bits of mantissa: a logit of magnitude <= 16 (far above what these models produce)
+#: is rounded by <= 16 * 2**-9 = 0.031, a log-prob (logit minus logsumexp) by at most twice that,
+#: 0.0625; 0.1 is above it.
+LOGPROB_CHANGED = 0.1
+
+
+def generate(
+    strategy: Any,
+    prompts: list[str],
+    images: list[Any],
+    nums: list[int],
+    new_tokens: int,
+    logprobs: bool = False,
+) -> Any:
+    """Greedy generations in LightRFT's call form (token ids and texts; images flat + counts):
+    each prompt's tokens (with ``logprobs``: and the first token's log-prob)."""
+    from lightrft.strategy import SamplingParams
+
+    ids = [TOKENIZER.encode(p) for p in prompts]
+    outs = strategy.gather_and_generate(
+        SamplingParams(max_new_tokens=new_tokens, temperature=0.0, logprobs=logprobs),
+        all_prompt_token_ids=ids,
+        all_prompts=prompts,
+        all_images=images,
+        sleep_engine=False,
+        images_num=nums,
+    )
+    if logprobs:
+        return [list(o.output_token_ids) for o in outs], [o.logprobs[0] for o in outs]
+    return [list(o.output_token_ids) for o in outs]
+
+
+def rewrite_hub_layout(directory: Path, model: Any) -> int:
+    """Rewrites the saved safetensors with the hub-layout names the engines load (what the push
+    sends); returns the number of renamed tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from lightrft.engines._common import engine_weight_names
+
+    rename = engine_weight_names(model)
+    changed = 0
+    for f in sorted(directory.glob("*.safetensors")):
+        state = load_file(str(f))
+        new = {rename(k) if rename else k: v for k, v in state.items()}
+        changed += sum(1 for k in state if (rename(k) if rename else k) != k)
+        save_file(new, str(f), metadata={"format": "pt"})
+    index = directory / "model.safetensors.index.json"
+    if index.is_file() and rename:
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+    return changed
+
+
+def main_run(run: Run) -> bool:
+    import torch
+
+    from lightrft.strategy import get_strategy
+    from lightrft.testing import make_color_image, vlm_batch, vlm_loss
+
+    args = run.args
+    on_gpu = args.device == "cuda"
+    run.results["versions"] = versions()
+    run.log(f"versions: {run.results['versions']}")
+    cfg = {
+        "strategy": "fsdp",
+        "engine_type": args.engine,
+        "bf16": on_gpu,
+        "seed": 7,
+        "train_batch_size": 4,
+        "micro_train_batch_size": 4,
+        "engine_max_model_len": 256,
+        "engine_mem_util": 0.3,
+        "engine_enforce_eager": True,
+        "weight_sync_bucket_mb": 8,
+        "limit_mm_per_prompt": 4,
+    }
+    strategy = get_strategy(cfg)
+    strategy.setup_distributed()
+    global TOKENIZER
+    model, processor = run.timed("build_model", lambda: build(args.size))
+    TOKENIZER = processor.tokenizer
+    run.results["parameters"] = sum(p.numel() for p in model.parameters())
+    engine_model = copy.deepcopy(model)
+    actor = strategy.prepare_model(model, is_training=True)
+    optim = strategy.create_optimizer(actor, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    actor, optim, _ = strategy.prepare((actor, optim, None))
+    from torch.distributed.fsdp import FSDPModule
+
+    units = sorted(
+        {type(m).__name__ for m in actor.modules() if isinstance(m, FSDPModule) and m is not actor}
+    )
+    run.results["fsdp_units"] = units
+    run.log(f"FSDP unit classes: {units}")
+
+    prompts, images, nums = rollout_batch()
+    run.need(ENGINE_START_S[args.engine] + 30, "engine start")
+    run.timed(
+        "engine_start", lambda: strategy.setup_inference_engine(model=engine_model, tokenizer=processor)
+    )
+    before, lp_before = run.timed(
+        "generate_before", lambda: generate(strategy, prompts, images, nums, args.new_tokens, logprobs=True)
+    )
+    run.log(f"before: {before}")
+
+    # One optimizer step on image+text batches (each colour's image with its name as the answer).
+    from lightrft.testing import IMAGE_PLACEHOLDER as P
+
+    colours = ["red", "green", "blue", "yellow"]
+    texts = [f"{P} what colour is the image ? {c}" for c in colours]
+    batch = vlm_batch(processor, texts, [[make_color_image(c, seed=i)] for i, c in enumerate(colours)])
+    device = strategy.device
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def step() -> float:
+        loss = vlm_loss(actor, batch)
+        strategy.backward(loss, actor, optim)
+        strategy.optimizer_step(optim, actor, None)
+        return float(loss.detach())
+
+    run.results["loss"] = run.timed("train_step", step)
+    run.timed("push", lambda: strategy.update_engine_weights(actor))
+    pushed, lp_pushed = run.timed(
+        "generate_pushed", lambda: generate(strategy, prompts, images, nums, args.new_tokens, logprobs=True)
+    )
+    run.log(f"pushed: {pushed}")
+    moved = [
+        i
+        for i in range(len(prompts))
+        if pushed[i] != before[i] or abs(lp_pushed[i] - lp_before[i]) > LOGPROB_CHANGED
+    ]
+    run.check(
+        "push_changes_outputs",
+        bool(moved),
+        {
+            "prompts_changed": moved,
+            "first_logprob_before_vs_pushed": [
+                (round(a, 4), round(b, 4)) for a, b in zip(lp_before, lp_pushed)
+            ],
+        },
+    )
+
+    # Bad input, refused before the engine runs.
+    errors: dict[str, str] = {}
+    for name, call in {
+        "count_mismatch": lambda: generate(strategy, prompts, images, [2, 1, 0, 3], 2),
+        "too_long": lambda: generate(
+            strategy, [" ".join([P] * 4) + " x" * 300], [make_color_image("red")] * 4, [4], 2
+        ),
+    }.items():
+        try:
+            call()
+            errors[name] = "no error"
+        except ValueError as e:
+            errors[name] = str(e)[:200]
+    run.check(
+        "bad_input_errors",
+        errors["count_mismatch"].startswith("prompt 0 has 1 image placeholder")
+        and errors["too_long"].startswith("prompt 0"),
+        errors,
+    )
+
+    # The vision tower is pushed: perturb only its weights, push, generate; then push back.
+    def perturbed_buckets() -> Any:
+        for bucket in strategy.iter_weight_buckets(
+            actor, dtype=getattr(strategy.inference_engine, "weight_dtype", None)
+        ):
+            yield [
+                (n, (t + torch.randn_like(t)) if "vision_tower" in n and t.is_floating_point() else t)
+                for n, t in bucket
+            ]
+
+    engine = strategy.inference_engine
+    torch.manual_seed(0)
+    run.timed("push_perturbed_vision", lambda: engine.update_weights(perturbed_buckets()))
+    if hasattr(engine, "reset_prefix_cache") and not getattr(engine, "resets_prefix_cache_on_update", False):
+        engine.reset_prefix_cache()
+    vision_off, lp_off = generate(strategy, prompts, images, nums, args.new_tokens, logprobs=True)
+    strategy.update_engine_weights(actor)
+    restored, lp_restored = generate(strategy, prompts, images, nums, args.new_tokens, logprobs=True)
+    image_prompts = [i for i, k in enumerate(nums) if k]
+    text_prompts = [i for i, k in enumerate(nums) if not k]
+    changed = [
+        i
+        for i in image_prompts
+        if vision_off[i] != restored[i] or abs(lp_off[i] - lp_restored[i]) > LOGPROB_CHANGED
+    ]
+    run.check(
+        "vision_tower_pushed",
+        bool(changed) and all(vision_off[i] == restored[i] for i in text_prompts) and restored == pushed,
+        {
+            "image_prompts_changed": changed,
+            "first_logprob_off_vs_restored": [
+                (round(a, 4), round(b, 4)) for a, b in zip(lp_off, lp_restored)
+            ],
+            "text_prompts_unchanged": all(vision_off[i] == restored[i] for i in text_prompts),
+            "restored_equals_pushed": restored == pushed,
+        },
+    )
+
+    # A fresh engine from the saved trained weights.
+    save_dir = run.out / f"trained-{args.engine}"
+    run.timed("save_model", lambda: strategy.save_model(actor, save_dir, tokenizer=processor))
+    run.results["renamed_for_hub_layout"] = rewrite_hub_layout(save_dir, engine_model)
+    strategy.engine_lifecycle.shutdown()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    run.need(ENGINE_START_S[args.engine] + 15, "fresh engine start")
+    run.timed(
+        "fresh_engine_start",
+        lambda: strategy.setup_inference_engine(model_path=str(save_dir), tokenizer=processor),
+    )
+    fresh = run.timed("generate_fresh", lambda: generate(strategy, prompts, images, nums, args.new_tokens))
+    run.log(f"fresh: {fresh}")
+    run.check(
+        "pushed_equals_fresh",
+        fresh == pushed,
+        {"differing_prompts": [i for i, (a, b) in enumerate(zip(pushed, fresh)) if a != b]},
+    )
+    strategy.engine_lifecycle.shutdown()
+    return all(c["ok"] for c in run.results["checks"].values())
+
+
+def table(run: Run) -> None:
+    rows = [(name, "PASS" if c["ok"] else "FAIL") for name, c in run.results["checks"].items()]
+    rows += [(f"time {k}", f"{v:.1f} s") for k, v in run.results["timings_s"].items()]
+    width = max(len(r[0]) for r in rows) if rows else 10
+    print(f"\nmultimodal on {run.args.engine} ({run.args.device}, {run.args.size}): {run.results['status']}")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=["vllm", "sglang", "hf"], required=True)
+    parser.add_argument("--out", required=True, help="directory for the JSON results and the log")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="stop cleanly before this many seconds")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--size", choices=["tiny", "small"], default="small")
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args()
+    if args.device == "cpu":
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+        if args.engine != "hf":
+            parser.error(
+                "--device cpu runs the hf engine only (vLLM's VLM modules need torchvision, SGLang a GPU)"
+            )
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    run = Run(args)
+    code = 1
+    try:
+        ok = main_run(run)
+        run.results["status"] = "passed" if ok else "failed"
+        code = 0 if ok else 1
+    except Budget as e:
+        run.results["status"] = f"budget: {e}"
+        run.log(str(e))
+        code = 3
+    except Exception as e:  # noqa: BLE001 - recorded, then a failing exit status
+        run.results["status"] = f"error: {type(e).__name__}: {e}"
+        run.log(traceback.format_exc())
+        code = 1
+    finally:
+        run.write()
+        table(run)
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+        run.log_file.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

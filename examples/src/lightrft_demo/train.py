@@ -1,7 +1,8 @@
 """The GRPO loop, written once against the Strategy API; the backend and the engine are settings.
 
-The policy is a tiny Llama; the reward is the share of generated tokens equal to a target token, so
-a working loop drives the mean reward from chance (1/vocab) towards 1. Every part of the API takes
+The policy is a tiny Llama; the reward is the share of generated tokens that are right (``--task
+target``: equal to a target token; ``--task count``: one more than the token before), so a working
+loop drives the mean reward from chance (1/vocab) towards 1. Every part of the API takes
 part: prepare_models_and_optimizers (actor + frozen reference), the rollout engine (generate, weight
 sync, sleep/wake), backward / optimizer_step with accumulation, collectives, save_ckpt / load_ckpt
 (resume) and save_model.
@@ -79,6 +80,44 @@ def pad_completions(outputs: Any, new_tokens: int, pad_id: int = 0) -> tuple[tor
     return torch.tensor(rows), torch.tensor(mask)
 
 
+def successor(tokens: torch.Tensor, vocab_size: int, eos_token_id: int | None) -> torch.Tensor:
+    """The count task's next token: ``t + 1`` modulo the vocabulary, stepping over the end-of-sequence
+    id (vLLM and SGLang end a completion there, so a right answer must never be it)."""
+    nxt = (tokens + 1) % vocab_size
+    if eos_token_id is not None:
+        nxt = torch.where(nxt == eos_token_id, (nxt + 1) % vocab_size, nxt)
+    return nxt
+
+
+def count_hits(seqs: torch.Tensor, vocab_size: int, eos_token_id: int | None) -> torch.Tensor:
+    """The count task's right positions: a generated token is right when it is the successor of the
+    token before it (the prompt's last, for the first one) and has not been generated before in the
+    completion. A right count of ``n < vocab_size - 1`` tokens never repeats one, while a short
+    cycle (``a, a+1, a, a+1, ...``, which the rule without the repeat clause pays half for) scores
+    once per distinct token."""
+    gen = seqs[:, PROMPT_LEN:]
+    follows = gen == successor(seqs[:, PROMPT_LEN - 1 : -1], vocab_size, eos_token_id)
+    n = gen.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool).tril(-1)  # earlier[i, j]: j < i
+    repeated = ((gen[:, :, None] == gen[:, None, :]) & earlier).any(-1)
+    return follows & ~repeated
+
+
+def task_rewards(
+    args: argparse.Namespace, seqs: torch.Tensor, gen_mask: torch.Tensor, eos_token_id: int | None
+) -> torch.Tensor:
+    """Per sequence, the share of the ``args.new_tokens`` generated positions that are right (a
+    completion that stopped early scores its missing positions as misses). ``target``: the token is
+    ``args.target_token``; ``count``: ``count_hits``."""
+    if args.task == "target":
+        hits = seqs[:, PROMPT_LEN:] == args.target_token
+    elif args.task == "count":
+        hits = count_hits(seqs, args.vocab_size, eos_token_id)
+    else:
+        raise ValueError(f"task={args.task!r} is invalid: valid tasks are target, count")
+    return (hits.float() * gen_mask).sum(-1) / args.new_tokens
+
+
 def build_policy(args: argparse.Namespace, seed: int) -> Any:
     """The tiny Llama every model of the run starts from (same weights on every rank)."""
     return make_tiny_llama(
@@ -115,6 +154,7 @@ def _setup(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> RunResult:
     """Trains ``args.iterations`` GRPO steps (continuing from the last checkpoint with
     ``args.resume``), writing metrics, checkpoints, the reward curve and the final model."""
+    started = time.perf_counter()
     out = Path(args.output_dir)
     _prepare_output_dir(args, out)
     strategy = _setup(args)
@@ -128,6 +168,7 @@ def run(args: argparse.Namespace) -> RunResult:
     seed = strategy.seed
 
     actor, reference = build_policy(args, seed), build_policy(args, seed)
+    eos_token_id = actor.config.eos_token_id
     (actor, optim, sched), _, _, reference = strategy.prepare_models_and_optimizers(
         actor, None, None, reference, args, max_steps=args.iterations
     )
@@ -156,15 +197,23 @@ def run(args: argparse.Namespace) -> RunResult:
         f"steps {start + 1}..{args.iterations} -> {out}"
     )
     display.start(total=args.iterations, done=start)
+    budget = getattr(args, "time_budget_s", None)
     for it in range(start, args.iterations):
-        record = _grpo_step(args, strategy, actor, reference, optim, sched, it, rank)
+        record = _grpo_step(args, strategy, actor, reference, optim, sched, it, rank, eos_token_id)
         record["session"] = session
         if rank0:
             metrics.append(record)
             records.append(record)
         display.step(record)
-        if (it + 1) % args.save_steps == 0 or it + 1 == args.iterations:
+        # The slowest rank's clock decides, so every rank stops after the same step.
+        out_of_time = (
+            budget is not None and strategy.all_reduce(time.perf_counter() - started, "max") > budget
+        )
+        if (it + 1) % args.save_steps == 0 or it + 1 == args.iterations or out_of_time:
             strategy.save_ckpt(actor, ckpt_dir, client_state={"step": it + 1, "session": session})
+        if out_of_time and it + 1 < args.iterations:
+            display.message(f"time budget of {budget:g} s reached after step {it + 1} of {args.iterations}")
+            break
 
     strategy.save_model(actor, out / MODEL)
     if rank0 and records:
@@ -201,6 +250,7 @@ def _grpo_step(
     sched: Any,
     it: int,
     rank: int,
+    eos_token_id: int | None = None,
 ) -> dict[str, Any]:
     """One iteration: rollouts, rewards, group-normalised advantages, one optimizer step, weight sync."""
     t0 = time.perf_counter()
@@ -217,9 +267,7 @@ def _grpo_step(
     strategy.maybe_sleep_inference_engine()  # the engine's memory goes back to training
     seqs, gen_mask = pad_completions(outputs, args.new_tokens)
     new_tokens = int(gen_mask.sum())
-    # The share of the args.new_tokens positions that hold the target (a completion that stopped
-    # early scores its missing positions as misses).
-    rewards = ((seqs[:, PROMPT_LEN:] == args.target_token).float() * gen_mask).sum(-1) / args.new_tokens
+    rewards = task_rewards(args, seqs, gen_mask, eos_token_id)
     grouped = rewards.view(-1, args.group_size)
     adv = ((grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + 1e-4)).view(-1)
 

@@ -111,7 +111,7 @@ launch)  # launch vllm|sglang SECONDS PLAN...
 _plan) run_plan "$2" "$3" ;;
 poll)
   limit=${2:-540}; t0=$SECONDS
-  busy() { ls /tmp/master.*.running /tmp/master.*.queued >/dev/null 2>&1; }
+  busy() { compgen -G "/tmp/master.*.running" >/dev/null || compgen -G "/tmp/master.*.queued" >/dev/null; }
   while busy && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; done
   busy && echo "still running" || echo "all plans done"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader

@@ -172,8 +172,8 @@ def test_after_training_and_a_push_hf_generations_equal_a_fresh_engine(vlm, imag
 # ------------------------------------------------------------------------- weight names
 def test_vlm_weight_names_map_to_the_hub_layout_once_per_engine(vlm) -> None:
     model, _ = vlm
-    rename = _common.engine_weight_names(model)
-    assert rename is not None and _common.engine_weight_names(make_tiny_llama()) is None
+    rename = _common.engine_name_map(model)
+    assert rename is not None and _common.engine_name_map(make_tiny_llama()) is None
     names = [n for n, _ in model.named_parameters()]
     mapped = [rename(n) for n in names]
     assert len(set(mapped)) == len(names)  # one to one
@@ -234,7 +234,7 @@ def _vllm_adapter(model: Any, processor: Any) -> Any:
     engine._needs_push = False
     engine._on_cpu = False
     engine._peft_scalings = {}
-    engine._rename = _common.engine_weight_names(model)
+    engine._rename = _common.engine_name_map(model)
     engine._expected_names = {engine._rename(n) for n, _ in model.named_parameters()}
     return engine
 
@@ -354,7 +354,7 @@ def test_sglang_adapter_keeps_its_processor_pushes_hub_names_and_sends_image_lis
             "Gemma3ForConditionalGeneration"
         ]
         assert double.env["SGLANG_VLM_CACHE_SIZE_MB"] == "0"
-        rename = _common.engine_weight_names(model)
+        rename = _common.engine_name_map(model)
         assert sorted(double.pushed) == sorted(rename(n) for n, _ in model.named_parameters())
         assert not engine.needs_weight_push
         mm = [{"image": images[0]}, None, {"image": images[1:3]}]

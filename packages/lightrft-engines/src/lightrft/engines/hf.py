@@ -190,6 +190,8 @@ class HFEngine:
                     raise ValueError("generate() needs prompt_token_ids, or prompts with a tokenizer")
                 prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
             inputs = [self._ids_input(list(ids)) for ids in prompt_token_ids]
+        if prompt_token_ids is not None:  # text-only: the engines' one length rule
+            check_prompt_lengths(prompt_token_ids, self.max_model_len, sp.max_new_tokens)
         for i, x in enumerate(inputs):
             length = x["input_ids"].shape[1]
             if self.max_model_len is not None and length >= self.max_model_len:
@@ -218,8 +220,6 @@ class HFEngine:
         if pad is None:
             pad = eos[0] if eos else 0
         gen_kwargs["pad_token_id"] = pad
-        if prompt_token_ids is not None:
-            check_prompt_lengths(prompt_token_ids, self.max_model_len, sp.max_new_tokens)
         if sp.seed is not None:
             seed = int(sp.seed)
         else:

@@ -62,6 +62,9 @@ def measure(strategy: StrategyBase) -> dict[str, Any]:
             for _ in range(5):
                 ids.append(int(ref(torch.tensor([ids]))[0, -1].argmax()))
             ref_out.append(ids[len(p) :])
+    # gather_and_generate put the engine to sleep at the config's level (2 by default: the
+    # weights are gone); a push wakes it with them, then level 1 is checked on its own.
+    strategy.update_engine_weights(model, bucket_bytes=bucket_bytes)
     slept = strategy.maybe_sleep_inference_engine(level=1)
     sleeping_error = ""
     try:

@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import _thread
 import json
+import multiprocessing
 import os
 import signal
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -95,6 +97,11 @@ _ALIGN = 16
 #: ``LIGHTRFT_SGLANG_DEATH_POLL_S``; 0 calls SGLang directly, unwatched). A dead scheduler is reported
 #: within about this long, instead of a call that waits forever.
 DEFAULT_DEATH_POLL_S = 0.5
+#: Seconds the engine's processes get to exit after SIGTERM at shutdown, then again after SIGKILL.
+_TERM_GRACE_S = 3.0
+_KILL_GRACE_S = 5.0
+#: Seconds between two walks of the engine's process tree before calls (``_watched``).
+_TREE_REFRESH_S = 10.0
 #: monotonic times of the SIGQUITs SGLang's processes sent this process (``_on_sigquit``).
 _SIGQUITS: list[float] = []
 
@@ -227,6 +234,10 @@ class SGLangEngine:
         self._config_dir = None
         #: Processes the engine started (schedulers, detokenizer): watched during every call.
         self.engine_pids: list[int] = []
+        #: Those processes and their descendants, pid -> start time (``process_tree``): stopped
+        #: at shutdown, also the ones a dead scheduler orphaned.
+        self._engine_tree: dict[int, str] = {}
+        self._tree_seen_at = time.monotonic()
         self.death_poll_s = float(os.environ.get("LIGHTRFT_SGLANG_DEATH_POLL_S", DEFAULT_DEATH_POLL_S))
         self._dead: tuple[str, str] | None = None  # (what happened, log tail) once the engine died
         self._started_at = time.monotonic()
@@ -490,16 +501,32 @@ class SGLangEngine:
             self._released -= set(todo)
 
     def shutdown(self) -> None:
-        """Stops the engine's processes; every later call raises."""
+        """Stops the engine's processes, dead engine or alive; every later call raises. After
+        SGLang's own shutdown (0.5.16: SIGKILL to this process's children, no wait), every process
+        of the engine's tree that still runs (schedulers, detokenizer and what they spawned, also
+        ones a killed scheduler left orphaned) gets SIGTERM, then SIGKILL, and this process's
+        children among them are reaped: none is left running or as a zombie. Bounded: about
+        ``_TERM_GRACE_S + _KILL_GRACE_S`` seconds past SGLang's shutdown at most."""
         if self.closed:
             return
         self.closed = True
         if self.engine is not None:
             engine, self.engine = self.engine, None
+            tree = refresh_tree(self._engine_tree)  # before SGLang's kill orphans grandchildren
             try:
                 engine.shutdown()
             finally:
-                remove_dir(self._config_dir)
+                try:
+                    left = stop_process_tree(tree)
+                    if left:
+                        warnings.warn(
+                            f"SGLang engine processes {left} still exist after SIGKILL and "
+                            f"{_KILL_GRACE_S:.0f} s (uninterruptible, e.g. in the GPU driver)",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                finally:
+                    remove_dir(self._config_dir)
 
     # -------------------------------------------------------------- internals
     def _start(self, model: Any, model_path: str | None, engine_kwargs: dict[str, Any]) -> None:
@@ -521,6 +548,8 @@ class SGLangEngine:
             self.engine_pids = [
                 p for p in _child_pids() if p not in before and "resource_tracker" not in _cmdline(p)
             ]
+            self._engine_tree = process_tree(self.engine_pids)
+            self._tree_seen_at = time.monotonic()
             self._started_at = time.monotonic()
             compat.disarm_process_killers(self.engine, _on_sigquit)
         except BaseException:
@@ -626,6 +655,10 @@ class SGLangEngine:
         death = self._find_death()
         if death is not None:
             raise self._mark_dead(f"{death} before {what}")
+        if self._engine_tree and time.monotonic() - self._tree_seen_at > _TREE_REFRESH_S:
+            # Processes spawned since (a death would orphan them); not per bucket of a push.
+            self._engine_tree = refresh_tree(self._engine_tree)
+            self._tree_seen_at = time.monotonic()
         if self.death_poll_s <= 0 or not self.engine_pids:
             return call()
         box: dict[str, Any] = {}
@@ -752,10 +785,13 @@ def _child_pids(pid: int | None = None) -> list[int]:
     pid = os.getpid() if pid is None else pid
     try:
         import psutil
-
-        return [c.pid for c in psutil.Process(pid).children()]
     except ImportError:
-        pass
+        psutil = None
+    if psutil is not None:
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.Error:  # gone meanwhile
+            return []
     out: list[int] = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -791,11 +827,101 @@ def _stop_children(before: set[int]) -> None:
 
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (exists and is not a zombie)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _stat(pid: int) -> tuple[str, int, str] | None:
+    """``pid``'s state letter, parent pid and start time (clock ticks since boot, which tells a
+    reused pid apart) from ``/proc/<pid>/stat``; None when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+            fields = f.read().rsplit(")", 1)[-1].split()
+        return fields[0], int(fields[1]), fields[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_tree(pids: Iterable[int]) -> dict[int, str]:
+    """``pids`` and all their descendants that exist now, each with its start time."""
+    tree: dict[int, str] = {}
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        stat = _stat(pid)
+        if pid in tree or stat is None:
+            continue
+        tree[pid] = stat[2]
+        todo += _child_pids(pid)
+    return tree
+
+
+def _still(tree: dict[int, str]) -> dict[int, tuple[str, int]]:
+    """The processes of ``tree`` that exist (zombies too) and are the ones recorded (same start
+    time), pid -> (state, parent pid)."""
+    out = {}
+    for pid, start in tree.items():
+        stat = _stat(pid)
+        if stat is not None and stat[2] == start:
+            out[pid] = stat[:2]
+    return out
+
+
+def refresh_tree(tree: dict[int, str]) -> dict[int, str]:
+    """``tree`` plus the descendants its running processes have now."""
+    running = [pid for pid, (state, _) in _still(tree).items() if state != "Z"]
+    return {**tree, **process_tree(running)}
+
+
+def left_processes(tree: dict[int, str]) -> list[int]:
+    """The processes of ``tree`` that are left: running, or a zombie this process has not reaped
+    (a zombie of another parent is that parent's to reap)."""
+    me = os.getpid()
+    return sorted(pid for pid, (state, ppid) in _still(tree).items() if state != "Z" or ppid == me)
+
+
+def _reap(tree: dict[int, str]) -> None:
+    """Reaps this process's exited children in ``tree``: multiprocessing's own first (SGLang
+    starts its schedulers and detokenizer as ``multiprocessing.Process``, which keeps their exit
+    codes), then any other zombie child with ``waitpid``."""
+    multiprocessing.active_children()  # joins every finished multiprocessing child
+    me = os.getpid()
+    for pid, (state, ppid) in _still(tree).items():
+        if state == "Z" and ppid == me:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped meanwhile (by its Process or Popen object)
+                pass
+
+
+def stop_process_tree(
+    tree: dict[int, str], term_grace_s: float | None = None, kill_grace_s: float | None = None
+) -> list[int]:
+    """SIGTERM to every process of ``tree`` that still runs, SIGKILL to those still running after
+    ``term_grace_s``; this process's children among them are reaped as they exit. Returns the
+    processes left (``left_processes``) after ``kill_grace_s`` more; normally none."""
+    graces = (
+        (signal.SIGTERM, _TERM_GRACE_S if term_grace_s is None else term_grace_s),
+        (signal.SIGKILL, _KILL_GRACE_S if kill_grace_s is None else kill_grace_s),
+    )
+    left: list[int] = []
+    for sig, grace in graces:
+        for pid, (state, _) in _still(tree).items():
+            if state != "Z":
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + grace
+        while True:
+            _reap(tree)
+            left = left_processes(tree)
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if not left:
+            break
+    return left
 
 
 def _tail(path: Path, n: int) -> list[str]:

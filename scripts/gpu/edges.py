@@ -457,7 +457,7 @@ def phase_death(run: Run, ctx: dict[str, Any]) -> None:
             tree.update((p.pid, p) for p in [root, *root.children(recursive=True)])
         except psutil.NoSuchProcess:
             pass
-    from lightrft.engines.sglang import _cmdline
+    from lightrft.engines._sglang_procs import _cmdline
 
     # SGLang names its processes (setproctitle) "sglang::scheduler..." where it can; the schedulers
     # start before the detokenizer.

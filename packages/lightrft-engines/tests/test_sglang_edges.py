@@ -29,7 +29,8 @@ from test_sglang_engine import (  # noqa: E402
 )
 
 from lightrft.engines import _common  # noqa: E402
-from lightrft.engines.sglang import SGLangEngine, _child_pids  # noqa: E402
+from lightrft.engines._sglang_procs import _child_pids  # noqa: E402
+from lightrft.engines.sglang import SGLangEngine  # noqa: E402
 from lightrft.strategy import EngineDiedError, SamplingParams, get_fake_strategy  # noqa: E402
 from lightrft.strategy.registry import register_engine  # noqa: E402
 from lightrft.testing import make_lora_like, make_tiny_llama, run_distributed  # noqa: E402

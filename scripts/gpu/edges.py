@@ -446,7 +446,18 @@ def phase_death(run: Run, ctx: dict[str, Any]) -> None:
     run.check("death", "the engine's processes are known", bool(pids), pids=pids)
     if not pids:
         return
-    from lightrft.engines.sglang import _cmdline
+    import psutil  # an SGLang dependency
+
+    # The engine's tree, with what the schedulers spawned (the kill orphans those). A
+    # psutil.Process keeps its create time, so a pid reused later is not taken for it.
+    tree: dict[int, Any] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            tree.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+        except psutil.NoSuchProcess:
+            pass
+    from lightrft.engines._sglang_procs import _cmdline
 
     # SGLang names its processes (setproctitle) "sglang::scheduler..." where it can; the schedulers
     # start before the detokenizer.
@@ -519,8 +530,25 @@ def phase_death(run: Run, ctx: dict[str, Any]) -> None:
         path=str(ckpt),
     )
     strategy.engine_lifecycle.shutdown()
-    left = [p for p in pids if os.path.exists(f"/proc/{p}")]
-    run.check("death", "shutdown of the dead engine leaves none of its processes", not left, left=left)
+    # Left: still running, or a zombie of this process (the engine must reap its own children); a
+    # zombie of another parent is that parent's to reap.
+    left: dict[int, list[Any]] = {}
+    for pid, proc in tree.items():
+        try:
+            if proc.is_running():  # True for a zombie too
+                status, ppid = proc.status(), proc.ppid()
+                if status != psutil.STATUS_ZOMBIE or ppid == os.getpid():
+                    left[pid] = [status, ppid]
+        except psutil.NoSuchProcess:
+            pass
+    run.check(
+        "death",
+        "shutdown of the dead engine leaves none of its processes",
+        not left,
+        left=sorted(left),
+        tree=sorted(tree),
+        status_parent={str(p): v for p, v in left.items()},
+    )
 
 
 # ---------------------------------------------------------------------------------- engines

@@ -343,7 +343,7 @@ class _SGLangDouble:
     def update_weights_from_tensor(
         self, named_tensors: list[Any], load_format: Any = None, flush_cache: bool = True
     ):
-        from lightrft.engines.sglang import unflatten_bucket
+        from lightrft.engines._sglang_buckets import unflatten_bucket
 
         self.pushed += [n for n, _ in unflatten_bucket(named_tensors[0]["flat"], named_tensors[0]["entries"])]
         return True, "Success"

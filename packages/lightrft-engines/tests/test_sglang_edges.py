@@ -4,10 +4,12 @@ process dies (a real child process stands in for the scheduler)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from test_sglang_engine import (  # noqa: E402
 )
 
 from lightrft.engines import _common  # noqa: E402
+from lightrft.engines._sglang_procs import _child_pids  # noqa: E402
 from lightrft.engines.sglang import SGLangEngine  # noqa: E402
 from lightrft.strategy import EngineDiedError, SamplingParams, get_fake_strategy  # noqa: E402
 from lightrft.strategy.registry import register_engine  # noqa: E402
@@ -246,6 +249,118 @@ def test_sigquit_from_a_failing_scheduler_does_not_kill_training() -> None:
     finally:
         strategy.engine_lifecycle.shutdown()
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+#: The scheduler's grandchild: it ignores SIGTERM (then touches the file argv[1]), so only SIGKILL
+#: ends it.
+_STUBBORN = (
+    "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "open(sys.argv[1], 'w').close(); time.sleep(600)"
+)
+
+
+def _state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of ``pid``, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+class ProcessTreeEngine(RecordingSGLangEngine):
+    """The double with SGLang's process layout: a scheduler and a detokenizer started as spawn
+    ``multiprocessing.Process`` children (as ``sglang.Engine`` starts them), the scheduler with a
+    grandchild of its own. ``shutdown`` is SGLang 0.5.16's (``kill_process_tree``: SIGKILL to
+    what is still below this process, no wait, no reap), or does nothing, or raises."""
+
+    shutdown_mode = "sglang-0.5.16"
+
+    def __init__(self, runtime: Any, **server_args: Any) -> None:
+        super().__init__(runtime, **server_args)
+        spawn = multiprocessing.get_context("spawn")
+        ready = Path(tempfile.mkdtemp(prefix="sglang-tree-")) / "grandchild-ready"
+        grandchild = [sys.executable, "-c", _STUBBORN, str(ready)]
+        self.scheduler = spawn.Process(target=subprocess.call, args=(grandchild,))
+        self.detokenizer = spawn.Process(target=time.sleep, args=(600,))
+        self.scheduler.start()
+        self.detokenizer.start()
+        deadline = time.monotonic() + 60
+        while not ready.exists():  # Engine() returns once its processes run
+            assert time.monotonic() < deadline, "the scheduler's grandchild did not start"
+            time.sleep(0.05)
+        ready.unlink()
+        ready.parent.rmdir()
+        (self.grandchild,) = _child_pids(self.scheduler.pid)
+
+    @property
+    def tree(self) -> list[int]:
+        return [self.scheduler.pid, self.detokenizer.pid, self.grandchild]
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self.shutdown_mode == "raises":
+            raise RuntimeError("SGLang shutdown failed")
+        if self.shutdown_mode == "sglang-0.5.16":
+            below = {self.scheduler.pid, self.detokenizer.pid} | set(_child_pids(self.scheduler.pid))
+            for pid in below:
+                if _state(pid) is not None:
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("victim", "shutdown_mode"),
+    [("scheduler", "sglang-0.5.16"), ("detokenizer", "raises"), (None, "nothing")],
+)
+def test_shutdown_leaves_no_process_of_the_engine_running_or_unreaped(
+    victim: str | None, shutdown_mode: str
+) -> None:
+    """The GPU run of 2026-12-03 (SGLang 0.5.16): after a SIGKILL to the scheduler, the engine's
+    shutdown left the scheduler and the detokenizer behind. Dead or alive, whatever SGLang's own
+    shutdown does, shutdown stops the whole tree (the grandchild a dead scheduler orphaned too,
+    though it ignores SIGTERM) and reaps this process's children, in bounded time."""
+    runtime = RecordingSGLangRuntime((0, 5, 16), frozenset({"model_path", "enable_weights_cpu_backup"}))
+
+    def create_engine(**server_args: Any) -> Any:
+        engine = ProcessTreeEngine(runtime, **server_args)
+        engine.shutdown_mode = shutdown_mode
+        runtime.engines.append(engine)
+        return engine
+
+    runtime.create_engine = create_engine  # type: ignore[method-assign]
+
+    class TreeSGLangEngine(SGLangEngine):
+        runtime_factory = staticmethod(lambda: runtime)
+
+    name = f"sglang-tree-{victim or 'alive'}"
+    register_engine(name, TreeSGLangEngine)
+    strategy = get_fake_strategy({**CONFIG, "engine_type": name})
+    engine = strategy.setup_inference_engine(model=make_tiny_llama(seed=2))
+    double = runtime.engines[0]
+    tree = double.tree
+    assert sorted(engine.engine_pids) == sorted(tree[:2])  # found as the real engine finds them
+    assert all(_state(p) is not None for p in tree)
+    if victim is not None:
+        os.kill(getattr(double, victim).pid, signal.SIGKILL)
+        time.sleep(0.2)  # dead: a zombie until reaped; the scheduler's grandchild is orphaned
+        with pytest.raises(EngineDiedError):
+            strategy.gather_and_generate(prompt_token_ids=[[1]], sampling_params=GREEDY, sleep_engine=False)
+    t0 = time.monotonic()
+    if shutdown_mode == "raises":
+        with pytest.raises(RuntimeError, match="SGLang shutdown failed"):
+            strategy.engine_lifecycle.shutdown()
+    else:
+        strategy.engine_lifecycle.shutdown()
+    took = time.monotonic() - t0
+    # SIGTERM's grace (3 s: the grandchild ignores it), then SIGKILL; 10 s leaves room for a slow CI.
+    assert took < 10.0, f"shutdown took {took:.1f} s"
+    me = os.getpid()
+    left = {p: s for p in tree if (s := _state(p)) is not None and (s[0] != "Z" or s[1] == me)}
+    assert not left, f"left running or unreaped (pid: (state, parent)): {left}"
+    # The multiprocessing children were joined through their Process objects (exit codes kept).
+    assert double.scheduler.exitcode is not None and double.detokenizer.exitcode is not None
+    assert engine.closed
 
 
 def death_tp2() -> dict[str, Any]:

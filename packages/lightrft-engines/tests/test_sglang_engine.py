@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from lightrft.engines import _sglang_compat as compat
-from lightrft.engines.sglang import SGLangEngine, flatten_bucket, sampling_dict, unflatten_bucket
+from lightrft.engines._sglang_buckets import flatten_bucket, unflatten_bucket
+from lightrft.engines.sglang import SGLangEngine, sampling_dict
 from lightrft.strategy import SamplingParams, get_fake_strategy
 from lightrft.strategy.registry import register_engine
 from lightrft.testing import make_tiny_llama, run_distributed

@@ -75,9 +75,12 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ._sglang_buckets import BucketEntry
 
 #: The SGLang releases this engine supports (the lower bound of ``lightrft-engines[sglang]``).
 MIN_VERSION = (0, 5, 12)
@@ -333,17 +336,6 @@ def decode_graph_batch_args(server_fields: frozenset[str], max_bs: int) -> dict[
         if name in server_fields:
             return {name: max_bs}
     return {}
-
-
-@dataclasses.dataclass(frozen=True)
-class BucketEntry:
-    """Where one tensor lies in a flattened bucket (bytes ``start:end`` of a uint8 buffer)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    start: int
-    end: int
 
 
 class SGLangRuntime:

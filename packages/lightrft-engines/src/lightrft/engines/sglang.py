@@ -33,17 +33,16 @@ Starting (``sglang.Engine``) on the first rank:
   (their Python stacks land in ``<log_path>.stacks``) and every rank of the group raises a
   ``TimeoutError`` quoting the last lines of both files.
 
-Version differences live in :mod:`lightrft.engines._sglang_compat`.
+Version differences live in :mod:`lightrft.engines._sglang_compat`; the engine's processes (start
+deadline, death watch, shutdown) are :mod:`lightrft.engines._sglang_procs`'s; the flattened
+buckets :mod:`lightrft.engines._sglang_buckets`'s.
 """
 
 from __future__ import annotations
 
-import _thread
 import json
 import os
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -83,54 +82,12 @@ from ._common import (
     to_token_id_lists,
     write_config_dir,
 )
-from ._sglang_compat import BucketEntry
+from ._sglang_buckets import flatten_bucket, unflatten_bucket
+from ._sglang_procs import EngineProcesses, _child_pids, _on_sigquit, start_with_deadline
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: Seconds ``sglang.Engine()`` may take before its schedulers are stopped (0: no limit).
 DEFAULT_START_TIMEOUT_S = 1200.0
-#: Lines of the scheduler log (and of the stack dump) quoted when the start fails.
-_TAIL_LINES = 40
-#: Byte alignment of each tensor inside a flattened bucket (``view(dtype)`` needs aligned offsets).
-_ALIGN = 16
-#: Seconds between liveness checks of the engine's processes while a call waits on them (env
-#: ``LIGHTRFT_SGLANG_DEATH_POLL_S``; 0 calls SGLang directly, unwatched). A dead scheduler is reported
-#: within about this long, instead of a call that waits forever.
-DEFAULT_DEATH_POLL_S = 0.5
-#: monotonic times of the SIGQUITs SGLang's processes sent this process (``_on_sigquit``).
-_SIGQUITS: list[float] = []
-
-
-def _on_sigquit(signum: int, frame: Any) -> None:
-    """SIGQUIT from an SGLang subprocess (it failed): remembered, the training process lives on."""
-    _SIGQUITS.append(time.monotonic())
-
-
-def flatten_bucket(
-    bucket: WeightBucket, device: torch.device | str, dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, list[BucketEntry]]:
-    """Packs a bucket into one uint8 buffer on ``device``: each tensor is cast to ``dtype``
-    (floating-point tensors only; None keeps their dtype) and copied once into its aligned slice.
-    Returns the buffer and where each tensor lies in it."""
-    if not bucket:
-        raise ValueError("cannot flatten an empty weight bucket")
-    entries: list[BucketEntry] = []
-    offset = 0
-    for name, t in bucket:
-        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        nbytes = t.numel() * torch.empty((), dtype=target).element_size()
-        start = -(-offset // _ALIGN) * _ALIGN
-        entries.append(BucketEntry(name, tuple(t.shape), target, start, start + nbytes))
-        offset = start + nbytes
-    flat = torch.empty(offset, dtype=torch.uint8, device=device)
-    for (_, t), e in zip(bucket, entries):
-        if e.end > e.start:
-            flat[e.start : e.end].view(e.dtype).copy_(t.detach().reshape(-1))
-    return flat, entries
-
-
-def unflatten_bucket(flat: torch.Tensor, entries: Sequence[BucketEntry]) -> list[tuple[str, torch.Tensor]]:
-    """The tensors of a flattened bucket, as views of ``flat`` (what SGLang's receiver does)."""
-    return [(e.name, flat[e.start : e.end].view(e.dtype).reshape(e.shape)) for e in entries]
 
 
 class SGLangEngine:
@@ -167,8 +124,9 @@ class SGLangEngine:
         self.log_level = str(
             engine_kwargs.get("log_level") or os.environ.get("LIGHTRFT_SGLANG_LOG_LEVEL", "warning")
         )
-        #: SGLang's log (all its processes; set on the group's first rank when the engine starts).
-        self.log_path: Path | None = None
+        #: The engine's processes (first rank of the group): found at the start, watched during
+        #: every call, stopped at shutdown.
+        self.procs = EngineProcesses()
         self.closed = False
         if strategy is not None:
             self.config = strategy.config
@@ -226,11 +184,6 @@ class SGLangEngine:
         self.tags = compat.memory_tags(self.runtime.version)
         self.engine: Any = None
         self._config_dir = None
-        #: Processes the engine started (schedulers, detokenizer): watched during every call.
-        self.engine_pids: list[int] = []
-        self.death_poll_s = float(os.environ.get("LIGHTRFT_SGLANG_DEATH_POLL_S", DEFAULT_DEATH_POLL_S))
-        self._dead: tuple[str, str] | None = None  # (what happened, log tail) once the engine died
-        self._started_at = time.monotonic()
         sharded = model is not None and is_sharded(model)
         self._leader_step("Engine start", lambda: self._start(model, model_path, engine_kwargs))
         if self.is_leader:
@@ -259,6 +212,16 @@ class SGLangEngine:
         """True while the engine's weights are dummy or were freed by a release, until every weight
         of the model was pushed (``update_weights``)."""
         return self._needs_push
+
+    @property
+    def log_path(self) -> Path | None:
+        """SGLang's log (all its processes; set on the group's first rank when the engine starts)."""
+        return self.procs.log_path
+
+    @property
+    def engine_pids(self) -> list[int]:
+        """Processes the engine started (schedulers, detokenizer): watched during every call."""
+        return self.procs.pids
 
     @property
     def version(self) -> tuple[int, int, int]:
@@ -310,8 +273,10 @@ class SGLangEngine:
             try:
                 status = (
                     True,
-                    self._watched(
-                        "generate", lambda: self._generate_here(ids, prompts, images, sp, expanded)
+                    self.procs.watched(
+                        "generate",
+                        lambda: self._generate_here(ids, prompts, images, sp, expanded),
+                        self.device,
                     ),
                     None,
                 )
@@ -321,7 +286,7 @@ class SGLangEngine:
                 status = (False, f"{type(e).__name__}: {e}", None)
         ok, value, died = self._from_leader(status)
         if died is not None:
-            raise self._mark_dead(*died)
+            raise self.procs.mark_dead(*died)
         if not ok:
             raise RuntimeError(f"SGLang generation failed on rank {self.leader}: {value}")
         return value
@@ -491,14 +456,15 @@ class SGLangEngine:
             self._released -= set(todo)
 
     def shutdown(self) -> None:
-        """Stops the engine's processes; every later call raises."""
+        """Stops the engine's processes, dead engine or alive, and reaps them
+        (:meth:`EngineProcesses.shutdown`); every later call raises."""
         if self.closed:
             return
         self.closed = True
         if self.engine is not None:
             engine, self.engine = self.engine, None
             try:
-                engine.shutdown()
+                self.procs.shutdown(engine.shutdown)
             finally:
                 remove_dir(self._config_dir)
 
@@ -519,10 +485,7 @@ class SGLangEngine:
                     self.start_timeout_s,
                     self.log_path,
                 )
-            self.engine_pids = [
-                p for p in _child_pids() if p not in before and "resource_tracker" not in _cmdline(p)
-            ]
-            self._started_at = time.monotonic()
+            self.procs.found(before)
             compat.disarm_process_killers(self.engine, _on_sigquit)
         except BaseException:
             remove_dir(self._config_dir)
@@ -532,9 +495,9 @@ class SGLangEngine:
         """SGLang's logging config (``SGLANG_LOGGING_CONFIG_PATH``) and the log file it names."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         stem = f"sglang-rank{self.rank}-pid{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.log_path = self.log_dir / f"{stem}.log"
+        self.procs.log_path = log_path = self.log_dir / f"{stem}.log"
         config_path = self.log_dir / f"{stem}.logging.json"
-        config_path.write_text(json.dumps(compat.logging_config(str(self.log_path), self.log_level)))
+        config_path.write_text(json.dumps(compat.logging_config(str(log_path), self.log_level)))
         return config_path
 
     def _server_args(
@@ -595,65 +558,14 @@ class SGLangEngine:
             raise RuntimeError(
                 "SGLangEngine was shut down: set up a new engine (strategy.setup_inference_engine)"
             )
-        if self._dead is not None:
-            raise EngineDiedError("sglang", *self._dead)
+        if self.procs.dead is not None:
+            raise EngineDiedError("sglang", *self.procs.dead)
 
     @property
     def is_alive(self) -> bool:
         """Whether every process the engine started still runs (this rank's view: the first rank
         of the group watches them)."""
-        return self._dead is None and not self._find_death()
-
-    def _find_death(self) -> str | None:
-        """What killed the engine, or None while its processes run (first rank only)."""
-        if not self.is_leader or self.engine is None:
-            return None
-        gone = [p for p in self.engine_pids if not _alive(p)]
-        if gone:
-            return f"its process(es) {gone} (scheduler / detokenizer of {self.log_path}) exited"
-        if any(t >= self._started_at for t in _SIGQUITS):
-            return "one of its processes reported a failure (SIGQUIT)"
-        return None
-
-    def _mark_dead(self, what: str, tail: str | None = None) -> EngineDiedError:
-        self._dead = (what, _log_tails(self.log_path) if tail is None else tail)
-        return EngineDiedError("sglang", *self._dead)
-
-    def _watched(self, what: str, call: Callable[[], Any]) -> Any:
-        """``call()`` (an SGLang call, first rank) while the engine's processes are watched: a
-        dead process raises :class:`EngineDiedError` within ``death_poll_s`` instead of a call that
-        waits forever. The call runs on a helper thread (a call left waiting on a dead scheduler
-        stays there: the engine is unusable from then on)."""
-        death = self._find_death()
-        if death is not None:
-            raise self._mark_dead(f"{death} before {what}")
-        if self.death_poll_s <= 0 or not self.engine_pids:
-            return call()
-        box: dict[str, Any] = {}
-        done = threading.Event()
-        device = self.device
-
-        def run() -> None:
-            try:
-                if device.type == "cuda":
-                    torch.cuda.set_device(device)
-                box["value"] = call()
-            except BaseException as e:  # handed to the caller's thread
-                box["error"] = e
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name=f"sglang-{what}", daemon=True).start()
-        while not done.wait(self.death_poll_s):
-            death = self._find_death()
-            if death is not None:
-                raise self._mark_dead(f"{death} during {what}")
-        if "error" in box:
-            death = self._find_death()
-            if death is not None:
-                raise self._mark_dead(f"{death} during {what}") from box["error"]
-            raise box["error"]
-        return box["value"]
+        return self.procs.dead is None and not self.procs.find_death()
 
     def _check_generate_ready(self) -> None:
         if self._needs_push:
@@ -691,132 +603,18 @@ class SGLangEngine:
         error: Exception | None = None
         if self.is_leader:
             try:
-                status = compat.result_ok(self._watched(what, call))
+                status = compat.result_ok(self.procs.watched(what, call, self.device))
             except EngineDiedError as e:
                 died, status = (e.what, e.log_tail), (False, str(e))
             except Exception as e:  # every rank must learn of it: nobody waits for a broadcast
                 error, status = e, (False, f"{type(e).__name__}: {e}")
         ok, message, died = self._from_leader((*status, died))
         if died is not None:
-            raise self._mark_dead(*died) from error
+            raise self.procs.mark_dead(*died) from error
         if not ok:
             raise RuntimeError(
                 f"SGLang {what} failed on rank {self.leader}: {message or 'no message'}"
             ) from error
-
-
-def start_with_deadline(create: Callable[[], Any], timeout_s: float, log_path: Path | None) -> Any:
-    """``create()`` (``sglang.Engine(...)``, which waits for its schedulers without a limit), with a
-    deadline: after ``timeout_s`` seconds the processes it spawned are sent SIGABRT (faulthandler
-    writes their stacks to ``<log_path>.stacks``), then SIGKILL; ``Engine()`` notices a dead
-    scheduler within 5 s (``_wait_for_scheduler_ready``, 0.5.16 ``engine.py:1370-1396``) and
-    raises, and if it still has not returned 30 s later the main thread is interrupted. Any failure
-    is raised with the last lines of the log (a ``TimeoutError`` when the deadline passed)."""
-    before = set(_child_pids())
-    done = threading.Event()
-    fired = threading.Event()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-
-    def watchdog() -> None:
-        if done.wait(timeout_s):
-            return
-        fired.set()
-        _stop_children(before)
-        if not done.wait(30.0) and in_main_thread:
-            _thread.interrupt_main()
-
-    t0 = time.monotonic()
-    if timeout_s > 0:
-        threading.Thread(target=watchdog, name="sglang-start-deadline", daemon=True).start()
-    try:
-        return create()
-    except BaseException as e:
-        took = time.monotonic() - t0
-        if fired.is_set():
-            raise TimeoutError(
-                f"SGLang engine was not ready after {timeout_s:.0f} s (start_timeout_s / "
-                f"LIGHTRFT_SGLANG_START_TIMEOUT); its scheduler processes were stopped.\n"
-                + _log_tails(log_path)
-            ) from e
-        if isinstance(e, Exception):
-            raise RuntimeError(
-                f"SGLang engine failed to start after {took:.0f} s: {type(e).__name__}: {e}\n"
-                + _log_tails(log_path)
-            ) from e
-        raise
-    finally:
-        done.set()
-
-
-def _child_pids(pid: int | None = None) -> list[int]:
-    """This process's direct children (psutil when there, else ``/proc``)."""
-    pid = os.getpid() if pid is None else pid
-    try:
-        import psutil
-
-        return [c.pid for c in psutil.Process(pid).children()]
-    except ImportError:
-        pass
-    out: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _stop_children(before: set[int]) -> None:
-    """SIGABRT, then SIGKILL after 10 s, to the children spawned since ``before`` (SGLang's
-    schedulers and detokenizer; multiprocessing's resource tracker is left alone)."""
-    victims = [p for p in _child_pids() if p not in before and "resource_tracker" not in _cmdline(p)]
-    for sig in (signal.SIGABRT, signal.SIGKILL):
-        for p in victims:
-            try:
-                os.kill(p, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + 10.0
-        while sig == signal.SIGABRT and time.monotonic() < deadline and any(map(_alive, victims)):
-            time.sleep(0.5)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (exists and is not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _tail(path: Path, n: int) -> list[str]:
-    try:
-        with open(path, errors="replace") as f:
-            return f.readlines()[-n:]
-    except OSError:
-        return []
-
-
-def _log_tails(log_path: Path | None) -> str:
-    """The last lines of SGLang's log and of the schedulers' stack dumps, for an error message."""
-    if log_path is None:
-        return "(no SGLang log file)"
-    parts = []
-    for path, what in ((log_path, "SGLang log"), (Path(str(log_path) + ".stacks"), "scheduler stacks")):
-        lines = _tail(path, _TAIL_LINES)
-        head = f"--- {what} {path} (last {len(lines)} lines) ---\n"
-        parts.append(head + ("".join(lines) if lines else "(empty)\n"))
-    return "".join(parts)
 
 
 def sampling_dict(sp: SamplingParams) -> dict[str, Any]:

@@ -22,8 +22,11 @@ Definitions (what the summary reports and gates on):
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
+import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -217,3 +220,39 @@ def format_table(summary: Mapping[str, Any], medians: Mapping[str, float]) -> st
         lines.append(f"CHECK {name:<14} {status.upper()}{': ' + why if why else ''}")
     lines.append("PASSED" if summary["passed"] else "FAILED")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ live Python objects
+#: Type names the census reports (the ones that grew most since the first census).
+CENSUS_TOP = 12
+
+
+def live_objects() -> tuple[int, float]:
+    """(number of objects the cyclic garbage collector tracks now, seconds the count took). No
+    collection first: the count includes garbage that awaits the next collection, so read a trend,
+    not a single value. What vLLM's sleep (``gc.collect()``) walks is this set."""
+    t0 = time.perf_counter()
+    n = len(gc.get_objects())
+    return n, time.perf_counter() - t0
+
+
+def _type_name(o: Any) -> str:
+    t = type(o)
+    mod = getattr(t, "__module__", "") or ""
+    return t.__qualname__ if mod == "builtins" else f"{mod}.{t.__qualname__}"
+
+
+def type_census() -> Counter[str]:
+    """Counts of gc-tracked objects by type name (``module.QualName``; builtins bare), after a full
+    collection (so garbage does not count)."""
+    gc.collect()
+    return Counter(_type_name(o) for o in gc.get_objects())
+
+
+def census_growth(
+    first: Mapping[str, int], now: Mapping[str, int], top: int = CENSUS_TOP
+) -> list[dict[str, Any]]:
+    """The ``top`` types whose count grew most from ``first`` to ``now``: name, count, growth."""
+    grown = [(now[k] - first.get(k, 0), k) for k in now if now[k] > first.get(k, 0)]
+    grown.sort(key=lambda x: (-x[0], x[1]))
+    return [{"type": k, "count": now[k], "growth": d} for d, k in grown[:top]]

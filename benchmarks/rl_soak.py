@@ -14,8 +14,13 @@ Each iteration (``python benchmarks/rl_soak.py --strategy fsdp --engine vllm --m
 Recorded per iteration into ``--out``/iterations.jsonl: generation tokens/s, the phase times,
 device memory after each phase (``memory_allocated``, ``memory_reserved`` and used per
 ``mem_get_info``), host RSS (this process, and with its child processes: SGLang's schedulers),
-CUDA-graph captures in this process, torch.compile graphs, SGLang's capture log lines, and the
-mean |log p_train - log p_engine| of the training forward (the weights the engine generated with).
+CUDA-graph captures in this process, torch.compile graphs, SGLang's capture log lines, the
+mean |log p_train - log p_engine| of the training forward (the weights the engine generated with),
+and, outside the timed phases, the number of live gc-tracked Python objects (``gc_objects``, what
+vLLM's ``gc.collect()`` in sleep walks; ``gc_probe_s`` what counting cost). Every
+``--census-every`` iterations (and at the warm-up's end and the last) a census by type after a full
+collection goes to ``census.jsonl``: the types that grew most since the first census (and since
+the previous one), so a run that leaks Python objects names them.
 Every ``--check-every`` iterations (and at the last) the engine's log-probs on a few fixed prompts
 are compared with a forward pass of the trained model right after the push (``_soak.logprob_tolerance``
 says how the tolerance follows from bf16 arithmetic). The first check's engine outputs scored by
@@ -73,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mem-util", type=float, default=0.3, help="engine_mem_util")
     ap.add_argument("--bucket-mb", type=int, default=512, help="weight_sync_bucket_mb")
     ap.add_argument("--check-every", type=int, default=25, help="iterations between log-prob checks")
+    ap.add_argument(
+        "--census-every",
+        type=int,
+        default=25,
+        help="iterations between censuses of live Python objects by type (census.jsonl; 0: none)",
+    )
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument(
         "--out", default="soak-out", help="directory for iterations.jsonl, summary.json, soak.png"
@@ -87,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("iterations", "prompts", "samples", "prompt_len", "max_new_tokens", "micro_train_batch"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')}={getattr(a, name)} is invalid: give 1 or more")
+    if a.census_every < 0:
+        ap.error(f"--census-every={a.census_every} is invalid: give 0 (no census) or more")
     if (a.prompts * a.samples) % a.micro_train_batch:
         ap.error(
             f"--micro-train-batch={a.micro_train_batch} must divide --prompts x --samples = "
@@ -380,6 +393,33 @@ def main(argv: list[str] | None = None) -> int:
     mem: dict[str, int] = {}
     time_engine_calls(engine, probes, times, mem)
     jsonl = open(out / "iterations.jsonl", "w", buffering=1)  # noqa: SIM115
+    census_file = open(out / "census.jsonl", "w", buffering=1)  # noqa: SIM115
+    census_first: Any = None
+    census_prev: Any = None
+    census_last: dict[str, Any] | None = None
+
+    def census(it: int) -> None:
+        """Live objects by type (after gc.collect) into census.jsonl: growth since the first census
+        and since the previous one. Outside every timed phase."""
+        nonlocal census_first, census_prev, census_last
+        t0 = time.perf_counter()
+        now = _soak.type_census()
+        entry: dict[str, Any] = {"iteration": it, "total": sum(now.values())}
+        if census_first is None:
+            census_first = now
+            entry["top"] = [{"type": k, "count": v} for k, v in now.most_common(_soak.CENSUS_TOP)]
+        else:
+            entry["growth_since_first"] = _soak.census_growth(census_first, now)
+            entry["growth_since_previous"] = _soak.census_growth(census_prev, now)
+            entry["total_growth_since_first"] = entry["total"] - sum(census_first.values())
+        census_prev = now
+        entry["census_s"] = time.perf_counter() - t0
+        census_file.write(json.dumps(entry) + "\n")
+        census_last = entry
+        if "growth_since_first" in entry:
+            top = ", ".join(f"{g['type']} +{g['growth']}" for g in entry["growth_since_first"][:4])
+            say(f"  census it {it}: {entry['total']} objects ({entry['total_growth_since_first']:+d}): {top}")
+
     records: list[dict[str, Any]] = []
     lp_checks: list[dict[str, Any]] = []
     first_check: tuple[list[list[int]], list[list[float]]] | None = None
@@ -493,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["iter_s"] = time.perf_counter() - t_it
 
         rec["host_rss"], rec["host_rss_tree"] = host_rss()
+        rec["gc_objects"], rec["gc_probe_s"] = _soak.live_objects()  # after iter_s: not timed
         rec["cuda_graph_captures"] = probes.graph_captures if probes.cuda else None
         rec["compile_graphs"] = probes.compile_graphs()
         rec["engine_log_captures"] = probes.engine_log_captures()
@@ -500,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         jsonl.write(json.dumps(rec) + "\n")
         if it == a.iterations - 1 or (it >= a.warmup and (it - a.warmup) % a.check_every == 0):
             logprob_check(it)
+        if a.census_every and (
+            it == a.iterations - 1 or it == max(0, a.warmup - 1) or (it >= a.warmup and (it - a.warmup + 1) % a.census_every == 0)
+        ):
+            census(it)
         if it < 3 or it % 10 == 0 or it == a.iterations - 1:
             used = rec.get("mem_wake_used", 0) / 2**30
             say(
@@ -511,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     if records and lp_checks and lp_checks[-1]["iteration"] != records[-1]["iteration"]:
         logprob_check(records[-1]["iteration"])  # a run stopped early still ends with a check
     jsonl.close()
+    if a.census_every and records and (census_last is None or census_last["iteration"] != records[-1]["iteration"]):
+        census(records[-1]["iteration"])  # a run stopped early still ends with a census
+    census_file.close()
     with open(out / "logprob_checks.json", "w") as f:
         json.dump(lp_checks, f, indent=2)
 
@@ -523,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": time.perf_counter() - t_start,
             "stopped_early": stopped_early,
             "medians": _soak.phase_medians(records, a.warmup),
+            # Reported, not gated: live gc-tracked objects (first tenth -> last tenth after warm-up)
+            # and the last census's top growth (census.jsonl has them all).
+            "gc_objects_drift": _soak.drift([float(r["gc_objects"]) for r in records[a.warmup :]]),
+            "last_census": census_last,
             "versions": versions(a.engine),
             "device": torch.cuda.get_device_name() if probes.cuda else "cpu",
         }

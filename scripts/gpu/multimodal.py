@@ -187,9 +187,9 @@ def rewrite_hub_layout(directory: Path, model: Any) -> int:
     sends); returns the number of renamed tensors."""
     from safetensors.torch import load_file, save_file
 
-    from lightrft.engines._common import engine_weight_names
+    from lightrft.engines._common import engine_name_map
 
-    rename = engine_weight_names(model)
+    rename = engine_name_map(model)
     changed = 0
     for f in sorted(directory.glob("*.safetensors")):
         state = load_file(str(f))
@@ -353,7 +353,10 @@ def main_run(run: Run) -> bool:
     # A fresh engine from the saved trained weights.
     save_dir = run.out / f"trained-{args.engine}"
     run.timed("save_model", lambda: strategy.save_model(actor, save_dir, tokenizer=processor))
-    run.results["renamed_for_hub_layout"] = rewrite_hub_layout(save_dir, engine_model)
+    # The server engines load the hub layout their push sends; the hf engine loads with
+    # transformers, which reads the layout save_model wrote (the hub names would be left unloaded).
+    if args.engine != "hf":
+        run.results["renamed_for_hub_layout"] = rewrite_hub_layout(save_dir, engine_model)
     strategy.engine_lifecycle.shutdown()
     if on_gpu:
         torch.cuda.empty_cache()

@@ -74,7 +74,7 @@ start)
   nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   mkdir -p /tmp/vb /tmp/sb && cp -r .bundle/vllm/part08 /tmp/vb/ && cp -r .bundle/sglang/part09 /tmp/sb/ || exit 1
   rm -rf /tmp/whl && cp -r .whl /tmp/whl && install_workspace || exit 1
-  rm -rf /tmp/repo0 && mkdir -p /tmp/repo0 && cp -r benchmarks scripts packages examples /tmp/repo0/ || exit 1
+  rm -rf /tmp/repo0 && mkdir -p /tmp/repo0 && cp -r pyproject.toml benchmarks scripts packages examples /tmp/repo0/ || exit 1
   mkdir -p /tmp/results/gpu_tests
   setsid nohup bash -c "cd /tmp/repo0 && export PYTHONPATH=/tmp/site:/tmp/dsite && timeout 150 python3 -m pytest -q -p no:cacheprovider \
       -m gpu packages/lightrft-fsdp/tests packages/lightrft-deepspeed/tests -rs; echo rc=\$? > /tmp/results/gpu_tests/rc" > /tmp/results/gpu_tests/log.txt 2>&1 < /dev/null &
@@ -98,7 +98,7 @@ launch)  # launch vllm|sglang SECONDS PLAN...
   esac
   echo "$engine bundle ready in $((SECONDS - t0)) s"
   repo=/tmp/repo-$engine-$(date +%s)
-  mkdir -p "$repo" && cp -r benchmarks scripts packages examples "$repo/" || exit 1
+  mkdir -p "$repo" && cp -r pyproject.toml benchmarks scripts packages examples "$repo/" || exit 1
   deadline=$(( $(date +%s) + budget ))
   touch /tmp/master.$$.queued
   setsid nohup bash -c "for i in \$(seq 90); do [ -f /tmp/results/gpu_tests/rc ] && break; sleep 2; done; \

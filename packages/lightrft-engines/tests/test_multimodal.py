@@ -96,6 +96,56 @@ def test_hf_engine_generates_with_several_images_and_text_only_prompts_in_one_ba
     assert other[2].output_token_ids == outs[2].output_token_ids and other[2].logprobs == outs[2].logprobs
 
 
+def test_the_image_placeholder_is_the_token_the_processor_expands_on_every_transformers(vlm, images) -> None:
+    """Gemma 3's prompts hold ``<start_of_image>`` (its boi_token), which the processor expands.
+    transformers 5.19 names it ``processor.image_token``; 5.12 (SGLang 0.5.16's pin) names the
+    soft token there, and the placeholder check refused every image prompt on the GPU
+    (2026-12-03). The rule reads ``boi_token`` first, so both versions count the same text."""
+    import types
+
+    model, processor = vlm
+    assert _common.image_placeholder(processor) == P == "<start_of_image>"
+    as_on_512 = copy.copy(processor)
+    as_on_512.image_token = "<image_soft_token>"  # what Gemma3Processor.__init__ sets on 5.12
+    assert _common.image_placeholder(as_on_512) == P
+    assert _common.image_placeholder(types.SimpleNamespace(image_token="<image>")) == "<image>"
+    assert _common.image_placeholder(None) is None
+    # The engines' count check with 5.12's attributes accepts the prompts and still refuses a
+    # wrong count (only the attribute differs, so the 5.19 processor's own call is not run here).
+    per_prompt = [[images[0]], images[1:3], []]
+    check = dict(multimodal=True, model_name="Gemma3ForConditionalGeneration")
+    _common.check_images(per_prompt, PROMPTS, placeholder=_common.image_placeholder(as_on_512), **check)
+    with pytest.raises(ValueError, match=r"prompt 0 has 1 image placeholder\(s\) '<start_of_image>'"):
+        _common.check_images(
+            [images[:2], [images[2]], []], PROMPTS, placeholder=_common.image_placeholder(as_on_512), **check
+        )
+
+
+def test_the_tiny_vlm_tokenizer_has_the_newline_tokens_vllm_gemma3_looks_up(vlm) -> None:
+    """vLLM's Gemma 3 processor merges the newlines around an expanded image by looking up
+    "\\n" .. "\\n\\n\\n\\n" in the vocabulary (a KeyError on the GPU, 2026-12-03, when byte-level BPE
+    spelled them "Ċ"). Each must be one token, and the processor's expansion must tokenize to
+    [\\n\\n, begin, 4 soft tokens, end, \\n\\n], the sequence vLLM assembles from token ids."""
+    _, processor = vlm
+    tok = processor.tokenizer
+    vocab = tok.get_vocab()
+    newlines = [vocab["\n" * k] for k in range(1, 5)]
+    assert len(set(newlines)) == 4
+    for k in range(1, 5):
+        assert tok.encode("\n" * k) == [newlines[k - 1]]
+    ids = tok.convert_tokens_to_ids
+    expanded = tok.encode(processor.full_image_sequence + "what")
+    assert expanded == [
+        newlines[1],
+        ids(P),
+        *[ids("<image_soft_token>")] * 4,
+        ids("<end_of_image>"),
+        newlines[1],
+        *tok.encode("what"),
+    ]
+    assert tok.decode(expanded) == processor.full_image_sequence + "what"
+
+
 def test_bad_multimodal_input_names_the_prompt(vlm, images) -> None:
     model, processor = vlm
     strategy = get_fake_strategy({"engine_type": "hf", "engine_max_model_len": 40})

@@ -430,6 +430,19 @@ def image_lists(multi_modal_inputs: Sequence[Any] | None, n_prompts: int) -> lis
     return out if any(out) else None
 
 
+def image_placeholder(processor: Any) -> str | None:
+    """The text that stands for one image in a prompt of ``processor``'s model (None: no processor,
+    or one that names none). Gemma 3's processor expands its begin-of-image token (``boi_token``)
+    into begin, soft tokens and end; transformers 5.19 sets its ``image_token`` to that token, 5.12
+    to the soft token the expansion repeats (the version SGLang 0.5.16 pins). So ``boi_token``
+    first, then ``image_token`` (LLaVA's ``<image>``, Qwen2-VL's pad token, ...)."""
+    for attr in ("boi_token", "image_token"):
+        token = getattr(processor, attr, None)
+        if isinstance(token, str) and token:
+            return token
+    return None
+
+
 def check_images(
     images: list[list[Any]] | None,
     prompts: Sequence[str] | None,

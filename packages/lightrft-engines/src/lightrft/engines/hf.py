@@ -32,6 +32,7 @@ from ._common import (
     engine_max_len,
     find_processor,
     image_lists,
+    image_placeholder,
     is_multimodal,
     is_sharded,
     require_model,
@@ -165,7 +166,7 @@ class HFEngine:
             images,
             prompts,
             multimodal=self.multimodal,
-            placeholder=getattr(self.processor, "image_token", None),
+            placeholder=image_placeholder(self.processor),
             model_name=type(base_hf_model(self.model)).__name__,
         )
         if images is not None and self.processor is None:

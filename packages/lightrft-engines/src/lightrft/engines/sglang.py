@@ -69,6 +69,7 @@ from ._common import (
     engine_weight_names,
     find_processor,
     image_lists,
+    image_placeholder,
     is_multimodal,
     is_sharded,
     lora_scalings,
@@ -286,7 +287,7 @@ class SGLangEngine:
                 images,
                 prompts,
                 multimodal=self.multimodal,
-                placeholder=getattr(self.processor, "image_token", None),
+                placeholder=image_placeholder(self.processor),
                 model_name=self.model_name,
             )
             if self.skip_tokenizer_init:

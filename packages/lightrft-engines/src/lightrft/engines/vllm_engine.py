@@ -298,7 +298,7 @@ class VLLMEngine:
             images,
             prompts,
             multimodal=self.multimodal,
-            placeholder=getattr(self.processor, "image_token", None),
+            placeholder=_common.image_placeholder(self.processor),
             model_name=str(self.llm.llm_engine.model_config.architectures),
         )
         assert prompts is not None

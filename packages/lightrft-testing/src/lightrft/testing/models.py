@@ -213,9 +213,10 @@ _VLM_CORPUS = (
 
 def make_tiny_vlm_tokenizer() -> Any:
     """A byte-level BPE tokenizer trained here on a few sentences about colours (no hub): the
-    colour names are single tokens; ``<start_of_image>`` is the image placeholder."""
+    colour names are single tokens; ``<start_of_image>`` is the image placeholder; the newline runs
+    "\\n" to "\\n\\n\\n\\n" are single tokens, as in Gemma 3's own vocabulary."""
     try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast
     except ImportError as e:
         raise ImportError("make_tiny_vlm needs transformers: `uv add transformers pillow`") from e
@@ -230,6 +231,11 @@ def make_tiny_vlm_tokenizer() -> Any:
     )
     corpus = [_VLM_CORPUS.format(c=c) for c in COLORS for _ in range(8)] + ["\n\n", "\n"] * 8
     tok.train_from_iterator(corpus, trainer)
+    # Gemma 3's real (SentencePiece) vocabulary has "\n" to "\n\n\n\n" as literal tokens, and
+    # vLLM's Gemma 3 processor looks them up by those strings to merge the newlines around an
+    # expanded image (vllm/model_executor/models/gemma3_mm.py, _apply_token_matches); byte-level
+    # BPE would spell them "Ċ". Added tokens match before pre-tokenization, longest first.
+    tok.add_tokens([AddedToken("\n" * k, normalized=False, special=False) for k in range(1, 5)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",

@@ -563,7 +563,10 @@ def test_start_deadline_stops_the_schedulers_and_quotes_their_log_and_stacks(
     assert "TimeoutError: SGLang engine was not ready after 30 s" in message, message
     assert "Capture cuda graph begin" in message  # the scheduler's log, quoted
     assert "wait_for_store" in message  # its stack at the deadline (faulthandler, SIGABRT)
-    assert procs[0].exitcode == -6 and took < 60
+    # The deadline, not the scheduler, ended the wait: not before 30 s (an upper bound on how long
+    # the stop then takes would depend on the machine's load; the hang it guards against is the
+    # TimeoutError's absence, asserted above).
+    assert procs[0].exitcode == -6 and took >= 30
     assert not cls.recording_runtime.engines
 
 

@@ -21,7 +21,6 @@ from _soak import (  # noqa: E402
     summarize,
 )
 
-
 # pytest.approx's default here (rel 1e-6): each side is a few float64 operations (<= 10 roundings,
 # relative error <= 10 * 2**-53 ~ 1e-15) written in different orders, so they agree far inside it;
 # no value below was tuned to a run (issue 16 item 2).

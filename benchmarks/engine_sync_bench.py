@@ -181,6 +181,9 @@ class Peer:
             sgl.begin_weight_update()
         for bucket in strategy.iter_weight_buckets(actor, bucket_bytes=1, dtype=dtype):
             for name, t in bucket:
+                # FSDP's gathered parameters are non-leaf tensors that require grad, which CUDA IPC
+                # refuses to send (the peers detach too).
+                t = t.detach()
                 if self.engine_type == "vllm":
                     self.model.load_weights([(name, t)])
                 elif sgl is not None:

@@ -28,9 +28,17 @@ from lightrft.strategy import SamplingParams, get_fake_strategy  # noqa: E402
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 ENGINE = sys.argv[2] if len(sys.argv) > 2 else "vllm"
-CFG = {"train_batch_size": 1, "micro_train_batch_size": 1, "bf16": False, "seed": 3, "engine_type": ENGINE,
-       "engine_max_model_len": 128, "engine_enforce_eager": True, "weight_sync_bucket_mb": 1,
-       "enable_engine_sleep": True}
+CFG = {
+    "train_batch_size": 1,
+    "micro_train_batch_size": 1,
+    "bf16": False,
+    "seed": 3,
+    "engine_type": ENGINE,
+    "engine_max_model_len": 128,
+    "engine_enforce_eager": True,
+    "weight_sync_bucket_mb": 1,
+    "enable_engine_sleep": True,
+}
 
 
 def census() -> Counter[str]:
@@ -65,8 +73,11 @@ def main() -> None:
             step(phases)
         b = census()
         d = sorted((b[k] - a.get(k, 0), k) for k in set(a) | set(b) if b[k] != a.get(k, 0))
-        print(f"PHASES {sorted(phases)} {N} iterations: total {sum(b.values()) - sum(a.values()):+d}; "
-              f"up {d[-6:]}; down {d[:3]}", flush=True)
+        print(
+            f"PHASES {sorted(phases)} {N} iterations: total {sum(b.values()) - sum(a.values()):+d}; "
+            f"up {d[-6:]}; down {d[:3]}",
+            flush=True,
+        )
     strategy.engine_lifecycle.shutdown()
 
 

@@ -542,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         if it == a.iterations - 1 or (it >= a.warmup and (it - a.warmup) % a.check_every == 0):
             logprob_check(it)
         if a.census_every and (
-            it == a.iterations - 1 or it == max(0, a.warmup - 1) or (it >= a.warmup and (it - a.warmup + 1) % a.census_every == 0)
+            it == a.iterations - 1
+            or it == max(0, a.warmup - 1)
+            or (it >= a.warmup and (it - a.warmup + 1) % a.census_every == 0)
         ):
             census(it)
         if it < 3 or it % 10 == 0 or it == a.iterations - 1:
@@ -556,7 +558,11 @@ def main(argv: list[str] | None = None) -> int:
     if records and lp_checks and lp_checks[-1]["iteration"] != records[-1]["iteration"]:
         logprob_check(records[-1]["iteration"])  # a run stopped early still ends with a check
     jsonl.close()
-    if a.census_every and records and (census_last is None or census_last["iteration"] != records[-1]["iteration"]):
+    if (
+        a.census_every
+        and records
+        and (census_last is None or census_last["iteration"] != records[-1]["iteration"])
+    ):
         census(records[-1]["iteration"])  # a run stopped early still ends with a census
     census_file.close()
     with open(out / "logprob_checks.json", "w") as f:

@@ -1,7 +1,8 @@
 """``lightrft-ckpt convert --to portable`` on native DeepSpeed checkpoints, offline: a ZeRO-2 and a
 ZeRO-3 checkpoint written by 2 ranks are converted in a separate process with no process group and
-no GPU, then resumed by FSDP (2 ranks) and Fake (1 rank) with the writer's losses, parameters,
-Adam moments and step, scheduler, dataloader position and train state."""
+no GPU, then resumed by FSDP (2 ranks) and Fake (1 rank, in the test process) with the writer's
+losses, parameters, Adam moments and step, scheduler, dataloader position and train state. The
+refusals (convert again, convert a portable checkpoint) call the CLI's ``main`` in the test process."""
 
 from __future__ import annotations
 
@@ -28,8 +29,17 @@ def _convert(src: Path, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _convert_here(src: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """The CLI's ``main`` in this process (a refusal needs no separate process): exit code, stderr."""
+    from lightrft.strategy.ckpt_cli import main
+
+    capsys.readouterr()
+    code = main(["convert", str(src), "--to", "portable", str(out)])
+    return code, capsys.readouterr().err
+
+
 def test_native_zero2_and_zero3_checkpoints_convert_offline_and_resume_on_fsdp_and_fake(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     native = run_matrix(str(tmp_path / "native"), [(2, ["ds2", "ds3"], {})], layout="native")
     converted = tmp_path / "converted"
@@ -63,10 +73,10 @@ def test_native_zero2_and_zero3_checkpoints_convert_offline_and_resume_on_fsdp_a
         if name != NAMES[0]:
             continue  # the refusals below do not depend on the stage (each is a DeepSpeed import)
         # Converting again refuses to overwrite; a portable checkpoint is not converted twice.
-        again = _convert(src, converted / name / "saved")
-        assert again.returncode == 1 and "exists" in again.stderr
-        twice = _convert(converted / name / "saved", tmp_path / "twice")
-        assert twice.returncode == 1 and "has the portable layout already" in twice.stderr
+        code, err = _convert_here(src, converted / name / "saved", capsys)
+        assert code == 1 and "exists" in err
+        code, err = _convert_here(converted / name / "saved", tmp_path / "twice", capsys)
+        assert code == 1 and "has the portable layout already" in err
 
     resumed = run_matrix(str(converted), [(2, [], {"fsdp": NAMES}), (1, [], {"fake": NAMES})])
     assert sorted(resumed["read"]) == [f"{r} <- {w}" for r in ("fake-ws1", "fsdp-ws2") for w in NAMES]

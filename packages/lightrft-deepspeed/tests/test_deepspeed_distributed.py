@@ -108,12 +108,17 @@ def test_parity_with_fake(ranks: list[dict[str, Any]], stage: int) -> None:
     fake = fake_parity()
     for r in result(ranks, f"parity_zero{stage}"):
         assert r["names"] == fake["names"]
-        torch.testing.assert_close(
-            torch.tensor(r["losses"]), torch.tensor(fake["losses"]), atol=1e-5, rtol=1e-5
-        )
-        torch.testing.assert_close(
-            torch.tensor(r["norms"]), torch.tensor(fake["norms"]), atol=1e-5, rtol=1e-5
-        )
+        # Fake averages its 4 micro-batch losses in another order than 2 ranks x 2, and later losses
+        # move with the parameters' measured distance, to first order (tolerance.parity_loss_atol);
+        # the norm's squares are summed in another order (tolerance.norm_rtol).
+        micro = BASE_CONFIG["train_batch_size"] // BASE_CONFIG["micro_train_batch_size"]
+        dp = float((r["params"] - fake["params"]).double().norm())
+        for a, b, norm in zip(r["losses"], fake["losses"], fake["norms"]):
+            assert abs(a - b) <= parity_loss_atol(b, norm, dp, micro), (a, b, dp)
+        assert r["norms"] == pytest.approx(fake["norms"], rel=norm_rtol(fake["params"].numel()))
+        # Not derived (issue 16 item 2, open): the conformance parity run trains with Adam's default
+        # eps (1e-8), where no tolerance on the gradients bounds the parameters (see
+        # lightrft.testing.tolerance, PARITY_ADAM_EPS); kept until that run uses PARITY_ADAM_EPS.
         torch.testing.assert_close(r["params"], fake["params"], atol=1e-5, rtol=1e-5)
         assert max(r["norms"]) > 0.5  # clipping (max_norm=0.5) bit
         assert r["returned"][0::2] == [None] * 3  # None between boundaries
@@ -127,8 +132,14 @@ def test_parity_with_fsdp(ranks: list[dict[str, Any]], stage: int) -> None:
     fsdp = result(ranks, "fsdp_reference")
     for r, f in zip(result(ranks, f"parity_zero{stage}"), fsdp):
         assert r["names"] == f["names"]
-        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(f["losses"]), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(f["norms"]), atol=1e-5, rtol=1e-5)
+        # Both reduce 2 micro-batches per rank then across the 2 ranks, but in their own orders
+        # and scalings: the bounds of test_parity_with_fake (parity_loss_atol, norm_rtol).
+        micro = BASE_CONFIG["train_batch_size"] // BASE_CONFIG["micro_train_batch_size"]
+        dp = float((r["params"] - f["params"]).double().norm())
+        for a, b, norm in zip(r["losses"], f["losses"], f["norms"]):
+            assert abs(a - b) <= parity_loss_atol(b, norm, dp, micro), (a, b, dp)
+        assert r["norms"] == pytest.approx(f["norms"], rel=norm_rtol(f["params"].numel()))
+        # Not derived (issue 16 item 2, open): Adam's default eps, as in test_parity_with_fake.
         torch.testing.assert_close(r["params"], f["params"], atol=1e-5, rtol=1e-5)
 
 
@@ -177,10 +188,15 @@ def test_zero3_save_model_writes_peft_adapters(ranks: list[dict[str, Any]]) -> N
         assert "adapter_config.json" in r["files"] and "adapter_model.safetensors" in r["files"]
         assert "model.safetensors" not in r["files"]  # adapters only, not the base model
         assert r["moved"] > 1e-4  # training moved the LoRA weights: the round trip is not vacuous
-        assert r["max_diff"] < 1e-5
+        # Bitwise by construction: the same fp32 base (seed 7) and the saved fp32 adapters, the
+        # same PEFT forward on one rank with the rank's thread count (RANK_THREADS).
+        assert r["max_diff"] == 0.0
 
 
 def test_gradient_checkpointing_trains_identically(ranks: list[dict[str, Any]]) -> None:
     for r in result(ranks, "grad_ckpt_zero2"):
         assert r["enabled"] and not r["plain_enabled"]
-        assert r["max_diff"] < 1e-6
+        # Bitwise by construction: the same model, data, stage and thread count on both runs;
+        # checkpointing recomputes the forward's ops in their order (per-element sums of two
+        # ranks' gradients do not depend on the order the buckets fill in).
+        assert r["max_diff"] == 0.0

@@ -82,7 +82,12 @@ def test_gpu_training_uses_fused_adam_in_bf16(stage: int) -> None:
 def test_gpu_save_model_round_trip(stage: int) -> None:
     r0 = result(gpu_check(f"hf_save_zero{stage}"), f"hf_save_zero{stage}")[0]
     assert "model.safetensors" in r0["files"]
-    assert r0["max_diff"] <= 1e-2  # same bf16 weights, same GPU; kernels may differ by a rounding
+    # Not derived (issue 16 item 2, open; GPU only, not run here): the same bf16 weights on the
+    # same GPU, but the engine's forward and transformers' may pick different GEMM kernels, and a
+    # one-ulp (2**-8 relative) difference in one layer's output grows through the later layers by
+    # the network's Lipschitz constants, which no returned number bounds. Kept until the check
+    # returns a derivable quantity (or pins the kernels and compares exactly).
+    assert r0["max_diff"] <= 1e-2
 
 
 def test_gpu_zero_init_load_model() -> None:

@@ -103,7 +103,10 @@ def test_perturb_then_restore_round_trip(trained_setup):
     assert perturbed != after and abs(engine.param_checksum() - good) > 1e-3
     strategy.update_engine_weights(actor)
     assert _ids(engine.generate(prompt_token_ids=prompts, sampling_params=GREEDY)) == after
-    assert engine.param_checksum() == pytest.approx(good, rel=1e-6, abs=1e-4)
+    # Bitwise by construction: the same weights pushed again give the worker the same tensors
+    # (the same conversion to its dtype), summed by the same kernel in the same worker process
+    # with its thread count unchanged: the same float.
+    assert engine.param_checksum() == good
 
 
 def test_text_prompts_n_samples_logprobs_and_stop_tokens(trained_setup):

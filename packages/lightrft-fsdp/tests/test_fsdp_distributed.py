@@ -39,6 +39,10 @@ CONFIG: dict[str, Any] = {
     "l2": 0.01,
     "lr_warmup_ratio": 0.2,
 }
+#: Not derived (issue 16 item 2, open): the parameter comparisons across reduction orders below
+#: train with Adam's default eps (1e-8), where no tolerance on the gradients bounds the parameters
+#: (lightrft.testing.tolerance, PARITY_ADAM_EPS); deriving one needs the rank side to train these
+#: runs with PARITY_ADAM_EPS, and the checkpoint runs to return their norms. Kept until then.
 ATOL = 1e-5
 
 
@@ -119,10 +123,16 @@ def test_loss_norm_and_param_parity_with_fake(main: list[dict[str, Any]]) -> Non
     for r in main:
         assert r["accumulated_gradient"] == 4
         assert r["parity_steps"] == [12, 3, 0]
-        assert r["parity_losses"] == pytest.approx(ref["losses"], abs=ATOL)
+        # The 8 micro-batch losses averaged in another order (2 ranks x 4), and later the measured
+        # distance of the parameters, to first order (tolerance.parity_loss_atol).
+        dp = float((flat(r["parity_params"]) - flat(ref["params"])).double().norm())
+        for a, b, norm in zip(r["parity_losses"], ref["losses"], ref["norms"]):
+            assert abs(a - b) <= parity_loss_atol(b, norm, dp, ref["accumulated_gradient"]), (a, b, dp)
         # The clip norm is the global norm over all parameters (the same float on every rank),
-        # and clipping bit (norm > max_norm) so the comparison covers the clipped update.
-        assert r["parity_norms"] == pytest.approx(ref["norms"], abs=ATOL)
+        # and clipping bit (norm > max_norm) so the comparison covers the clipped update. Its
+        # squares are summed per shard then across ranks (tolerance.norm_rtol).
+        n = flat(ref["params"]).numel()
+        assert r["parity_norms"] == pytest.approx(ref["norms"], rel=norm_rtol(n))
         assert min(r["parity_norms"]) > CONFIG["max_norm"]
         assert max_diff(r["parity_params"], ref["params"]) < ATOL
     assert main[0]["parity_norms"] == main[1]["parity_norms"]
@@ -185,6 +195,12 @@ def test_non_finite_norm_skips_on_both_optimizer_paths(main: list[dict[str, Any]
             # Two real steps: the skipped one did not advance Adam's step counters.
             assert path["adam_steps"] == [2.0]
             assert path["grads_cleared"] is True
+        # Not yet of either kind (issue 16 item 2, open): the two paths are different Adam kernels
+        # (the fused one orders its products differently), so their first updates may differ by a
+        # rounding; the second step's gradients then differ by an amount the arithmetic does not
+        # bound, and Adam's default eps (1e-8) divides that by the gradients' own size. A derived
+        # bound needs the rank side to compare one update from one state; these thresholds are
+        # the earlier ones, kept until it does.
         assert r["fused_vs_foreach_loss_diff"] < 1e-6
         assert r["fused_vs_foreach_norm_diff"] < 1e-6
         assert r["fused_vs_foreach_param_diff"] < 1e-6
@@ -192,8 +208,10 @@ def test_non_finite_norm_skips_on_both_optimizer_paths(main: list[dict[str, Any]
 
 def test_activation_checkpointing_keeps_numbers(main: list[dict[str, Any]]) -> None:
     for r in main:
-        assert r["ac_loss_diff"] < 1e-6
-        assert r["ac_param_diff"] < 1e-6
+        # Bitwise by construction: the same model, data, sharding and thread count (run_distributed
+        # gives every rank RANK_THREADS); recomputation repeats the forward's ops in their order.
+        assert r["ac_loss_diff"] == 0.0
+        assert r["ac_param_diff"] == 0.0
         assert r["ac_llama_enabled"] is True
         assert math.isfinite(r["ac_llama_loss"]) and r["ac_llama_loss"] > 1.0
 
@@ -201,7 +219,10 @@ def test_activation_checkpointing_keeps_numbers(main: list[dict[str, Any]]) -> N
 def test_ema_into_unsharded_model(main: list[dict[str, Any]]) -> None:
     for r in main:
         assert r["ema_moved"] > 1e-3
-        assert r["ema_plain_diff"] < 1e-6
+        # Bitwise by construction: moving_average computes beta * ema + (1 - beta) * full, the
+        # same two products and one sum as the check's 0.75 * initial + 0.25 * trained, on the
+        # same floats (full_tensor gathers them unchanged).
+        assert r["ema_plain_diff"] == 0.0
 
 
 def test_weight_buckets_complete_equal_and_bounded(main: list[dict[str, Any]]) -> None:
@@ -227,7 +248,9 @@ def test_save_model_loads_in_transformers_with_identical_logits(main: list[dict[
     assert r["hf_class"] == "LlamaForCausalLM"
     assert r["hf_architectures"] == ["LlamaForCausalLM"]
     assert "config.json" in r["hf_files"] and any(f.endswith(".safetensors") for f in r["hf_files"])
-    assert r["hf_logit_diff"] < 1e-5
+    # Bitwise by construction: save_model writes the fp32 weights unrounded and transformers
+    # runs the same LlamaForCausalLM ops on them, in the same rank, with the same thread count.
+    assert r["hf_logit_diff"] == 0.0
 
 
 def test_meta_init_shards_then_loads_weights(main: list[dict[str, Any]]) -> None:
@@ -235,7 +258,8 @@ def test_meta_init_shards_then_loads_weights(main: list[dict[str, Any]]) -> None
         assert r["meta_built"] is True and r["meta_after_shard"] is False
         # Each rank holds about half of the parameters.
         assert r["meta_local_numel"] <= r["full_numel"] // 2 + 64
-        assert r["meta_logit_diff"] < 1e-5
+        # Bitwise by construction: the same saved weights, model class, sharding and thread count.
+        assert r["meta_logit_diff"] == 0.0
         first, second = r["meta_train_losses"]
         assert second < first
 
@@ -288,6 +312,9 @@ def test_hybrid_sharding_on_four_ranks() -> None:
         assert r["mesh_shape"] == [2, 2] and r["mesh_dims"] == ["replicate", "shard"]
         assert r["placements"] == ["Replicate", "Shard(0)"]
         assert r["local_rows"] == 32
-        assert r["losses"] == pytest.approx(ref["losses"], abs=ATOL)
-        assert r["norms"] == pytest.approx(ref["norms"], abs=ATOL)
+        # As in test_loss_norm_and_param_parity_with_fake (tolerance.parity_loss_atol, norm_rtol).
+        dp = float((flat(r["params"]) - flat(ref["params"])).double().norm())
+        for a, b, norm in zip(r["losses"], ref["losses"], ref["norms"]):
+            assert abs(a - b) <= parity_loss_atol(b, norm, dp, ref["accumulated_gradient"]), (a, b, dp)
+        assert r["norms"] == pytest.approx(ref["norms"], rel=norm_rtol(flat(ref["params"]).numel()))
         assert max_diff(r["params"], ref["params"]) < ATOL

@@ -61,6 +61,11 @@ def test_fsdp_cpu_offload_trains_like_on_gpu(gpu: list[dict[str, Any]]) -> None:
     for r in gpu:
         assert r["cpu_offload_param_device"] == "cpu" and r["cpu_offload_pinned"] is True
         assert r["cpu_offload_fused"] is False
+        # Not derived (issue 16 item 2, open; GPU only, not run here): the first loss is the same
+        # bf16 forward on the same weights, the later ones follow two Adam implementations (CPU
+        # foreach, CUDA fused) with Adam's default eps (1e-8), whose rounding differences no
+        # gradient tolerance bounds (lightrft.testing.tolerance, PARITY_ADAM_EPS). Kept until the
+        # runs use PARITY_ADAM_EPS and return their parameters for tolerance.parity_loss_atol.
         assert r["cpu_offload_losses"] == pytest.approx(r["ref_losses_3"], abs=2e-2)
 
 

@@ -141,17 +141,23 @@ def run_matrix(
     """Runs ``launches`` in order (test side; each under torchrun) and collects ``written``
     (checkpoint name -> what the writer measured on rank 0), ``read`` (``"<reader> <- <writer>"``
     -> what the reader measured on rank 0), ``rank_losses`` (the same key -> the resumed losses
-    of every rank) and ``expected`` (every pair the launches asked for)."""
-    from .distributed import run_distributed
+    of every rank) and ``expected`` (every pair the launches asked for). A launch of one rank whose
+    writers and readers are all ``fake`` (FakeStrategy needs no process group) runs in this process,
+    with the ranks' thread count, instead of under torchrun."""
+    from .distributed import rank_threads, run_distributed
 
     out: dict[str, Any] = {"written": {}, "read": {}, "rank_losses": {}, "expected": []}
     for world_size, writers, reads in launches:
-        per_rank = run_distributed(
-            "lightrft.testing.portable_resume:write_then_read",
-            world_size,
-            {"writers": writers, "reads": reads, "root": root, "layout": layout},
-            timeout=timeout,
-        )
+        if world_size == 1 and set(writers) | set(reads) <= {"fake"}:
+            with rank_threads():
+                per_rank = [write_then_read(writers, reads, root, layout)]
+        else:
+            per_rank = run_distributed(
+                "lightrft.testing.portable_resume:write_then_read",
+                world_size,
+                {"writers": writers, "reads": reads, "root": root, "layout": layout},
+                timeout=timeout,
+            )
         out["expected"] += [
             f"{reader}-ws{world_size} <- {name}" for reader, names in reads.items() for name in names
         ]

@@ -75,6 +75,13 @@ def run_usage_snippet(
     }
 
 
+def run_usage_snippets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`run_usage_snippet` once per item of ``runs`` (its keyword arguments: ``document``,
+    ``workdir`` and the rest), in turn, in this process: one launch for several configurations
+    (each run's ``get_strategy(args)`` joins the process group the first one set up)."""
+    return [run_usage_snippet(**run) for run in runs]
+
+
 @contextlib.contextmanager
 def _chdir(path: str) -> Any:
     old = os.getcwd()

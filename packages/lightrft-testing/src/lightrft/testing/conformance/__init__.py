@@ -3,7 +3,7 @@ what it asserts), :class:`StrategyConformanceSuite` to subclass in a backend's t
 :func:`run_checks`, the rank-side entry point."""
 
 from .reference import reference_training
-from .runner import CAPABILITIES, CHECKS, run_checks
+from .runner import CAPABILITIES, CHECKS, run_check_sets, run_checks
 from .spec import BASE_CONFIG, DATA_SEED, MODEL_SEED, STEPS, Capability, overrides
 from .suite import StrategyConformanceSuite, check_results
 
@@ -19,5 +19,6 @@ __all__ = [
     "check_results",
     "overrides",
     "reference_training",
+    "run_check_sets",
     "run_checks",
 ]

@@ -20,10 +20,12 @@ import torch
 from lightrft.strategy.registry import load_strategy_class
 
 from ..distributed import run_distributed
-from .runner import CAPABILITIES, run_checks
+from .runner import CAPABILITIES, run_check_sets, run_checks
 from .spec import BASE_CONFIG, Capability
 
 _CACHE: dict[tuple[Any, ...], Any] = {}
+#: Every subclass, in the order they were made (for :attr:`StrategyConformanceSuite.launch_group`).
+_SUBCLASSES: list[type] = []
 
 
 def check_results(ranks: list[dict[str, Any]], check: str, where: str = "") -> list[Any]:
@@ -60,6 +62,12 @@ class StrategyConformanceSuite:
     #: Environment for the torchrun children (e.g. CUDA settings).
     launch_env: ClassVar[dict[str, str]] = {}
     timeout: ClassVar[float] = 900.0
+    #: Subclasses of one module with the same ``launch_group`` (and strategy, world size, launch
+    #: environment) measure their configurations in one torchrun launch, one after the other, each
+    #: check on a fresh strategy as always (``runner.run_check_sets``): a launch's imports cost more
+    #: CPU than a configuration's checks. None: a launch of its own. Run the module's tests in one
+    #: pytest process (``pytest-xdist --dist loadfile``), or each process launches the group again.
+    launch_group: ClassVar[str | None] = None
 
     # ------------------------------------------------------------- plumbing
     @classmethod
@@ -75,6 +83,28 @@ class StrategyConformanceSuite:
         )
 
     @classmethod
+    def _launch_key(cls) -> tuple[Any, ...]:
+        return (cls.strategy_name, cls.world_size, tuple(sorted(cls.launch_env.items())), cls.timeout)
+
+    @classmethod
+    def launch_members(cls) -> list[type[StrategyConformanceSuite]]:
+        """The suites whose configurations this one's launch measures (:attr:`launch_group`): this
+        class alone, or every subclass of its module in its group, in the order they were made,
+        one per configuration."""
+        if cls.launch_group is None or (cls.world_size == 1 and cls.strategy_name == "fake"):
+            return [cls]
+        members: dict[tuple[Any, ...], type[StrategyConformanceSuite]] = {}
+        for other in _SUBCLASSES:
+            if (
+                other.launch_group == cls.launch_group
+                and other.__module__ == cls.__module__
+                and other._launch_key() == cls._launch_key()
+            ):
+                members.setdefault(other._key(), other)  # type: ignore[attr-defined]
+        members.setdefault(cls._key(), cls)
+        return list(members.values())
+
+    @classmethod
     def all_results(cls) -> list[dict[str, Any]]:
         """Every rank's results of every check (computed once per configuration)."""
         key = ("run", *cls._key())
@@ -82,13 +112,20 @@ class StrategyConformanceSuite:
             if cls.world_size == 1 and cls.strategy_name == "fake":
                 _CACHE[key] = [run_checks(cls.strategy_name, cls.config_overrides)]
             else:
-                _CACHE[key] = run_distributed(
-                    run_checks,
+                members = cls.launch_members()
+                per_rank = run_distributed(
+                    run_check_sets,
                     world_size=cls.world_size,
-                    kwargs={"strategy_name": cls.strategy_name, "config": cls.config_overrides},
-                    timeout=cls.timeout,
+                    kwargs={
+                        "runs": [
+                            {"strategy_name": m.strategy_name, "config": m.config_overrides} for m in members
+                        ]
+                    },
+                    timeout=cls.timeout * len(members),
                     env=cls.launch_env,
                 )
+                for i, m in enumerate(members):
+                    _CACHE[("run", *m._key())] = [rank[i] for rank in per_rank]
         return _CACHE[key]
 
     @classmethod
@@ -130,6 +167,7 @@ class StrategyConformanceSuite:
         problems = override_problems(cls)
         if problems:
             raise TypeError(f"{cls.__qualname__}: " + "; ".join(problems))
+        _SUBCLASSES.append(cls)
 
     def test_no_overrides_DO_NOT_OVERRIDE(self) -> None:
         """Every standard test of this class is the suite's own, and ``expected_failures`` names

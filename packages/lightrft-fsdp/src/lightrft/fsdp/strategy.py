@@ -31,6 +31,7 @@ from lightrft.strategy.utils import HostScalar
 from lightrft.strategy.weights import clean_param_name, plan_buckets, sync_dtype
 
 from . import sharding
+from .optim import LocalShardAdamW
 from .offload import offload_optimizer_states, reload_optimizer_states
 
 DCP_DIR = "dcp"
@@ -128,7 +129,9 @@ class FSDPV2Strategy(StrategyBase):
         if weight_decay == 0 and len(groups) > 1:
             # Without decay the two groups are the same: one group means one fused kernel launch.
             groups = [{"params": [p for g in groups for p in g["params"]], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, **kwargs)
+        # Steps DTensor parameters through their local shards (bitwise the same update): the
+        # DTensor dispatch of the step leaks specs on torch 2.10 / 2.11 (``optim`` says how).
+        return LocalShardAdamW(groups, **kwargs)
 
     def _prepare_train(self, model: nn.Module, optimizer: Optimizer, scheduler: Any) -> tuple[Any, Any, Any]:
         if not isinstance(model, FSDPModule):
@@ -168,7 +171,7 @@ class FSDPV2Strategy(StrategyBase):
         params = [p for p in st.model.parameters() if p.grad is not None]
         total = total_grad_norm(params)
         if math.isfinite(max_norm) and params:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+            clip_grads_with_norm(params, max_norm, total)
         optimizer.found_inf = (~torch.isfinite(total)).to(torch.float32)
         norm = HostScalar(total)  # read after the update is queued: waits for the norm only
         try:
@@ -451,12 +454,29 @@ def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+@torch.no_grad()
+def clip_grads_with_norm(params: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """``torch.nn.utils.clip_grads_with_norm_`` (the same coefficient, the same products) applied
+    to the gradients' local shards: multiplying a DTensor by the plain 0-d coefficient would give
+    it a fresh Replicate spec per call, which torch 2.10 / 2.11 never free (``optim`` says how)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        loc = g.to_local() if isinstance(g, DTensor) else g
+        groups.setdefault((loc.device, loc.dtype), []).append(loc)
+    for (device, _), locs in groups.items():
+        torch._foreach_mul_(locs, coef.to(device))
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """Clips the gradients of ``params`` to a global L2 norm of ``max_norm`` (``inf``: no clipping);
     returns the norm before clipping, the same float on every rank."""
     total = total_grad_norm(params)
     if math.isfinite(max_norm) and params:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        clip_grads_with_norm(params, max_norm, total)
     return float(total)
 
 

@@ -111,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------ probes
 def host_rss() -> tuple[int, int]:
     """(this process's RSS, RSS of this process and all its descendants) in bytes, from /proc."""
+    from lightrft.strategy.utils import child_pids
 
     def rss(pid: int) -> int:
         try:
@@ -122,16 +123,6 @@ def host_rss() -> tuple[int, int]:
             pass
         return 0
 
-    def children(pid: int) -> list[int]:
-        out: list[int] = []
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    out += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-        return out
-
     me = os.getpid()
     total, todo, seen = 0, [me], set()
     while todo:
@@ -140,7 +131,7 @@ def host_rss() -> tuple[int, int]:
             continue
         seen.add(pid)
         total += rss(pid)
-        todo += children(pid)
+        todo += child_pids(pid)
     return rss(me), total
 
 

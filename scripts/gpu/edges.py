@@ -126,18 +126,15 @@ def device_used() -> int:
 def host_rss() -> int:
     """Resident bytes of this process and all its descendants (SGLang's host copy lives in its
     scheduler process; vLLM's in this one)."""
+    from lightrft.strategy.utils import child_pids
+
     pids, todo = set(), [os.getpid()]
     while todo:
         pid = todo.pop()
         if pid in pids:
             continue
         pids.add(pid)
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    todo += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
+        todo += child_pids(pid)
     total = 0
     for pid in pids:
         try:

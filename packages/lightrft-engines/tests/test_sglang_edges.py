@@ -29,10 +29,10 @@ from test_sglang_engine import (  # noqa: E402
 )
 
 from lightrft.engines import _common  # noqa: E402
-from lightrft.engines._sglang_procs import _child_pids  # noqa: E402
 from lightrft.engines.sglang import SGLangEngine  # noqa: E402
 from lightrft.strategy import EngineDiedError, SamplingParams, get_fake_strategy  # noqa: E402
 from lightrft.strategy.registry import register_engine  # noqa: E402
+from lightrft.strategy.utils import child_pids  # noqa: E402
 from lightrft.testing import make_lora_like, make_tiny_llama, run_distributed  # noqa: E402
 
 GREEDY = SamplingParams(5, 0.0)
@@ -292,7 +292,7 @@ class ProcessTreeEngine(RecordingSGLangEngine):
             time.sleep(0.05)
         ready.unlink()
         ready.parent.rmdir()
-        (self.grandchild,) = _child_pids(self.scheduler.pid)
+        (self.grandchild,) = child_pids(self.scheduler.pid)
 
     @property
     def tree(self) -> list[int]:
@@ -303,7 +303,7 @@ class ProcessTreeEngine(RecordingSGLangEngine):
         if self.shutdown_mode == "raises":
             raise RuntimeError("SGLang shutdown failed")
         if self.shutdown_mode == "sglang-0.5.16":
-            below = {self.scheduler.pid, self.detokenizer.pid} | set(_child_pids(self.scheduler.pid))
+            below = {self.scheduler.pid, self.detokenizer.pid} | set(child_pids(self.scheduler.pid))
             for pid in below:
                 if _state(pid) is not None:
                     os.kill(pid, signal.SIGKILL)

@@ -23,14 +23,21 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
-from lightrft.fsdp.optim import LocalShardAdamW
 from lightrft.fsdp import strategy as fsdp_strategy
+from lightrft.fsdp.optim import LocalShardAdamW
 from lightrft.strategy import get_strategy
 from lightrft.testing import causal_lm_loss, make_tiny_model
 
 WARMUP, N = 3, 20
-CONFIG = {"strategy": "fsdp", "bf16": True, "seed": 1, "train_batch_size": 2, "micro_train_batch_size": 2,
-          "max_norm": 0.05, "weight_sync_bucket_mb": 1}
+CONFIG = {
+    "strategy": "fsdp",
+    "bf16": True,
+    "seed": 1,
+    "train_batch_size": 2,
+    "micro_train_batch_size": 2,
+    "max_norm": 0.05,
+    "weight_sync_bucket_mb": 1,
+}
 
 
 @pytest.fixture(scope="module")

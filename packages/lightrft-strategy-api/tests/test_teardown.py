@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import sys
 
 import pytest
@@ -12,19 +11,14 @@ import torch
 import torch.distributed as dist
 
 from lightrft.strategy import teardown
+from lightrft.strategy.utils import free_port
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread states come from /proc")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def solo_group(monkeypatch: pytest.MonkeyPatch):
-    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                         "WORLD_SIZE": "1"}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
     dist.init_process_group("gloo")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lightrft.strategy.engine import EngineDiedError
+from lightrft.strategy.utils import child_pids
 
 #: Lines of the scheduler log (and of the stack dump) quoted when the start fails.
 _TAIL_LINES = 40
@@ -65,7 +66,7 @@ class EngineProcesses:
     def found(self, before: set[int]) -> None:
         """Records the children this process has now that were not in ``before`` (multiprocessing's
         resource tracker aside): the engine's, just started."""
-        self.pids = [p for p in _child_pids() if p not in before and "resource_tracker" not in _cmdline(p)]
+        self.pids = [p for p in child_pids() if p not in before and "resource_tracker" not in _cmdline(p)]
         self.tree = process_tree(self.pids)
         self._tree_seen_at = self._started_at = time.monotonic()
         self.watching = True
@@ -153,7 +154,7 @@ def start_with_deadline(create: Callable[[], Any], timeout_s: float, log_path: P
     scheduler within 5 s (``_wait_for_scheduler_ready``, 0.5.16 ``engine.py:1370-1396``) and
     raises, and if it still has not returned 30 s later the main thread is interrupted. Any failure
     is raised with the last lines of the log (a ``TimeoutError`` when the deadline passed)."""
-    before = set(_child_pids())
+    before = set(child_pids())
     done = threading.Event()
     fired = threading.Event()
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -189,28 +190,6 @@ def start_with_deadline(create: Callable[[], Any], timeout_s: float, log_path: P
         done.set()
 
 
-def _child_pids(pid: int | None = None) -> list[int]:
-    """This process's direct children (psutil when there, else ``/proc``)."""
-    pid = os.getpid() if pid is None else pid
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        try:
-            return [c.pid for c in psutil.Process(pid).children()]
-        except psutil.Error:  # gone meanwhile
-            return []
-    out: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -222,7 +201,7 @@ def _cmdline(pid: int) -> str:
 def _stop_children(before: set[int]) -> None:
     """SIGABRT, then SIGKILL after 10 s, to the children spawned since ``before`` (SGLang's
     schedulers and detokenizer; multiprocessing's resource tracker is left alone)."""
-    victims = [p for p in _child_pids() if p not in before and "resource_tracker" not in _cmdline(p)]
+    victims = [p for p in child_pids() if p not in before and "resource_tracker" not in _cmdline(p)]
     for sig in (signal.SIGABRT, signal.SIGKILL):
         for p in victims:
             try:
@@ -261,7 +240,7 @@ def process_tree(pids: Iterable[int]) -> dict[int, str]:
         if pid in tree or stat is None:
             continue
         tree[pid] = stat[2]
-        todo += _child_pids(pid)
+        todo += child_pids(pid)
     return tree
 
 

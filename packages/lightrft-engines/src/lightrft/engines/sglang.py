@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from lightrft.strategy.engine import EngineDiedError, GenerationOutput, SamplingParams, WeightBucket
 from lightrft.strategy.hf_io import original_class_name
+from lightrft.strategy.utils import child_pids
 from lightrft.strategy.weights import bucket_named_tensors
 
 from . import _sglang_compat as compat
@@ -83,7 +84,7 @@ from ._common import (
     write_config_dir,
 )
 from ._sglang_buckets import flatten_bucket, unflatten_bucket
-from ._sglang_procs import EngineProcesses, _child_pids, _on_sigquit, start_with_deadline
+from ._sglang_procs import EngineProcesses, _on_sigquit, start_with_deadline
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: Seconds ``sglang.Engine()`` may take before its schedulers are stopped (0: no limit).
@@ -478,7 +479,7 @@ class SGLangEngine:
                 # SGLang keeps vision embeddings by image hash across requests and no flush drops
                 # them: after a weight push they would be stale. 0 MB turns that cache off.
                 changes["SGLANG_VLM_CACHE_SIZE_MB"] = "0"
-            before = set(_child_pids())
+            before = set(child_pids())
             with compat.scoped_env(changes):
                 self.engine = start_with_deadline(
                     lambda: self.runtime.create_engine(**self.server_args),

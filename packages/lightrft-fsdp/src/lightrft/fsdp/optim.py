@@ -28,7 +28,9 @@ def _steps_locally(p: torch.Tensor) -> bool:
     if not isinstance(p, DTensor):
         return False
     g = p.grad
-    return g is None or (isinstance(g, DTensor) and g.placements == p.placements and g.device_mesh == p.device_mesh)
+    return g is None or (
+        isinstance(g, DTensor) and g.placements == p.placements and g.device_mesh == p.device_mesh
+    )
 
 
 class LocalShardAdamW(torch.optim.AdamW):
@@ -85,4 +87,6 @@ def _as_dtensor(key: str, value: Any, p: DTensor, loc: torch.Tensor) -> Any:
     ``zeros_like(p)`` gives the DTensor path); the ``step`` counter stays a plain tensor."""
     if key == "step" or not torch.is_tensor(value) or value.shape != loc.shape:
         return value
-    return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return DTensor.from_local(
+        value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )

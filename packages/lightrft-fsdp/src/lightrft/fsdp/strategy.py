@@ -31,8 +31,8 @@ from lightrft.strategy.utils import HostScalar
 from lightrft.strategy.weights import clean_param_name, plan_buckets, sync_dtype
 
 from . import sharding
-from .optim import LocalShardAdamW
 from .offload import offload_optimizer_states, reload_optimizer_states
+from .optim import LocalShardAdamW
 
 DCP_DIR = "dcp"
 LEGACY_SCHEDULER_FILE = "lr_scheduler.pt"
@@ -245,9 +245,8 @@ class FSDPV2Strategy(StrategyBase):
     )
 
     def _save_checkpoint(self, model: Any, path: Path) -> None:
+        self._save_dcp(model, path, DCP_DIR)
         st = self._train_states.get(id(model))
-        optimizer = st.optimizer if st is not None else None
-        portable.save_portable(model, optimizer, path, no_dist=False, subdir=DCP_DIR)
         if st is not None and self.is_rank_0():
             portable.save_scheduler(st.scheduler, path)
 
@@ -260,18 +259,15 @@ class FSDPV2Strategy(StrategyBase):
         load_optimizer_states: bool,
         load_lr_scheduler_states: bool,
     ) -> None:
-        st = self._train_states.get(id(model))
-        portable.load_portable(
+        self._load_dcp(
             model,
-            st.optimizer if st is not None else None,
             path,
+            DCP_DIR,
             strict=load_module_strict,
-            with_optimizer=load_optimizer_states,
-            no_dist=False,
-            subdir=DCP_DIR,
+            optimizer_states=load_optimizer_states,
+            scheduler_states=load_lr_scheduler_states,
+            legacy_scheduler_names=(LEGACY_SCHEDULER_FILE,),
         )
-        if st is not None and load_lr_scheduler_states:
-            portable.load_scheduler(st.scheduler, path, legacy_names=(LEGACY_SCHEDULER_FILE,))
 
     @classmethod
     def read_checkpoint_tensors(cls, path: Path, manifest: dict[str, Any], load: bool) -> dict[str, Any]:

@@ -612,10 +612,7 @@ class StrategyBase(ABC):
     def _save_portable(self, model: Any, path: Path) -> None:
         """Writes the portable layout (every rank). The default serves torch-native backends
         (plain or FSDP2 modules with a torch optimizer)."""
-        st = self._train_states.get(id(model))
-        portable.save_portable(
-            self.unwrap_model(model), st.optimizer if st else None, path, no_dist=self.world_size == 1
-        )
+        self._save_dcp(model, path, portable.PORTABLE_DIR)
 
     def _load_portable(
         self,
@@ -627,17 +624,54 @@ class StrategyBase(ABC):
         load_lr_scheduler_states: bool,
     ) -> None:
         """Reads the portable layout (every rank), resharding to this world size."""
+        self._load_dcp(
+            model,
+            path,
+            portable.PORTABLE_DIR,
+            strict=load_module_strict,
+            optimizer_states=load_optimizer_states,
+            scheduler_states=load_lr_scheduler_states,
+        )
+
+    # A torch-native backend's model and optimizer state as a DCP directory ``path/subdir``: the
+    # portable layout's (``portable``) and a backend's native one (FSDP's ``dcp``) alike.
+    def _save_dcp(self, model: Any, path: Path, subdir: str) -> None:
+        """Writes the model's and its optimizer's state under ``path/subdir`` (every rank; the
+        scheduler is the caller's)."""
+        st = self._train_states.get(id(model))
+        portable.save_portable(
+            self.unwrap_model(model),
+            st.optimizer if st is not None else None,
+            path,
+            no_dist=self.world_size == 1,
+            subdir=subdir,
+        )
+
+    def _load_dcp(
+        self,
+        model: Any,
+        path: Path,
+        subdir: str,
+        *,
+        strict: bool,
+        optimizer_states: bool,
+        scheduler_states: bool,
+        legacy_scheduler_names: tuple[str, ...] = (),
+    ) -> None:
+        """Reads what :meth:`_save_dcp` wrote (every rank, resharding to this world size), and the
+        scheduler from ``path/lightrft_scheduler.pt`` (or the first of ``legacy_scheduler_names``)."""
         st = self._train_states.get(id(model))
         portable.load_portable(
             self.unwrap_model(model),
-            st.optimizer if st else None,
+            st.optimizer if st is not None else None,
             path,
-            strict=load_module_strict,
-            with_optimizer=load_optimizer_states,
+            strict=strict,
+            with_optimizer=optimizer_states,
             no_dist=self.world_size == 1,
+            subdir=subdir,
         )
-        if st is not None and load_lr_scheduler_states:
-            portable.load_scheduler(st.scheduler, path)
+        if st is not None and scheduler_states:
+            portable.load_scheduler(st.scheduler, path, legacy_names=legacy_scheduler_names)
 
     def _checkpoint_info(self) -> dict[str, Any]:
         """Backend facts the manifest records besides backend, step and world size (e.g. the

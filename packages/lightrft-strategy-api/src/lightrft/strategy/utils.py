@@ -1,7 +1,9 @@
-"""Seeding and RNG state, shared by every backend."""
+"""Small helpers every backend and engine shares: seeding and RNG state, host reads of device
+scalars, a free port, the device cache, a process's children."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from typing import Any, cast
@@ -100,3 +102,27 @@ def empty_device_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def child_pids(pid: int | None = None) -> list[int]:
+    """The direct children of process ``pid`` (this process by default): from psutil when it is
+    installed, else from ``/proc/<pid>/task/*/children`` (Linux). Empty when the process is gone,
+    or where neither is available."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.Error:  # gone meanwhile
+            return []
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out

@@ -11,6 +11,8 @@ Without the strategies' exit hook (``lightrft.strategy.teardown``) such a rank d
 ``terminate called without an active exception`` (SIGABRT) or SIGSEGV after its work is done.
 :func:`launch_without_teardown` runs the script (optionally with CPU hogs beside it) and returns
 exit code, output and the ranks' reports; :func:`exit_problems` says what is wrong with one.
+:class:`ExitWithoutTeardownSuite` is the test on top of them, which each training backend's tests
+subclass.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -184,6 +186,29 @@ def exit_problems(launch: dict[str, Any]) -> list[str]:
     if problems:
         problems.append("stderr tail:\n" + launch["stderr"][-3000:])
     return problems
+
+
+class ExitWithoutTeardownSuite:
+    """The exit test of a backend: set ``backend`` (a name :func:`run` takes: ``fsdp``, ``ds1``,
+    ``ds2``, ``ds3``) in a subclass named ``Test...``. One launch of the script on ``world_size``
+    ranks with ``hogs`` CPU hogs beside it; every rank exits 0 with no abort text, and the ranks
+    pushed into the same engine type and trained to the same losses. Without the strategies' exit
+    hook the ranks abort at exit every time (the unwaited collective makes the failure
+    deterministic); ``scripts/stress-tests`` repeats the backends' tests."""
+
+    backend: ClassVar[str] = ""
+    world_size: ClassVar[int] = 2
+    hogs: ClassVar[int] = 1
+
+    def test_ranks_exit_zero_without_teardown(self) -> None:
+        import pytest
+
+        pytest.importorskip("transformers")
+        launch = launch_without_teardown(self.backend, hogs=self.hogs, world_size=self.world_size)
+        assert exit_problems(launch) == []
+        engine = {"hf": "HFEngine", "fake": "FakeEngine"}[default_engine()]
+        assert [r["engine"] for r in launch["reports"]] == [engine] * self.world_size
+        assert [r["losses"] for r in launch["reports"]] == [launch["reports"][0]["losses"]] * self.world_size
 
 
 if __name__ == "__main__":

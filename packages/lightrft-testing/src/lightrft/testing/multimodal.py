@@ -1,17 +1,21 @@
 """One multimodal RL round on any strategy, run on every rank: the tiny vision-language model
 (:func:`~lightrft.testing.models.make_tiny_vlm`) prepared, trained on image+text batches, its
 weights pushed into the rollout engine with ``update_engine_weights``, generating with images in
-LightRFT's call form, then saved and loaded into a fresh engine. Backends' tests call
-:func:`train_push_generate` (through ``run_distributed`` for several ranks) and assert on what it
-returns. Needs transformers, pillow and an engine (``lightrft-engines[hf]`` for ``engine_type="hf"``).
+LightRFT's call form, then saved and loaded into a fresh engine. :func:`train_push_generate`
+measures (on every rank, through ``run_distributed`` for several), :func:`check_round` asserts, and
+:class:`MultimodalRoundSuite` is the test on top of them, which each training backend's tests
+subclass. Needs transformers, pillow and an engine (``lightrft-engines[hf]`` for ``engine_type="hf"``).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import pytest
+
+from .distributed import run_distributed
 from .models import IMAGE_PLACEHOLDER, make_color_image, make_tiny_vlm, vlm_batch, vlm_loss
 
 #: The rollout batch: prompts with 1, 2 and 0 images, as LightRFT passes them (flat images + counts).
@@ -149,3 +153,33 @@ def check_round(results: list[dict[str, Any]], fake: dict[str, Any]) -> None:
     merged = [ranks[k % world].pop(0) for k in range(len(fake["losses"]))]
     assert not any(ranks), "the ranks ran more micro-batches than FakeStrategy"
     assert max(abs(a - b) for a, b in zip(merged, fake["losses"])) < LOSS_ATOL, (merged, fake["losses"])
+
+
+class MultimodalRoundSuite:
+    """The multimodal round of a backend: set ``config`` (StrategyConfig overrides, ``strategy``
+    at least; ``engine_type="hf"``) in a subclass named ``Test...``. One launch on ``world_size``
+    gloo ranks per class (the ``results`` fixture, which a subclass's own tests may use too);
+    the test compares it with FakeStrategy's round in this process (:func:`check_round`)."""
+
+    config: ClassVar[dict[str, Any]] = {}
+    world_size: ClassVar[int] = 2
+
+    @pytest.fixture(scope="class")
+    def results(self, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+        """Every rank's :func:`train_push_generate` (skips without transformers, pillow or the hf
+        engine)."""
+        for module in ("transformers", "PIL", "lightrft.engines.hf"):
+            pytest.importorskip(module)
+        tmp = tmp_path_factory.mktemp(f"{self.config.get('strategy', 'backend')}-mm")
+        return run_distributed(
+            "lightrft.testing.multimodal:train_push_generate",
+            self.world_size,
+            {"config": self.config, "tmp": str(tmp)},
+            timeout=600,
+        )
+
+    def test_two_ranks_train_like_fake_and_pushed_generations_equal_a_fresh_engine(
+        self, results: list[dict[str, Any]], tmp_path: Path
+    ) -> None:
+        fake = train_push_generate({**self.config, "strategy": "fake"}, str(tmp_path))
+        check_round(results, fake)

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 pytest.importorskip("lightrft.engines.hf")
 
-from lightrft.testing import run_distributed  # noqa: E402
+from lightrft.testing import rank_threads, run_distributed  # noqa: E402
 from lightrft.testing.multimodal import check_round, train_push_generate  # noqa: E402
 
 CONFIG: dict[str, Any] = {
@@ -43,5 +43,8 @@ def test_vision_tower_and_decoder_layers_are_fsdp_units(results: list[dict[str, 
 def test_two_ranks_train_like_fake_and_pushed_generations_equal_a_fresh_engine(
     results: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    fake = train_push_generate({**CONFIG, "strategy": "fake"}, str(tmp_path))
+    # The reference with the ranks' thread count (rank_threads): its first-step losses and the
+    # ranks' are the same arithmetic (check_round compares them exactly).
+    with rank_threads():
+        fake = train_push_generate({**CONFIG, "strategy": "fake"}, str(tmp_path))
     check_round(results, fake)

@@ -21,7 +21,15 @@ from lightrft.deepspeed import DeepspeedStrategy
 from lightrft.deepspeed import strategy as ds_strategy
 from lightrft.testing.conformance import BASE_CONFIG, DATA_SEED, MODEL_SEED
 from lightrft.testing.conformance import CHECKS as CONFORMANCE_CHECKS
-from lightrft.testing.harness import build, flat, full_params, run_isolated, shared_tmpdir, train
+from lightrft.testing.harness import (
+    build,
+    flat,
+    full_params,
+    param_groups,
+    run_isolated,
+    shared_tmpdir,
+    train,
+)
 from lightrft.testing.models import make_batches, make_sequential_lm, make_tiny_llama, make_tiny_model
 from lightrft.testing.tolerance import PARITY_ADAM_EPS
 
@@ -293,7 +301,9 @@ def sequential_parity_run(strategy: Any) -> dict[str, Any]:
     model, optim, sched = build(strategy, make_sequential_lm(31), eps=PARITY_ADAM_EPS)
     run = train(strategy, model, optim, sched, make_batches(32, 3, strategy.config.train_batch_size))
     params = full_params(strategy, model)
-    return {**run, "params": flat(params), "names": sorted(params)}
+    group = param_groups(optim)[0]
+    adam = {"eps": float(group["eps"]), "betas": [float(b) for b in group["betas"]]}
+    return {**run, "params": flat(params), "names": sorted(params), "adam": adam}
 
 
 def check_fsdp_sequential(strategy: DeepspeedStrategy) -> dict[str, Any]:
@@ -306,8 +316,9 @@ def check_fsdp_sequential(strategy: DeepspeedStrategy) -> dict[str, Any]:
 
 
 def check_adam_offload(strategy: DeepspeedStrategy) -> dict[str, Any]:
-    """adam_offload at ZeRO-2: DeepSpeedCPUAdam trains the conformance model 3 steps."""
-    model, optim, sched = build(strategy, make_tiny_model(MODEL_SEED))
+    """adam_offload at ZeRO-2: DeepSpeedCPUAdam trains the conformance model 3 steps (Adam's eps
+    of the conformance parity run, PARITY_ADAM_EPS)."""
+    model, optim, sched = build(strategy, make_tiny_model(MODEL_SEED), eps=PARITY_ADAM_EPS)
     run = train(strategy, model, optim, sched, make_batches(DATA_SEED, 3, strategy.config.train_batch_size))
     return {
         "optimizer": type(getattr(optim, "optimizer", optim)).__name__,

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from lightrft.strategy import get_fake_strategy
 from lightrft.testing import call, run_distributed
@@ -103,23 +102,39 @@ def test_zero3_weight_buckets_gather_one_bucket_at_a_time(ranks: list[dict[str, 
     assert result(ranks, "zero3_buckets")[0]["max_diff"] == 0.0
 
 
+def assert_parity_run_close(r: dict[str, Any], ref: dict[str, Any]) -> None:
+    """Two runs of the conformance suite's parity training (3 steps, Adam eps PARITY_ADAM_EPS,
+    every side with one thread) that sum the same 4 micro-batch gradients and losses in another
+    order (Fake: 4 in a row; ZeRO / FSDP: 2 per rank, then across the 2 ranks, each its own way):
+    the parameters per element within tolerance.parity_param_atol (the sum orders through Adam's
+    Lipschitz bound), the losses within parity_loss_atol (the mean in another order, then the
+    parameters' measured distance to first order), the norms within norm_rtol."""
+    micro = BASE_CONFIG["train_batch_size"] // BASE_CONFIG["micro_train_batch_size"]
+    assert r["names"] == ref["names"]
+    assert r["adam"] == ref["adam"] and ref["adam"]["eps"] == PARITY_ADAM_EPS
+    n = ref["params"].numel()
+    atol = parity_param_atol(
+        BASE_CONFIG["actor_learning_rate"],
+        len(ref["losses"]),
+        micro,
+        BASE_CONFIG["max_norm"],
+        n,
+        PARITY_ADAM_EPS,
+        betas=tuple(ref["adam"]["betas"]),
+    )
+    diff = (r["params"] - ref["params"]).abs()
+    assert float(diff.max()) <= atol, (float(diff.max()), atol)
+    dp = float(diff.double().norm())
+    for a, b, norm in zip(r["losses"], ref["losses"], ref["norms"], strict=True):
+        assert abs(a - b) <= parity_loss_atol(b, norm, dp, micro), (a, b, dp)
+    assert r["norms"] == pytest.approx(ref["norms"], rel=norm_rtol(n))
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_parity_with_fake(ranks: list[dict[str, Any]], stage: int) -> None:
     fake = fake_parity()
     for r in result(ranks, f"parity_zero{stage}"):
-        assert r["names"] == fake["names"]
-        # Fake averages its 4 micro-batch losses in another order than 2 ranks x 2, and later losses
-        # move with the parameters' measured distance, to first order (tolerance.parity_loss_atol);
-        # the norm's squares are summed in another order (tolerance.norm_rtol).
-        micro = BASE_CONFIG["train_batch_size"] // BASE_CONFIG["micro_train_batch_size"]
-        dp = float((r["params"] - fake["params"]).double().norm())
-        for a, b, norm in zip(r["losses"], fake["losses"], fake["norms"]):
-            assert abs(a - b) <= parity_loss_atol(b, norm, dp, micro), (a, b, dp)
-        assert r["norms"] == pytest.approx(fake["norms"], rel=norm_rtol(fake["params"].numel()))
-        # Not derived (issue 16 item 2, open): the conformance parity run trains with Adam's default
-        # eps (1e-8), where no tolerance on the gradients bounds the parameters (see
-        # lightrft.testing.tolerance, PARITY_ADAM_EPS); kept until that run uses PARITY_ADAM_EPS.
-        torch.testing.assert_close(r["params"], fake["params"], atol=1e-5, rtol=1e-5)
+        assert_parity_run_close(r, fake)
         assert max(r["norms"]) > 0.5  # clipping (max_norm=0.5) bit
         assert r["returned"][0::2] == [None] * 3  # None between boundaries
 
@@ -131,16 +146,9 @@ def test_parity_with_fake(ranks: list[dict[str, Any]], stage: int) -> None:
 def test_parity_with_fsdp(ranks: list[dict[str, Any]], stage: int) -> None:
     fsdp = result(ranks, "fsdp_reference")
     for r, f in zip(result(ranks, f"parity_zero{stage}"), fsdp):
-        assert r["names"] == f["names"]
         # Both reduce 2 micro-batches per rank then across the 2 ranks, but in their own orders
-        # and scalings: the bounds of test_parity_with_fake (parity_loss_atol, norm_rtol).
-        micro = BASE_CONFIG["train_batch_size"] // BASE_CONFIG["micro_train_batch_size"]
-        dp = float((r["params"] - f["params"]).double().norm())
-        for a, b, norm in zip(r["losses"], f["losses"], f["norms"]):
-            assert abs(a - b) <= parity_loss_atol(b, norm, dp, micro), (a, b, dp)
-        assert r["norms"] == pytest.approx(f["norms"], rel=norm_rtol(f["params"].numel()))
-        # Not derived (issue 16 item 2, open): Adam's default eps, as in test_parity_with_fake.
-        torch.testing.assert_close(r["params"], f["params"], atol=1e-5, rtol=1e-5)
+        # and scalings: the bounds of test_parity_with_fake.
+        assert_parity_run_close(r, f)
 
 
 def fake_sequential() -> dict[str, Any]:
@@ -165,12 +173,19 @@ def test_sequential_parity_fake_fsdp_deepspeed(ranks: list[dict[str, Any]], stag
     n = fake["params"].numel()
     # Every element: the gradients' reduction order through Adam's Lipschitz bound (6.1e-4 here;
     # a wrong update moves elements by ~lr = 1e-2).
+    assert fake["adam"] == {"eps": PARITY_ADAM_EPS, "betas": [0.9, 0.95]}
     param_atol = parity_param_atol(
-        BASE_CONFIG["actor_learning_rate"], 3, micro, BASE_CONFIG["max_norm"], n, PARITY_ADAM_EPS
+        BASE_CONFIG["actor_learning_rate"],
+        3,
+        micro,
+        BASE_CONFIG["max_norm"],
+        n,
+        PARITY_ADAM_EPS,
+        betas=(0.9, 0.95),
     )
     for r, f in zip(result(ranks, f"sequential_zero{stage}"), fsdp):
         for other in (fake, f):
-            assert r["names"] == other["names"]
+            assert r["names"] == other["names"] and r["adam"] == other["adam"]
             diff = (r["params"] - other["params"]).abs()
             assert float(diff.max()) <= param_atol, (float(diff.max()), param_atol)
             dp = float(diff.double().norm())

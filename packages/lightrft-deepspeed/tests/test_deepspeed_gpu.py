@@ -26,8 +26,9 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 class _GpuBf16Suite(StrategyConformanceSuite):
     strategy_name = "deepspeed"
     world_size = 2
-    # bf16 against FakeStrategy in fp32: Adam turns bf16 rounding of near-zero gradients into
-    # steps of up to lr (1e-2) either way, so parameters may differ by a few lr after 3 steps.
+    # Losses and norms of a bf16 run against FakeStrategy's fp32 one. Not derived (issue 16 item 2,
+    # open; GPU only, not run here): a bf16 forward's error grows through the layers by the
+    # network's own constants. (The parameters' bound is derived: suite.assert_params_close.)
     atol = 5e-2
     rtol = 5e-2
     launch_env = NCCL_ENV
@@ -93,7 +94,10 @@ def test_gpu_save_model_round_trip(stage: int) -> None:
 def test_gpu_zero_init_load_model() -> None:
     for r in result(gpu_check("zero_init_load_model"), "zero_init_load_model"):
         assert r["partitioned"] == r["num_params"]
-        assert r["max_diff"] <= 5e-2  # bf16 model against the fp32 reference
+        # Not derived (issue 16 item 2, open; GPU only, not run here): a bf16 model's logits against
+        # the fp32 reference's, whose difference grows through the layers by the network's own
+        # constants (as in test_gpu_save_model_round_trip).
+        assert r["max_diff"] <= 5e-2
 
 
 @pytest.mark.parametrize("stage", [2, 3])

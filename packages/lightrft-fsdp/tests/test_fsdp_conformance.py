@@ -21,7 +21,8 @@ class TestFSDPConformanceGPUbf16(StrategyConformanceSuite):
     strategy_name = "fsdp"
     world_size = 2
     config_overrides = {"bf16": True}
-    # Adam moves a parameter by about lr (1e-2) per step whatever the gradient's size, so bf16
-    # rounding that flips a tiny gradient's sign can move it by up to 2 x lr per step (3 steps).
+    # Losses and norms of a bf16 run against FakeStrategy's fp32 one. Not derived (issue 16 item 2,
+    # open; GPU only, not run here): a bf16 forward's error grows through the layers by the
+    # network's own constants. (The parameters' bound is derived: suite.assert_params_close.)
     atol = 6e-2
     rtol = 3e-2

@@ -39,6 +39,8 @@ def _broken(matrix: dict[str, Any], what: str) -> dict[str, Any]:
         got["losses"][1] += 1e-3
     elif what == "params":
         next(iter(got["params"].values())).view(-1)[0] += 1e-3
+    elif what == "loaded":
+        next(iter(got["loaded_params"].values())).view(-1)[0] += 1e-6
     elif what == "moments":
         next(iter(got["optimizer"]["moments"].values())).view(-1)[0] += 1e-6
     elif what == "steps":
@@ -61,6 +63,7 @@ def _broken(matrix: dict[str, Any], what: str) -> dict[str, Any]:
     [
         ("losses", "resumed losses"),
         ("params", "final parameters differ"),
+        ("loaded", "loaded parameters differ from the saved ones"),
         ("moments", "Adam moments differ"),
         ("steps", "Adam steps"),
         ("lr", "learning rates"),

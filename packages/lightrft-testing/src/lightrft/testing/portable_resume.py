@@ -19,8 +19,9 @@ import torch
 from lightrft.strategy import clean_param_name, get_strategy
 
 from .conformance.spec import BASE_CONFIG, tiny_model
-from .harness import build, full_params, train
+from .harness import build, full_params, param_groups, train
 from .models import make_batches
+from .tolerance import PARITY_ADAM_EPS, parity_loss_atol, parity_param_atol
 
 SAVED_STEPS = 2
 RESUMED_STEPS = 2
@@ -77,10 +78,15 @@ def _optimizer_summary(strategy: Any, model: Any, optim: Any) -> dict[str, Any]:
     return {"moments": moments, "steps": steps}
 
 
+def _adam(optim: Any) -> dict[str, Any]:
+    group = param_groups(optim)[0]
+    return {"eps": float(group["eps"]), "betas": [float(b) for b in group["betas"]]}
+
+
 def write(backend: str, root: str, layout: str = "portable") -> dict[str, Any]:
     """Trains SAVED_STEPS, saves ``root/<backend>-ws<N>`` in the portable layout, trains on."""
     strategy = _strategy(backend, layout)
-    model, optim, sched = build(strategy, tiny_model())
+    model, optim, sched = build(strategy, tiny_model(), eps=PARITY_ADAM_EPS)
     loader = strategy.setup_dataloader(DATASET, batch_size=2, shuffle=True)
     batches = make_batches(5, SAVED_STEPS + RESUMED_STEPS, strategy.config.train_batch_size)
     train(strategy, model, optim, sched, batches[:SAVED_STEPS])
@@ -94,7 +100,14 @@ def write(backend: str, root: str, layout: str = "portable") -> dict[str, Any]:
         "saved_params": full_params(strategy, model),
     }
     after = train(strategy, model, optim, sched, batches[SAVED_STEPS:])
-    out = {"name": name, "losses": after["losses"], "params": full_params(strategy, model), **saved}
+    out = {
+        "name": name,
+        "losses": after["losses"],
+        "norms": after["norms"],
+        "params": full_params(strategy, model),
+        "adam": _adam(optim),
+        **saved,
+    }
     out["loader"] = loader.state_dict()
     return out
 
@@ -107,10 +120,11 @@ def read(backend: str, root: str, names: list[str]) -> dict[str, Any]:
     for name in names:
         strategy = _strategy(backend)  # a fresh one per checkpoint: its own dataloader list
         world_size = strategy.world_size
-        model, optim, sched = build(strategy, tiny_model(4242))
+        model, optim, sched = build(strategy, tiny_model(4242), eps=PARITY_ADAM_EPS)
         loader = strategy.setup_dataloader(DATASET, batch_size=2, shuffle=True)
         strategy.load_ckpt(model, Path(root) / name)
         loaded = {
+            "loaded_params": full_params(strategy, model),
             "optimizer": _optimizer_summary(strategy, model, optim),
             "lr": sched.get_last_lr(),
             "loader": loader.state_dict(),
@@ -118,7 +132,12 @@ def read(backend: str, root: str, names: list[str]) -> dict[str, Any]:
         }
         batches = make_batches(5, SAVED_STEPS + RESUMED_STEPS, strategy.config.train_batch_size)
         after = train(strategy, model, optim, sched, batches[SAVED_STEPS:])
-        out[name] = {**loaded, "losses": after["losses"], "params": full_params(strategy, model)}
+        out[name] = {
+            **loaded,
+            "losses": after["losses"],
+            "norms": after["norms"],
+            "params": full_params(strategy, model),
+        }
     return {"reader": f"{backend}-ws{world_size}", "results": out}
 
 
@@ -175,13 +194,54 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((float((a[k].float() - b[k].float()).abs().max()) for k in a), default=0.0)
 
 
-def resume_problems(matrix: dict[str, Any], atol: float = 1e-5, moment_atol: float = 1e-7) -> list[str]:
+def _flat(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([params[k].reshape(-1).double() for k in sorted(params)])
+
+
+def _run_problems(
+    what: str, got: dict[str, Any], want: dict[str, Any], steps: int, first_step: int
+) -> list[str]:
+    """``got``'s losses and final parameters against ``want``'s, two runs of the last ``steps`` of
+    the same training from one state (Adam step ``first_step`` on), each summing the conformance
+    configuration's micro-batch gradients and losses in its own order: parameters per element within
+    ``tolerance.parity_param_atol`` (at Adam's eps PARITY_ADAM_EPS, which ``write`` and ``read`` train
+    with), losses within ``parity_loss_atol`` (the mean in another order, then the parameters'
+    measured distance to first order)."""
+    micro = BASE_CONFIG["train_batch_size"] // BASE_CONFIG["micro_train_batch_size"]
+    a, b = _flat(got["params"]), _flat(want["params"])
+    atol = parity_param_atol(
+        BASE_CONFIG["actor_learning_rate"],
+        steps,
+        micro,
+        BASE_CONFIG["max_norm"],
+        b.numel(),
+        want["adam"]["eps"],
+        betas=tuple(want["adam"]["betas"]),  # type: ignore[arg-type]
+        first_step=first_step,
+    )
+    problems = []
+    dp = float((a - b).norm())
+    if (d := float((a - b).abs().max())) > atol:
+        problems.append(f"{what}: final parameters differ by {d:.3g} (parity_param_atol {atol:.3g})")
+    bounds = [parity_loss_atol(y, n, dp, micro) for y, n in zip(want["losses"], want["norms"])]
+    if len(got["losses"]) != len(want["losses"]) or any(
+        abs(x - y) > t for x, y, t in zip(got["losses"], want["losses"], bounds)
+    ):
+        problems.append(
+            f"{what}: losses {got['losses']} != {want['losses']} (parity_loss_atol {[f'{t:.3g}' for t in bounds]})"
+        )
+    return problems
+
+
+def resume_problems(matrix: dict[str, Any]) -> list[str]:
     """Everything wrong with a :func:`run_matrix` result (an empty list when nothing is): a pair
-    asked for but not run; writers whose uninterrupted runs disagree (they are one run: same model,
-    data and arithmetic); a resumed run whose losses or final parameters differ from its writer's
-    uninterrupted run by more than ``atol``, whose Adam moments differ from the saved ones by more
-    than ``moment_atol`` or whose step counts, learning rate, dataloader position or train state
-    are not the saved ones; ranks of one reader that got different losses."""
+    asked for but not run; writers whose uninterrupted runs disagree (the same training on another
+    backend or world size: another reduction order, within the bounds of ``_run_problems``); a
+    resumed run that loaded other parameters, Adam moments, step counts, learning rate, dataloader
+    position or train state than the writer saved (all exact: loading copies them); whose losses
+    or final parameters are not its writer's uninterrupted run's (exact when the reader is the
+    writer's backend and world size, hence its arithmetic; else within the bounds of
+    ``_run_problems``); ranks of one reader that got different losses."""
     problems: list[str] = []
     missing = sorted(set(matrix["expected"]) - set(matrix["read"]))
     if missing:
@@ -191,28 +251,38 @@ def resume_problems(matrix: dict[str, Any], atol: float = 1e-5, moment_atol: flo
     written = matrix["written"]
     if written:
         ref_name = "fake-ws1" if "fake-ws1" in written else sorted(written)[0]
-        ref = written[ref_name]["losses"]
+        ref = written[ref_name]
         for name, w in sorted(written.items()):
-            if len(w["losses"]) != len(ref) or max(abs(a - b) for a, b in zip(w["losses"], ref)) > atol:
-                problems.append(f"writer {name}: uninterrupted losses {w['losses']} != {ref_name}'s {ref}")
+            if name != ref_name:
+                problems += _run_problems(
+                    f"writer {name} against {ref_name}", w, ref, SAVED_STEPS + RESUMED_STEPS, 1
+                )
     for key, got in sorted(matrix["read"].items()):
-        want = written.get(key.split(" <- ")[1])
+        reader, writer = key.split(" <- ")
+        want = written.get(writer)
         if want is None:
             problems.append(f"{key}: the writer's uninterrupted run was not recorded")
             continue
-        if (
-            len(got["losses"]) != RESUMED_STEPS
-            or max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) > atol
-        ):
-            problems.append(
-                f"{key}: resumed losses {got['losses']} != uninterrupted {want['losses']} (atol {atol})"
-            )
         if sorted(got["params"]) != sorted(want["params"]):
             problems.append(
                 f"{key}: parameter names differ: {sorted(got['params'])} != {sorted(want['params'])}"
             )
-        elif (d := _max_diff(got["params"], want["params"])) > atol:
-            problems.append(f"{key}: final parameters differ by {d:.3g} (atol {atol})")
+            continue
+        if (d := _max_diff(got["loaded_params"], want["saved_params"])) != 0.0:
+            problems.append(f"{key}: loaded parameters differ from the saved ones by {d:.3g}")
+        if len(got["losses"]) != RESUMED_STEPS:
+            problems.append(f"{key}: resumed losses {got['losses']}: {RESUMED_STEPS} steps expected")
+        elif reader == writer:
+            # The writer's own backend and world size: the same arithmetic from the same state.
+            if got["losses"] != want["losses"]:
+                problems.append(f"{key}: resumed losses {got['losses']} != uninterrupted {want['losses']}")
+            if (d := _max_diff(got["params"], want["params"])) != 0.0:
+                problems.append(f"{key}: final parameters differ by {d:.3g} (the same arithmetic)")
+        else:
+            problems += [
+                p.replace(f"{key}: losses", f"{key}: resumed losses")
+                for p in _run_problems(key, got, want, RESUMED_STEPS, SAVED_STEPS + 1)
+            ]
         g_opt, w_opt = got["optimizer"], want["optimizer"]
         if not (g_opt["steps"] == w_opt["steps"] == [float(SAVED_STEPS)]):
             problems.append(
@@ -222,11 +292,9 @@ def resume_problems(matrix: dict[str, Any], atol: float = 1e-5, moment_atol: flo
             problems.append(
                 f"{key}: Adam moments {sorted(g_opt['moments'])} loaded, {sorted(w_opt['moments'])} saved"
             )
-        elif (d := _max_diff(g_opt["moments"], w_opt["moments"])) > moment_atol:
-            problems.append(f"{key}: Adam moments differ by {d:.3g} (atol {moment_atol})")
-        if len(got["lr"]) != len(want["lr"]) or any(
-            abs(a - b) > 1e-12 * max(1.0, abs(b)) for a, b in zip(got["lr"], want["lr"])
-        ):
+        elif (d := _max_diff(g_opt["moments"], w_opt["moments"])) != 0.0:
+            problems.append(f"{key}: Adam moments differ by {d:.3g} (loading copies them)")
+        if got["lr"] != want["lr"]:
             problems.append(f"{key}: learning rates {got['lr']} != saved {want['lr']}")
         if got["loader"] != want["loader"] or not want["loader"].get("consumed_samples"):
             problems.append(f"{key}: dataloader state {got['loader']} != saved {want['loader']}")

@@ -17,6 +17,18 @@ of terms summed:
   ``(1 + U_t) delta / eps``, ``U_t`` bounding ``|m_hat| / sqrt(v_hat)`` (:func:`adam_ratio_bound`).
   A parity test that compares parameters across reduction orders therefore trains with an ``eps``
   that makes that bound small (:data:`PARITY_ADAM_EPS`), on every side.
+- **Two Adam kernels** (fused and foreach, DeepSpeedCPUAdam and torch's) on the same state and
+  gradient compute the same formula with their own roundings (:func:`adam_step_atol`).
+- **bf16 against fp32**, where no rounding bound on the gradients holds: whatever the gradients, an
+  Adam step moves an element by at most ``lr_t U_t`` (:func:`adam_drift_atol`).
+
+What these bounds leave out (an assumption, not arithmetic, besides :data:`MICRO_GRAD_SPREAD`): two
+runs whose parameters differ after a step get gradients that differ at the next step by the model's
+response to that difference (its Hessian times it), which no dtype or term count bounds. The
+multi-step bounds count the rounding-level differences of every step (:func:`parity_grad_atol`,
+about 1e-6 per element, three orders above the measured ones) and leave the Hessian term to that
+margin; a comparison that must not rely on it compares one step from one state
+(:func:`adam_step_atol`, the first loss of a run).
 """
 
 from __future__ import annotations
@@ -75,13 +87,75 @@ def adam_update_atol(
 
 
 def adam_param_atol(
-    lrs: Sequence[float], grad_atol: float, eps: float, betas: tuple[float, float] = (0.9, 0.999)
+    lrs: Sequence[float],
+    grad_atol: float,
+    eps: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    first_step: int = 1,
 ) -> float:
     """How far two AdamW runs' parameters can drift apart over the steps with learning rates
     ``lrs`` when their gradients differ by at most ``grad_atol`` per element at every step:
     ``sum_t lr_t * adam_update_atol(t)`` (decoupled weight decay multiplies a difference by
-    ``1 - lr wd <= 1``: it never grows one)."""
-    return sum(lr * adam_update_atol(grad_atol, eps, t, betas) for t, lr in enumerate(lrs, start=1))
+    ``1 - lr wd <= 1``: it never grows one). ``first_step``: Adam's step count at ``lrs[0]`` (a run
+    resumed from one saved state: the earlier gradients are the same on both sides, so ``m_hat``
+    and ``sqrt(v_hat)`` still move by at most ``grad_atol``, and ``U_t`` is the later step's)."""
+    return sum(lr * adam_update_atol(grad_atol, eps, t, betas) for t, lr in enumerate(lrs, start=first_step))
+
+
+#: Roundings on either term of one AdamW step of one element, counted on torch's foreach /
+#: single-tensor AdamW (the fused CPU kernel, FusedAdam and DeepSpeedCPUAdam compute the same formula
+#: with as many or fewer). The decayed ``D = p (1 - lr wd)``: the factor's cast, the product and the
+#: final sum's rounding, 3 (relative to ``|p|``). The update ``(lr / bc1) m / d``: ``v = b2 v + (1 -
+#: b2) g^2`` 6 (casts, products, the sum; every term >= 0, so relative), of which the square root
+#: keeps half, 3; ``d = sqrt(v) / sqrt(bc2) + eps`` 5 more (the root, the cast and the quotient, the
+#: eps's cast and the sum: positive terms); the step size's cast, the quotient ``m / d``, the product
+#: and the final sum, 4: 12 relative to ``|update| <= lr U_t``. ``m = lerp(m, g, 1 - b1)`` loses at
+#: most 3 roundings of ``|m| + w |g - m| <= 2 (b1 |m| + (1 - b1) |g|)``, whose ratio to ``bc1 d`` is
+#: at most ``U_t`` (Cauchy-Schwarz as in :func:`adam_ratio_bound`, on ``|g_k|``): 6 more relative to
+#: ``lr U_t``. 18 on the update, 3 on the decayed term; 20 covers both (``gamma(a) + gamma(b) +
+#: gamma(a) gamma(b) <= gamma(a + b)``).
+ADAM_STEP_ROUNDINGS = 20
+
+
+def adam_step_atol(
+    p_abs: torch.Tensor | float,
+    lr: float,
+    step: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    dtype: torch.dtype = torch.float32,
+    roundings: int = ADAM_STEP_ROUNDINGS,
+) -> torch.Tensor | float:
+    """Per element, how far two AdamW implementations' results lie apart after one step from the
+    same parameters ``p`` (``p_abs = |p|``; a tensor gives a per-element bound), Adam state and
+    gradient, at Adam step ``step`` with learning rate at most ``lr``: each lies within
+    ``gamma(roundings) (|p| + lr U_t)`` of the exact ``p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)``
+    (:data:`ADAM_STEP_ROUNDINGS` counts how), whatever ``eps`` and the gradient; two
+    implementations, twice that. ``roundings`` more for a kernel that adds its own
+    (:func:`float32_scalar_roundings`)."""
+    return 2 * gamma(roundings, dtype) * (p_abs + lr * adam_ratio_bound(step, betas))
+
+
+def float32_scalar_roundings(step: int, betas: tuple[float, float] = (0.9, 0.999)) -> int:
+    """Roundings, relative to the update, that a kernel adds when it holds the betas and the bias
+    corrections in float32 (DeepSpeedCPUAdam: ``_betta1_t *= _betta1``) where torch computes them in
+    float64: ``1 - b`` from a rounded ``b`` loses ``b / (1 - b)`` roundings (cancellation), ``1 - b^t``
+    from ``t + 1`` rounded factors ``(t + 1) b^t / (1 - b^t)``; beta2's reach the update through a
+    square root, which halves them."""
+    b1, b2 = betas
+
+    def lost(b: float) -> float:
+        return b / (1 - b) + (step + 1) * b**step / (1 - b**step)
+
+    return math.ceil(lost(b1) + lost(b2) / 2)
+
+
+def adam_drift_atol(lrs: Sequence[float], betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """Per element, how far two AdamW runs from the same parameters can lie apart after the steps
+    with learning rates ``lrs``, whatever their gradients (bf16 against fp32, where no rounding
+    bound on the gradients holds): a step moves an element by ``lr_t m_hat / (sqrt(v_hat) + eps)``,
+    at most ``lr_t U_t`` (:func:`adam_ratio_bound`) either way, after the decay ``1 - lr wd <= 1``,
+    which never grows a difference: ``sum_t 2 lr_t U_t``."""
+    return sum(2 * lr * adam_ratio_bound(t, betas) for t, lr in enumerate(lrs, start=1))
 
 
 #: Confidence multiple of the probabilistic sum bound (Higham & Mary, SIAM J. Sci. Comput. 41(5),
@@ -130,14 +204,20 @@ def parity_param_atol(
     eps: float,
     dtype: torch.dtype = torch.float32,
     betas: tuple[float, float] = (0.9, 0.999),
+    first_step: int = 1,
 ) -> float:
     """Per element, how far two AdamW runs of ``steps`` steps at learning rates at most ``lr`` lie
     apart when they reduce in different orders: the gradients' difference (:func:`parity_grad_atol`)
     through Adam's Lipschitz bound (:func:`adam_param_atol`, which needs ``eps`` >> that difference:
     :data:`PARITY_ADAM_EPS`), plus the clip factor's relative difference (:func:`norm_rtol`), which
     scales a whole gradient: it moves ``m_hat / (sqrt(v_hat) + eps)`` by at most ``U_t`` times itself
-    (the derivative along ``g -> c g`` is ``m_hat eps / (sqrt(v_hat) + eps)^2``)."""
+    (the derivative along ``g -> c g`` is ``m_hat eps / (sqrt(v_hat) + eps)^2``). ``first_step``:
+    Adam's step count at the first of these steps, for runs resumed from one saved state (the
+    steps before it the same on both sides)."""
     lrs = [lr] * steps
-    grad = adam_param_atol(lrs, parity_grad_atol(micro_steps, max_norm, dtype), eps, betas)
-    scale = sum(lr * adam_ratio_bound(t, betas) * norm_rtol(n_elements, dtype) for t in range(1, steps + 1))
+    grad = adam_param_atol(lrs, parity_grad_atol(micro_steps, max_norm, dtype), eps, betas, first_step)
+    scale = sum(
+        lr * adam_ratio_bound(t, betas) * norm_rtol(n_elements, dtype)
+        for t in range(first_step, first_step + steps)
+    )
     return grad + scale

@@ -57,7 +57,9 @@ def test_accumulation_steps_and_boundaries(suite: Any) -> None:
 def test_scheduler_steps_once_per_optimizer_step(suite: Any) -> None:
     fake = suite.fake("accumulation")
     for r in suite.results("accumulation"):
-        suite.close(r["lr_after"], fake["lr_after"], "learning rate after one optimizer step")
+        # Exact: every backend's scheduler is create_scheduler's LambdaLR (stepped by the base or
+        # by the backend's engine), the same float64 formula on the same step count and peak.
+        assert r["lr_after"] == fake["lr_after"], (r["lr_after"], fake["lr_after"])
 
 
 CAPABILITY = Capability(

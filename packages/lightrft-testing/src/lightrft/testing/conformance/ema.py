@@ -35,8 +35,12 @@ def test_ema(suite: Any) -> None:
         assert r["moved"] > 1e-4, "training did not move the parameters: the EMA check would be vacuous"
         # fp32: both sides compute 0.9 a + 0.1 b with at most 2 roundings each (products, sum) plus
         # 0.1's own; 4 roundings of terms below ``scale``: gamma(4) * scale (tolerance.gamma).
-        # A bf16 EMA is held to the parity tolerance.
-        bound = suite.atol if suite.config()["bf16"] else gamma(4) * r["scale"]
+        # bf16 (GPU, not run here): the EMA model holds bf16 weights, so on top of those the backend
+        # rounds to bf16 at most 6 times per element (its initial copy, the trained weight read in
+        # bf16, both products, the sum, the store), each of terms below ``scale``.
+        bound = gamma(4) * r["scale"]
+        if suite.config()["bf16"]:
+            bound += gamma(6, torch.bfloat16) * r["scale"]
         assert r["max_diff"] <= bound, (r["max_diff"], bound)
 
 

@@ -10,6 +10,7 @@ from lightrft.strategy import StrategyBase
 
 from ..harness import build, flat, full_params, shared_tmpdir, train
 from ..models import make_batches
+from ..tolerance import PARITY_ADAM_EPS
 from .spec import DATA_SEED, MODEL_SEED, STEPS, Capability, tiny_model
 
 
@@ -27,15 +28,17 @@ def measure(strategy: StrategyBase) -> dict[str, Any]:
         # The order every backend supports: shard (allocates the local part), fill, then optimize.
         model = strategy.prepare_model(deferred, is_training=True)
         strategy.load_model(model, root / "hf")
-        model, optim, sched = build(strategy, model)
+        model, optim, sched = build(strategy, model, eps=PARITY_ADAM_EPS)  # as parity.measure
         loaded = full_params(strategy, model)
         run = train(strategy, model, optim, sched, batches)
+        trained = flat(full_params(strategy, model))
     return {
         "deferred_kinds": deferred_kinds,
         "names": sorted(loaded),
         "expected_names": sorted(expected),
         "load_max_diff": float((flat(loaded) - flat(expected)).abs().max()),
         "losses": run["losses"],
+        "params": trained,
     }
 
 
@@ -44,8 +47,11 @@ def test_meta_init_then_load_model(suite: Any) -> None:
     for r in suite.results("meta_init"):
         assert r["names"] == r["expected_names"]
         assert r["load_max_diff"] == 0.0
-        # Training from the loaded weights is training from the suite's model: FakeStrategy's losses.
-        suite.close(r["losses"], fake["losses"], "losses after meta init + load_model")
+        # Training from the loaded weights is training from the suite's model: FakeStrategy's
+        # parity run, within the parity run's bounds.
+        assert r["names"] == fake["names"]
+        suite.assert_losses_close(r["losses"], r["params"], "losses after meta init + load_model")
+        suite.assert_params_close(r["params"], "parameters after meta init + load_model + training")
 
 
 CAPABILITY = Capability(

@@ -20,6 +20,7 @@ import torch
 from lightrft.strategy.registry import load_strategy_class
 
 from ..distributed import run_distributed
+from ..tolerance import adam_drift_atol, norm_rtol, parity_loss_atol, parity_param_atol, unit_roundoff
 from .runner import CAPABILITIES, run_check_sets, run_checks
 from .spec import BASE_CONFIG, Capability
 
@@ -54,9 +55,14 @@ class StrategyConformanceSuite:
     strategy_name: ClassVar[str] = "fake"
     world_size: ClassVar[int] = 1
     config_overrides: ClassVar[dict[str, Any]] = {}
-    #: Tolerance of loss and parameter parity with FakeStrategy (fp32 on CPU by default).
-    atol: ClassVar[float] = 1e-5
-    rtol: ClassVar[float] = 1e-4
+    #: bf16 configurations only (GPU): how far losses and gradient norms may lie from FakeStrategy's
+    #: fp32 run, ``atol + rtol * |fake|``; a bf16 configuration must set both. Not derived (issue 16
+    #: item 2, open; GPU only): a bf16 forward's error against fp32 grows through the layers by the
+    #: network's own constants, which no measured number bounds. fp32 configurations ignore them:
+    #: their bounds are derived (:meth:`assert_losses_close`), and bf16 parameters have a derived
+    #: bound too (:meth:`assert_params_close`).
+    atol: ClassVar[float | None] = None
+    rtol: ClassVar[float | None] = None
     #: ``{"test_name": "reason"}``: declared, strict expected failures.
     expected_failures: ClassVar[dict[str, str]] = {}
     #: Environment for the torchrun children (e.g. CUDA settings).
@@ -146,14 +152,116 @@ class StrategyConformanceSuite:
         """FakeStrategy's result of ``check`` (``parity`` or ``accumulation``) on this configuration."""
         return check_results([self.fake_results()], check, "fake (the reference)")[0]
 
-    def close(self, a: Any, b: Any, what: str) -> None:
-        """Asserts ``a`` and ``b`` agree within the suite's ``atol`` / ``rtol``."""
-        ta, tb = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-        assert ta.shape == tb.shape, f"{what}: shapes {tuple(ta.shape)} vs {tuple(tb.shape)}"
+    # ------------------------------------------------------------- comparisons with FakeStrategy
+    @classmethod
+    def same_arithmetic(cls) -> bool:
+        """FakeStrategy on one rank computes what the reference computes, in the same order, with
+        the same thread count (both run under ``rank_threads`` in this process): compared exactly."""
+        return cls.strategy_name == "fake" and cls.world_size == 1
+
+    def micro_steps(self) -> int:
+        """The micro-batch gradients FakeStrategy sums per optimizer step (a backend sums the same
+        ones in another order: per rank, then across ranks)."""
+        cfg = self.config()
+        return cfg["train_batch_size"] // cfg["micro_train_batch_size"]
+
+    def _bf16_tolerance(self, what: str) -> tuple[float, float]:
+        if self.atol is None or self.rtol is None:
+            pytest.fail(
+                f"{what}: {type(self).__name__} runs bf16 (config_overrides bf16=True) but sets no "
+                f"atol / rtol (atol={self.atol}, rtol={self.rtol}): a bf16 configuration declares how "
+                "far its losses and norms may lie from FakeStrategy's fp32 run",
+                pytrace=False,
+            )
+        return self.atol, self.rtol
+
+    def _bf16_close(self, got: Any, want: Any, what: str) -> None:
+        atol, rtol = self._bf16_tolerance(what)
+        ta, tb = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
         diff = float((ta - tb).abs().max()) if ta.numel() else 0.0
-        assert torch.allclose(ta, tb, atol=self.atol, rtol=self.rtol), (
-            f"{what}: {self.strategy_name} differs from FakeStrategy by up to {diff:.3g} "
-            f"(atol={self.atol}, rtol={self.rtol})"
+        assert torch.allclose(ta, tb, atol=atol, rtol=rtol), (
+            f"{what}: {self.strategy_name} (bf16) differs from FakeStrategy by up to {diff:.3g} "
+            f"(atol={atol}, rtol={rtol})"
+        )
+
+    def assert_losses_close(self, losses: list[float], params: torch.Tensor, what: str) -> None:
+        """``losses`` of a run of the parity training (``params``: its final parameters) against
+        FakeStrategy's. fp32: the mean of the same micro-batch losses in another order, and, from
+        the second step on, parameters that lie apart by their measured L2 distance, to first
+        order (:func:`~lightrft.testing.tolerance.parity_loss_atol`)."""
+        fake = self.fake("parity")
+        got, want = list(losses), list(fake["losses"])
+        assert len(got) == len(want), f"{what}: {len(got)} steps, FakeStrategy ran {len(want)}"
+        if self.same_arithmetic():
+            assert got == want, f"{what}: {got} != FakeStrategy's {want} (the same arithmetic)"
+        elif self.config()["bf16"]:
+            self._bf16_close(got, want, what)
+        else:
+            dp = float((torch.as_tensor(params).double() - fake["params"].double()).norm())
+            for step, (a, b, norm) in enumerate(zip(got, want, fake["norms"]), start=1):
+                bound = parity_loss_atol(b, norm, dp, self.micro_steps())
+                assert abs(a - b) <= bound, (
+                    f"{what}, step {step}: {self.strategy_name} {a!r} vs FakeStrategy {b!r}, "
+                    f"|diff| {abs(a - b):.3g} > {bound:.3g} (parity_loss_atol; parameters {dp:.3g} apart)"
+                )
+
+    def assert_norms_close(self, norms: list[float], what: str) -> None:
+        """Gradient norms of the parity training against FakeStrategy's. fp32: the same squares
+        summed in another order (per shard, then across ranks): relative
+        :func:`~lightrft.testing.tolerance.norm_rtol` of the parameter count."""
+        fake = self.fake("parity")
+        got, want = list(norms), list(fake["norms"])
+        assert len(got) == len(want), f"{what}: {len(got)} steps, FakeStrategy ran {len(want)}"
+        if self.same_arithmetic():
+            assert got == want, f"{what}: {got} != FakeStrategy's {want} (the same arithmetic)"
+        elif self.config()["bf16"]:
+            self._bf16_close(got, want, what)
+        else:
+            rtol = norm_rtol(fake["params"].numel())
+            for step, (a, b) in enumerate(zip(got, want), start=1):
+                assert abs(a - b) <= rtol * abs(b), (
+                    f"{what}, step {step}: {self.strategy_name} {a!r} vs FakeStrategy {b!r}, "
+                    f"relative {abs(a - b) / abs(b):.3g} > {rtol:.3g} (norm_rtol)"
+                )
+
+    def assert_params_close(self, params: torch.Tensor, what: str) -> None:
+        """Flat parameters after the parity training against FakeStrategy's, per element. fp32:
+        gradients reduced in another order, through Adam's Lipschitz bound at the run's eps
+        (:func:`~lightrft.testing.tolerance.parity_param_atol`). bf16: whatever the gradients, Adam
+        moves an element by at most ``lr U_t`` a step (:func:`~lightrft.testing.tolerance.adam_drift_atol`),
+        plus one bf16 rounding of the parameters read out."""
+        fake = self.fake("parity")
+        got, want = torch.as_tensor(params).double(), fake["params"].double()
+        assert got.shape == want.shape, f"{what}: shapes {tuple(got.shape)} vs {tuple(want.shape)}"
+        if self.same_arithmetic():
+            assert torch.equal(got, want), f"{what}: not FakeStrategy's (the same arithmetic)"
+            return
+        cfg = self.config()
+        betas = tuple(fake["adam"]["betas"])
+        lrs = [cfg["actor_learning_rate"]] * len(fake["losses"])  # the schedule's peak bounds each step's
+        if cfg["bf16"]:
+            drift = adam_drift_atol(lrs, betas)  # type: ignore[arg-type]
+            u = unit_roundoff(torch.bfloat16)
+            bound = drift * (1 + u) + u * want.abs()
+            how = f"adam_drift_atol {drift:.3g} + bf16 rounding"
+        else:
+            atol = parity_param_atol(
+                cfg["actor_learning_rate"],
+                len(lrs),
+                self.micro_steps(),
+                cfg["max_norm"],
+                want.numel(),
+                fake["adam"]["eps"],
+                betas=betas,  # type: ignore[arg-type]
+            )
+            bound = torch.full_like(want, atol)
+            how = f"parity_param_atol {atol:.3g}"
+        diff = (got - want).abs()
+        worst = int(torch.argmax(diff - bound))
+        assert bool((diff <= bound).all()), (
+            f"{what}: {int((diff > bound).sum())} of {diff.numel()} elements of {self.strategy_name} lie "
+            f"further from FakeStrategy's than {how}; worst: element {worst}, {float(got[worst])!r} vs "
+            f"{float(want[worst])!r}"
         )
 
     @pytest.fixture(autouse=True)
@@ -176,7 +284,16 @@ class StrategyConformanceSuite:
 
 
 #: What a subclass may not define: the suite's machinery (set below, with the standard tests).
-_CLOSED: tuple[str, ...] = ("_declared_xfail", "test_no_overrides_DO_NOT_OVERRIDE", "__init_subclass__")
+_CLOSED: tuple[str, ...] = (
+    "_declared_xfail",
+    "test_no_overrides_DO_NOT_OVERRIDE",
+    "__init_subclass__",
+    "same_arithmetic",
+    "micro_steps",
+    "assert_losses_close",
+    "assert_norms_close",
+    "assert_params_close",
+)
 
 
 def override_problems(cls: type) -> list[str]:

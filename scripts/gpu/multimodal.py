@@ -3,8 +3,8 @@ one rank, pushed into the engine, generating with images; the generations after 
 equal those of a fresh engine built from the saved trained weights.
 
     # on the GPU machine (source scripts/gpu-env.sh first; vLLM or SGLang on the path, not both)
-    PYTHONPATH=/tmp/site:/tmp/vsite python3 scripts/gpu/multimodal.py --engine vllm --out $OUT/mm-vllm --budget-s 200
-    PYTHONPATH=/tmp/site:/tmp/ssite python3 scripts/gpu/multimodal.py --engine sglang --out $OUT/mm-sglang --budget-s 200
+    PYTHONPATH=/tmp/site:/tmp/vsite python3 scripts/gpu/multimodal.py --engine vllm --out $OUT/mm-vllm --budget-s 240
+    PYTHONPATH=/tmp/site:/tmp/ssite python3 scripts/gpu/multimodal.py --engine sglang --out $OUT/mm-sglang --budget-s 240
     # CPU dry run (the hf engine, gloo, fp32)
     uv run python scripts/gpu/multimodal.py --engine hf --device cpu --size tiny --out /tmp/mm-hf --budget-s 300
 
@@ -18,7 +18,11 @@ text-only prompt. Checks (each a row of the table, all must pass):
 2. ``pushed_equals_fresh``: the pushed engine's generations equal, token for token, those of a
    fresh engine built from ``save_model``'s directory (weights in the hub layout, the processor
    beside them; the engine builds its own processor from there: SGLang without
-   ``skip_tokenizer_init``).
+   ``skip_tokenizer_init``). The fresh engine runs in a child process of this script
+   (``--fresh-from DIR``: same settings, same prompts, same sampling; it writes its tokens to a
+   JSON file): vLLM allows one sleep-mode engine per process, and the one this process built is
+   parked for reuse (``lightrft.engines._vllm_process``); reusing it would load the checkpoint
+   through the same push path the check is meant to test, so it would not be a fresh engine.
 3. ``vision_tower_pushed``: pushing the same weights with only the vision tower perturbed changes
    an image prompt's generation (tokens or first log-prob) and leaves the text-only prompt's tokens
    unchanged; pushing the trained weights back restores ``pushed`` exactly.
@@ -41,8 +45,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-# The engine's start-up costs (s), to skip a phase the budget cannot hold.
-ENGINE_START_S = {"hf": 5.0, "vllm": 40.0, "sglang": 100.0}
+# The engine's start-up costs (s), to skip a phase the budget cannot hold (vLLM: 56.7 s measured on
+# the H200, 2026-12-03; SGLang 36-100 s).
+ENGINE_START_S = {"hf": 5.0, "vllm": 60.0, "sglang": 100.0}
+# A child process for the fresh engine: the imports (17.5 s before the first line on the H200 with
+# vLLM on the path), the engine start, one generation (2.9 s the first time) and the exit.
+CHILD_EXTRA_S = {"hf": 25.0, "vllm": 30.0, "sglang": 35.0}
+#: Environment of the torch.distributed group this process started (setup_distributed sets them
+#: when it runs alone): the child starts its own group, on its own free port.
+_GROUP_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 class Budget(Exception):
@@ -204,6 +215,92 @@ def rewrite_hub_layout(directory: Path, model: Any) -> int:
     return changed
 
 
+def strategy_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The strategy (and engine) settings: the same in this process and in the fresh engine's."""
+    return {
+        "strategy": "fsdp",
+        "engine_type": args.engine,
+        "bf16": args.device == "cuda",
+        "seed": 7,
+        "train_batch_size": 4,
+        "micro_train_batch_size": 4,
+        "engine_max_model_len": 256,
+        "engine_mem_util": 0.3,
+        "engine_enforce_eager": True,
+        "weight_sync_bucket_mb": 8,
+        "limit_mm_per_prompt": 4,
+    }
+
+
+def fresh_child(args: argparse.Namespace) -> int:
+    """``--fresh-from DIR``: a fresh engine from the saved directory (its processor from there too),
+    the rollout batch generated greedily, the tokens written to ``--out``/fresh.json."""
+    from transformers import AutoProcessor
+
+    from lightrft.strategy import get_strategy
+
+    global TOKENIZER
+    t0 = time.monotonic()
+    strategy = get_strategy(strategy_config(args))
+    strategy.setup_distributed()
+    processor = AutoProcessor.from_pretrained(args.fresh_from)
+    TOKENIZER = processor.tokenizer
+    t = time.monotonic()
+    strategy.setup_inference_engine(model_path=str(args.fresh_from), tokenizer=processor)
+    start_s = time.monotonic() - t
+    prompts, images, nums = rollout_batch()
+    t = time.monotonic()
+    tokens = generate(strategy, prompts, images, nums, args.new_tokens)
+    gen_s = time.monotonic() - t
+    strategy.engine_lifecycle.shutdown()
+    out = Path(args.out) / "fresh.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    timings = {"engine_start": round(start_s, 2), "generate": round(gen_s, 2)}
+    timings["before_exit"] = round(time.monotonic() - t0, 2)
+    out.write_text(json.dumps({"tokens": tokens, "timings_s": timings}))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def run_fresh_child(run: Run, save_dir: Path) -> list[list[int]]:
+    """Runs :func:`fresh_child` in a new process within what is left of the budget; its tokens."""
+    import signal
+    import subprocess
+
+    args = run.args
+    out = run.out / f"fresh-{args.engine}"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--fresh-from", str(save_dir), "--out", str(out)]
+    cmd += ["--engine", args.engine, "--device", args.device, "--size", args.size]
+    cmd += ["--new-tokens", str(args.new_tokens)]
+    env = {k: v for k, v in os.environ.items() if k not in _GROUP_ENV}
+    left = args.budget_s - (time.monotonic() - run.t0) - 5.0  # 5 s to write the results after it
+    log = (run.out / f"fresh_{args.engine}.log").open("w")
+    # In this process's group: a `timeout` around this script (scripts/gpu/sitting.sh) reaches it.
+    child = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        code = child.wait(timeout=max(left, 1.0))
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGTERM)  # its engine's own processes go with it (SGLang's watch it)
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise Budget(f"the fresh engine's process ran past the budget ({left:.0f} s left for it)") from None
+    finally:
+        log.close()
+    if code != 0:
+        tail = (run.out / f"fresh_{args.engine}.log").read_text()[-2000:]
+        raise RuntimeError(f"the fresh engine's process exited {code}; its log ends:\n{tail}")
+    data = json.loads((out / "fresh.json").read_text())
+    for k, v in data["timings_s"].items():
+        run.results["timings_s"][f"fresh_{k}"] = v
+    return [list(t) for t in data["tokens"]]
+
+
 def main_run(run: Run) -> bool:
     import torch
 
@@ -214,20 +311,7 @@ def main_run(run: Run) -> bool:
     on_gpu = args.device == "cuda"
     run.results["versions"] = versions()
     run.log(f"versions: {run.results['versions']}")
-    cfg = {
-        "strategy": "fsdp",
-        "engine_type": args.engine,
-        "bf16": on_gpu,
-        "seed": 7,
-        "train_batch_size": 4,
-        "micro_train_batch_size": 4,
-        "engine_max_model_len": 256,
-        "engine_mem_util": 0.3,
-        "engine_enforce_eager": True,
-        "weight_sync_bucket_mb": 8,
-        "limit_mm_per_prompt": 4,
-    }
-    strategy = get_strategy(cfg)
+    strategy = get_strategy(strategy_config(args))
     strategy.setup_distributed()
     global TOKENIZER
     model, processor = run.timed("build_model", lambda: build(args.size))
@@ -357,22 +441,19 @@ def main_run(run: Run) -> bool:
     # transformers, which reads the layout save_model wrote (the hub names would be left unloaded).
     if args.engine != "hf":
         run.results["renamed_for_hub_layout"] = rewrite_hub_layout(save_dir, engine_model)
+    # The engine's device memory goes back (vLLM: parked asleep at level 2, nothing held) before the
+    # fresh engine starts in its own process.
     strategy.engine_lifecycle.shutdown()
     if on_gpu:
         torch.cuda.empty_cache()
-    run.need(ENGINE_START_S[args.engine] + 15, "fresh engine start")
-    run.timed(
-        "fresh_engine_start",
-        lambda: strategy.setup_inference_engine(model_path=str(save_dir), tokenizer=processor),
-    )
-    fresh = run.timed("generate_fresh", lambda: generate(strategy, prompts, images, nums, args.new_tokens))
+    run.need(ENGINE_START_S[args.engine] + CHILD_EXTRA_S[args.engine], "fresh engine (child process)")
+    fresh = run.timed("fresh_engine_process", lambda: run_fresh_child(run, save_dir))
     run.log(f"fresh: {fresh}")
     run.check(
         "pushed_equals_fresh",
         fresh == pushed,
         {"differing_prompts": [i for i, (a, b) in enumerate(zip(pushed, fresh)) if a != b]},
     )
-    strategy.engine_lifecycle.shutdown()
     return all(c["ok"] for c in run.results["checks"].values())
 
 
@@ -394,6 +475,9 @@ def main() -> int:
     parser.add_argument("--size", choices=["tiny", "small"], default="small")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--fresh-from", type=Path, default=None, help=argparse.SUPPRESS
+    )  # internal: the fresh engine's child process (run_fresh_child)
     args = parser.parse_args()
     if args.device == "cpu":
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -402,6 +486,8 @@ def main() -> int:
                 "--device cpu runs the hf engine only (vLLM's VLM modules need torchvision, SGLang a GPU)"
             )
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if args.fresh_from is not None:
+        return fresh_child(args)
     run = Run(args)
     code = 1
     try:

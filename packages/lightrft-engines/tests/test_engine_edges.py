@@ -236,3 +236,76 @@ def test_a_live_sleep_mode_engine_blocks_a_second_one(stand_in_vllm):
         VLLMEngine(strategy=strategy, model=make_tiny_llama(seed=1))
     first.shutdown()
     assert VLLMEngine(strategy=strategy, model=make_tiny_llama(seed=1)).reused
+
+
+# ------------------------------------------------------------------ PEFT: merged once, then rounded
+class HoldingLLM(StandInLLM):
+    """The stand-in with the engine's dtype from its ``dtype=`` argument, holding what it loads
+    as vLLM's worker does (``lrft_load_weights`` casts each tensor to the model's dtype), and
+    recording the dtypes that arrived."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.llm_engine.model_config.dtype = getattr(torch, kwargs["dtype"])
+        self.held: dict[str, torch.Tensor] = {}
+        self.arrived: set[torch.dtype] = set()
+
+    def collective_rpc(self, name: str, args: tuple = ()) -> list[Any]:
+        if name == "lrft_load_weights":
+            dtype = self.llm_engine.model_config.dtype
+            for n, t in args[0]:
+                self.arrived.add(t.dtype)
+                self.held[n] = t.detach().to(dtype).clone()
+        return super().collective_rpc(name, args)
+
+
+def test_a_lora_actor_pushed_into_a_bf16_vllm_engine_holds_the_merged_model_rounded_once(
+    stand_in_vllm, monkeypatch
+):
+    """Issue 18 item 3, the H200 failure of 2026-12-03 (engine checksum 67,679.14 against the merged
+    model's 67,678.08 after a LoRA push): the strategy cast the base weights and the LoRA factors to
+    the engine's bf16 before the engine merged them, so a push held other weights than the merged
+    model and than an engine built from the same actor. Now a PEFT actor's weights come in its own
+    precision and are rounded once, after the merge."""
+    from lightrft.engines import _vllm_compat as compat
+
+    monkeypatch.setattr(
+        compat, "import_vllm", lambda: types.SimpleNamespace(LLM=HoldingLLM, __version__="0.26.0")
+    )
+    strategy = get_fake_strategy({**CFG, "engine_type": "vllm", "bf16": True})
+    with rank_threads():  # the reference merge and the engine's with one thread count, set here
+        actor, merged = make_lora_like(make_tiny_llama(seed=5))
+        # Bitwise by construction: both sides compute W + scale * (B @ A) in float32 from the same
+        # float32 tensors (a scalar product commutes exactly) and round the result once to bf16.
+        want = {n: p.detach().to(torch.bfloat16) for n, p in merged.named_parameters()}
+        engine = strategy.setup_inference_engine(model=actor)
+        llm = engine.llm
+        built = dict(llm.held)
+        strategy.maybe_sleep_inference_engine(2)  # the stand-in discards nothing: compare what loads
+        llm.held.clear()
+        strategy.update_engine_weights(actor)
+    assert not engine.needs_weight_push and set(llm.held) == set(want) == set(built)
+    off = sorted(n for n in want if not torch.equal(llm.held[n], want[n]))
+    assert off == [], f"pushed weights differ from the merged model's in {off}"
+    assert all(torch.equal(built[n], want[n]) for n in want)  # the engine built from the actor too
+    assert llm.arrived == {torch.float32}  # the actor's precision: nothing rounded before the merge
+    # The same actor's LoRA factors rounded to bf16 first would have moved the q/v weights (the bug):
+    # the check above can fail.
+    lora = {n: p.detach() for n, p in actor.named_parameters()}
+    base = lora["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    a = lora["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    b = lora["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+    scale = actor.peft_config["default"].lora_alpha / actor.peft_config["default"].r
+    bf = torch.bfloat16
+    with rank_threads():
+        rounded_first = (base.to(bf).float() + (b.to(bf).float() @ a.to(bf).float()) * scale).to(bf)
+    assert not torch.equal(rounded_first, want["model.layers.0.self_attn.q_proj.weight"])
+    strategy.engine_lifecycle.shutdown()
+    # A plain model's push keeps the engine's dtype (fewer bytes move): only a PEFT actor's differs.
+    plain = get_fake_strategy({**CFG, "engine_type": "vllm", "bf16": True})
+    engine = plain.setup_inference_engine(model=make_tiny_llama(seed=5))
+    assert engine.reused and engine.weight_dtype == torch.bfloat16
+    engine.llm.arrived.clear()
+    plain.update_engine_weights(make_tiny_llama(seed=6))
+    assert engine.llm.arrived == {torch.bfloat16}
+    plain.engine_lifecycle.shutdown()

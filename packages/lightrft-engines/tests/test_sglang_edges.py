@@ -33,7 +33,7 @@ from lightrft.engines.sglang import SGLangEngine  # noqa: E402
 from lightrft.strategy import EngineDiedError, SamplingParams, get_fake_strategy  # noqa: E402
 from lightrft.strategy.registry import register_engine  # noqa: E402
 from lightrft.strategy.utils import child_pids  # noqa: E402
-from lightrft.testing import make_lora_like, make_tiny_llama, run_distributed  # noqa: E402
+from lightrft.testing import make_lora_like, make_tiny_llama, rank_threads, run_distributed  # noqa: E402
 
 GREEDY = SamplingParams(5, 0.0)
 LEVEL_2_ERROR = r"wakeup_inference_engine\(\): the '.*' engine discarded its weights \(sleep level 2\)"
@@ -93,6 +93,31 @@ def test_a_lora_actor_pushed_after_a_release_needs_no_other_weight() -> None:
     from test_sglang_engine import _greedy
 
     assert want == _greedy(merged, [5, 6], 5)[0]  # the engine holds the merged model
+
+
+def test_a_lora_actor_pushed_into_a_bf16_engine_holds_the_merged_model_rounded_once() -> None:
+    """The vLLM failure of the H200 sitting of 2026-12-03 on this engine: the strategy cast the
+    base weights and the LoRA factors to the engine's bf16 before the merge, so the engine held
+    other weights than the merged model. Now they come in the actor's precision (float32 here)
+    and flatten_bucket rounds the merged weight once."""
+    with rank_threads():  # the reference merge and the engine's with one thread count, set here
+        actor, merged = make_lora_like(make_tiny_llama(seed=3))
+        strategy = _strategy(enable_engine_sleep=True, bf16=True)
+        engine, double = _setup(strategy, actor)
+        strategy.maybe_sleep_inference_engine(2)
+        double.payload_dtypes.clear()
+        strategy.update_engine_weights(actor)
+    # Bitwise by construction: both sides compute W + scale * (B @ A) in float32 from the same
+    # float32 tensors and round once to bf16 (the double keeps float32 parameters holding them).
+    held = dict(double.model.named_parameters())
+    off = sorted(
+        n
+        for n, p in merged.named_parameters()
+        if not torch.equal(held[n].detach(), p.detach().to(torch.bfloat16).float())
+    )
+    assert off == [], f"pushed weights differ from the merged model's in {off}"
+    assert double.payload_dtypes == {torch.bfloat16}  # the engine's dtype once merged
+    strategy.engine_lifecycle.shutdown()
 
 
 # ------------------------------------------------------------------ a dying engine

@@ -178,31 +178,41 @@ def test_two_gloo_ranks_push_equals_fresh_engine(backend, stage, tp, tie):
     assert results[0]["after"] != results[1]["after"]  # each rank generated its own prompts
 
 
-def test_lora_actor_pushed_after_a_level_2_sleep_misses_nothing_and_equals_the_merged_model():
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32-engine", "bf16-engine"])
+def test_lora_actor_pushed_after_a_level_2_sleep_misses_nothing_and_equals_the_merged_model(bf16):
     """Item 3 of issue 18: the names a full push must cover come from the one PEFT mapping, so a
     complete LoRA push after a weight-discarding sleep is complete. On CPU vLLM has no sleep mode:
-    level 2 still means "push before the next generation" (needs_weight_push)."""
-    from lightrft.testing import make_lora_like
+    level 2 still means "push before the next generation" (needs_weight_push). With a bf16 engine
+    (the H200 run of 2026-12-03) the pushed actor must hold exactly the merged model's weights:
+    the LoRA merge comes before the rounding to bf16, as when the engine is built from the actor."""
+    from lightrft.testing import make_lora_like, rank_threads
 
-    strategy = get_fake_strategy(CFG)
-    actor, merged = make_lora_like(tiny_llama(seed=4))
+    strategy = get_fake_strategy({**CFG, "bf16": bf16})
+    with rank_threads():  # make_lora_like's merge and the engine's with one thread count
+        actor, merged = make_lora_like(tiny_llama(seed=4))
     engine = strategy.setup_inference_engine(model=actor)
     prompts = prompts_for(0)
     try:
         first = _ids(
             strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
         )
+        built_sum = engine.param_checksum()
         strategy.update_engine_weights(merged)
         want = _ids(
             strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
         )
+        want_sum = engine.param_checksum()
+        # The same values in the same layout summed the same way: equal to the last bit.
+        assert built_sum == want_sum
         assert first == want  # built from the LoRA actor = the merged weights
         strategy.maybe_sleep_inference_engine(2)
         assert engine.needs_weight_push
         with pytest.raises(RuntimeError, match=r"'vllm' engine discarded its weights \(sleep level 2\)"):
             strategy.wakeup_inference_engine()
-        strategy.update_engine_weights(actor)  # a full LoRA push: no "misses N of them"
+        with rank_threads():
+            strategy.update_engine_weights(actor)  # a full LoRA push: no "misses N of them"
         assert not engine.needs_weight_push
+        assert engine.param_checksum() == want_sum  # bf16 before the fix: the q/v weights moved
         got = _ids(
             strategy.gather_and_generate(prompt_token_ids=prompts, sampling_params=GREEDY, sleep_engine=False)
         )

@@ -75,6 +75,7 @@ from ._common import (
     lora_scalings,
     make_output,
     merge_peft_stream,
+    push_dtype,
     remove_dir,
     rename_stream,
     require_model,
@@ -154,8 +155,10 @@ class SGLangEngine:
         self.multimodal = is_multimodal(model) if model is not None else _config_has_vision(model_path)
         self.dtype_name = cfg.engine_dtype_name()
         self.dtype = _DTYPES[self.dtype_name]
-        #: The strategy casts (sharded backends: before gathering) the pushed weights to this.
-        self.weight_dtype = self.dtype
+        #: The strategy casts (sharded backends: before gathering) the pushed weights to this: the
+        #: engine's dtype, or None (the actor's own) for a PEFT actor, whose LoRA merge must see
+        #: unrounded tensors (:func:`push_dtype`); flatten_bucket casts once after the merge.
+        self.weight_dtype = push_dtype(self.dtype, model)
         self.context_length = _context_length(cfg, model, engine_kwargs)
         concurrency = _concurrency(cfg, strategy)
         #: The decode CUDA-graph cap the engine asks for (None: SGLang's own range).

@@ -10,7 +10,8 @@
   later update (a sharded actor's weights come from the strategy's buckets). ``model_path=`` loads
   a checkpoint directory instead.
 - ``update_weights`` streams buckets into the workers' ``model.load_weights`` (names as the
-  training model has them; PEFT LoRA merged; dtype cast once) and resets the prefix cache.
+  training model has them; PEFT LoRA merged from the actor's own precision; dtype cast once) and
+  resets the prefix cache.
 - ``sleep(1)`` offloads weights to a host copy and drops the KV cache, ``sleep(2)`` discards both
   (``needs_weight_push`` until a full push). vLLM on CPU has no sleep mode: said once, nothing is
   freed, and level 2 still means "push before the next generation".
@@ -148,8 +149,12 @@ class VLLMEngine:
             from transformers import AutoProcessor
 
             self.processor = AutoProcessor.from_pretrained(model_path)
-        #: The strategy casts (and gathers) the pushed weights in this dtype: the engine's own.
-        self.weight_dtype: torch.dtype | None = _torch_dtype(self.llm.llm_engine.model_config.dtype)
+        #: The dtype the engine holds its weights in.
+        self.dtype: torch.dtype | None = _torch_dtype(self.llm.llm_engine.model_config.dtype)
+        #: The strategy casts (and gathers) the pushed weights in this dtype: the engine's own, or
+        #: None (the actor's own) for a PEFT actor, whose LoRA merge must see unrounded tensors
+        #: (:func:`_common.push_dtype`); the worker casts once when it loads.
+        self.weight_dtype: torch.dtype | None = _common.push_dtype(self.dtype, model)
         self._asleep: set[str] = set(_TAGS) if self.reused else set()
         self._level = 2 if self.reused else 0
         self._needs_push = self.reused

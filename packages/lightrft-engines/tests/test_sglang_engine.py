@@ -130,7 +130,9 @@ class RecordingSGLangEngine:
         seeded with its ``sampling_seed``."""
         self.calls.append(("generate", len(input_ids)))
         self.requests.append({"input_ids": [list(x) for x in input_ids], "sampling_params": sampling_params})
-        per_request = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        per_request = (
+            sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        )
         assert len(per_request) == len(input_ids)
         out = []
         for ids, params in zip(input_ids, per_request):

@@ -32,10 +32,20 @@ training step so that the pushed weights differ from the initial ones:
   before and right after the call, this process's cache emptied first so that only the engine's
   memory moves) over everything the engine holds (what shutting it down returns at the end). It is
   a fraction of a part: a value above 1 is a measurement error and fails the run;
-- generation tokens/s of ``--prompts`` greedy requests of ``--new_tokens`` tokens (ignore EOS).
+- generation tokens/s of ``--prompts`` greedy requests of ``--new_tokens`` tokens (ignore EOS);
+- ``gen_rl_tok_s``: generation in the RL soak's call form, ``--rl_prompts`` prompts x ``--samples``
+  samples (``SamplingParams.n``, temperature 1, the engine's log-probs), the batch the engine's
+  decode CUDA graphs are sized for (``decode_graph_captured``: what SGLang captured). SGLang also,
+  in the same run, through the raw ``sglang.Engine.generate`` with SGLang's own ``n``
+  (``gen_rl_raw_n_tok_s``, the path the engine used before: each prompt prefilled alone first),
+  and the request states SGLang's TokenizerManager still holds after each path
+  (``sglang_req_states_after_ours`` must be 0; ``sglang_req_states_per_raw_n_call``: what SGLang's
+  ``n`` leaves behind per call, ``prompts x (n - 1)`` in 0.5.16). ``gen_floor_tok_s``: the batch
+  over the time one decode step needs to read the engine's weights once at ``bw_dev`` (a bound,
+  prefill and sampling left out).
 
 Checks (non-zero exit): outputs identical after every wake (+ push), the peers' path leaves the
-same weights, 0.9 <= sleep_fraction_freed <= 1. Writes ``--out``/sync_<engine>_<strategy>.json (or
+same weights, 0.9 <= sleep_fraction_freed <= 1, SGLang holds no request state after our generations. Writes ``--out``/sync_<engine>_<strategy>.json (or
 the ``--out`` file when it ends in .json) and a .log; prints the table.
 """
 
@@ -219,6 +229,56 @@ def control_call(engine_type: str, engine: Any) -> Any:
     return lambda: engine.engine.flush_cache() if engine.is_leader else None
 
 
+def _sglang_request_states(engine: Any) -> int | None:
+    """Request states SGLang's TokenizerManager (in this process, first rank) holds: 0 between
+    generations unless it leaks them; None when not visible (another engine, another rank)."""
+    manager = getattr(getattr(engine, "engine", None), "tokenizer_manager", None)
+    states = getattr(manager, "rid_to_state", None)
+    return None if states is None else len(states)
+
+
+def rl_generation(
+    a: Any, strategy: Any, engine: Any, vocab: int, g: Any, step_read_s: float
+) -> dict[str, Any]:
+    """Generation in the soak's call form (see the module docstring), ours and, on SGLang, the raw
+    ``Engine.generate`` with SGLang's own ``n``; the request states left after each."""
+    from lightrft.strategy import SamplingParams
+
+    out: dict[str, Any] = {"decode_graph_captured": getattr(engine, "decode_graph_captured", None)}
+    prompts = [torch.randint(10, vocab, (32,), generator=g).tolist() for _ in range(a.rl_prompts)]
+    batch = a.rl_prompts * a.samples
+    sp = SamplingParams(
+        max_new_tokens=a.new_tokens, temperature=1.0, n=a.samples, logprobs=True, extra={"ignore_eos": True}
+    )
+    tokens = batch * a.new_tokens
+
+    def ours() -> None:
+        outs = strategy.gather_and_generate(sp, all_prompt_token_ids=prompts, sleep_engine=False)
+        assert sum(len(o.output_token_ids) for o in outs) == tokens, "ignore_eos: every sample is full length"
+
+    ours()  # warm-up
+    out["gen_rl_tok_s"] = tokens / _median_time(ours, 3)
+    out["gen_floor_tok_s"] = batch / step_read_s  # one decode step reads every weight once
+    out["sglang_req_states_after_ours"] = _sglang_request_states(engine)
+    sgl = engine.engine if a.engine == "sglang" and engine.is_leader else None
+    if sgl is not None:
+        params = {"max_new_tokens": a.new_tokens, "temperature": 1.0, "n": a.samples, "ignore_eos": True}
+
+        def raw() -> None:
+            got = sgl.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+            assert sum(len(o["output_ids"]) for o in got) == tokens
+
+        before = _sglang_request_states(engine) or 0
+        raw()  # warm-up
+        out["gen_rl_raw_n_tok_s"] = tokens / _median_time(raw, 3)
+        out["sglang_req_states_after_raw_n"] = _sglang_request_states(engine)
+        out["sglang_req_states_per_raw_n_call"] = ((out["sglang_req_states_after_raw_n"] or 0) - before) / 4
+        out["gen_rl_ours_over_raw_n"] = out["gen_rl_tok_s"] / out["gen_rl_raw_n_tok_s"]
+    elif a.engine == "sglang":
+        _median_time(lambda: None, 3)  # the barriers of the leader's three timed raw calls
+    return out
+
+
 def main() -> int:
     global CUDA
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -230,6 +290,8 @@ def main() -> int:
     ap.add_argument("--mem_util", type=float, default=0.35)
     ap.add_argument("--prompts", type=int, default=64, help="requests of the generation measurement")
     ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--rl_prompts", type=int, default=16, help="prompts of the RL-shaped generation")
+    ap.add_argument("--samples", type=int, default=4, help="samples per prompt of the RL-shaped generation")
     ap.add_argument("--levels", default="2,1", help="sleep levels to measure (SGLang: level 2 only)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--out", default="sync-out", help="directory (or a .json file) for the results")
@@ -262,8 +324,8 @@ def main() -> int:
             "engine_mem_util": a.mem_util,
             "engine_max_model_len": 512,
             "engine_sleep_level": 2,
-            # SGLang captures decode graphs up to this many requests: the generation batch here.
-            "micro_rollout_batch_size": a.prompts,
+            # SGLang captures decode graphs up to this many requests: the larger generation batch.
+            "micro_rollout_batch_size": max(a.prompts, a.rl_prompts * a.samples),
             "weight_sync_bucket_mb": a.bucket_mb,
             "enable_engine_sleep": True,
         }
@@ -367,6 +429,8 @@ def main() -> int:
     strategy.update_engine_weights(actor)
     awake = gen()
     res["gen_tok_s"] = sum(len(x) for x in awake) / _median_time(gen, 3)
+    if not over_budget("RL-shaped generation"):
+        res.update(rl_generation(a, strategy, engine, vocab, g, engine_bytes / bw_dev))
 
     # ---------------------------------------------------------------- sleep / wake
     sleeps = bool(getattr(engine, "_sleep_ok", True)) and CUDA
@@ -452,6 +516,11 @@ def check(res: dict[str, Any], levels: list[int]) -> list[str]:
         frac = res.get(f"sleep{level}_fraction_freed")
         if frac is not None and not 0.9 <= frac <= 1.0:
             out.append(f"sleep{level}_fraction_freed={frac:.3f} is outside [0.9, 1]")
+    if res.get("sglang_req_states_after_ours"):
+        out.append(
+            f"SGLang holds {res['sglang_req_states_after_ours']} request states after our generations "
+            "(host memory grows every call)"
+        )
     if res.get("peer_same_weights") is False:
         out.append("the peers' per-parameter push left other weights than ours")
     return out
@@ -489,12 +558,20 @@ def table(res: dict[str, Any], all_res: list[dict[str, Any]]) -> str:
     row("sleep+wake (lvl 1)", "cycle1_s", None)
     for k in (
         "gen_tok_s",
+        "gen_rl_tok_s",
+        "gen_rl_raw_n_tok_s",
+        "gen_rl_ours_over_raw_n",
+        "gen_floor_tok_s",
+        "decode_graph_captured",
+        "sglang_req_states_after_ours",
+        "sglang_req_states_after_raw_n",
+        "sglang_req_states_per_raw_n_call",
         "engine_start_s",
         "engine_total_gib",
         "sleep2_fraction_freed",
         "sleep1_fraction_freed",
     ):
-        if k in res:
+        if res.get(k) is not None:
             lines.append(f"{k:<24}{res[k]:13.4g}")
     for k in ("peer_same_weights", "identical_after_wake2", "identical_after_wake1", "skipped"):
         if k in res:

@@ -292,6 +292,15 @@ def advantages(rewards: list[float], group: int) -> list[float]:
     return out
 
 
+def engine_request_states(engine: Any) -> int | None:
+    """Request states SGLang's TokenizerManager (in this process) holds between generations: 0
+    unless it keeps finished requests (SGLang 0.5.16's own ``n`` kept ``prompts x (n - 1)`` a call;
+    the engine no longer uses it). None for other engines."""
+    manager = getattr(getattr(engine, "engine", None), "tokenizer_manager", None)
+    states = getattr(manager, "rid_to_state", None)
+    return None if states is None else len(states)
+
+
 # ------------------------------------------------------------------------------------ run
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
@@ -364,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     log_path = getattr(engine, "log_path", None)
     probes.engine_log = Path(log_path) if log_path else None
     say(f"params {n_params / 1e9:.3f}B, engine {a.engine} started in {engine_start_s:.1f} s")
+    captured = getattr(engine, "decode_graph_captured", None)
+    if captured is not None:  # SGLang: a larger decode batch would run without CUDA graphs
+        say(f"decode CUDA graphs captured up to {captured} requests; generation batch {n_seq}")
 
     extra = {"ignore_eos": True} if a.engine in ("vllm", "sglang") else {"min_new_tokens": a.max_new_tokens}
     gen_sp = SamplingParams(
@@ -528,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["cuda_graph_captures"] = probes.graph_captures if probes.cuda else None
         rec["compile_graphs"] = probes.compile_graphs()
         rec["engine_log_captures"] = probes.engine_log_captures()
+        rec["engine_req_states"] = engine_request_states(engine)
         records.append(rec)
         jsonl.write(json.dumps(rec) + "\n")
         if it == a.iterations - 1 or (it >= a.warmup and (it - a.warmup) % a.check_every == 0):
@@ -545,6 +558,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"sleep {rec['sleep_s']:.3f} train {rec['train_s']:.3f} push {rec['push_s']:.3f} "
                 f"wake {rec['wake_s']:.3f} | used {used:.2f} GiB rss {rec['host_rss'] / 2**30:.2f} GiB "
                 f"| |dlogp| {rec['train_lp_mad']:.4f}"
+                + (
+                    f" | sglang req states {rec['engine_req_states']}"
+                    if rec["engine_req_states"] is not None
+                    else ""
+                )
             )
     if records and lp_checks and lp_checks[-1]["iteration"] != records[-1]["iteration"]:
         logprob_check(records[-1]["iteration"])  # a run stopped early still ends with a check

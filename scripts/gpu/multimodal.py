@@ -26,7 +26,11 @@ text-only prompt. Checks (each a row of the table, all must pass):
 3. ``vision_tower_pushed``: pushing the same weights with only the vision tower perturbed changes
    an image prompt's generation (tokens or first log-prob) and leaves the text-only prompt's tokens
    unchanged; pushing the trained weights back restores ``pushed`` exactly.
-4. ``bad_input_errors``: an image count that does not match the placeholders and a prompt too long
+4. ``images_change_outputs``: the same prompts with other images (each image's colour changed)
+   change an image prompt's generation: the images reach the model at all (SGLang 0.5.16 keeps
+   multimodal off for Gemma 3 unless ``enable_multimodal=True``, and then drops the images without
+   a word; the engine's multimodal state is logged after its start).
+5. ``bad_input_errors``: an image count that does not match the placeholders and a prompt too long
    for ``max_model_len`` are refused naming the prompt, before the engine is called.
 
 Writes ``<out>/multimodal_<engine>.json`` (results, versions, timings) and ``<out>/multimodal_<engine>.log``.
@@ -334,6 +338,14 @@ def main_run(run: Run) -> bool:
     run.timed(
         "engine_start", lambda: strategy.setup_inference_engine(model=engine_model, tokenizer=processor)
     )
+    sgl = getattr(strategy.inference_engine, "engine", None)
+    if args.engine == "sglang" and sgl is not None:
+        manager = getattr(sgl, "tokenizer_manager", None)
+        run.results["sglang_multimodal"] = {
+            "enable_multimodal": getattr(getattr(sgl, "server_args", None), "enable_multimodal", "?"),
+            "mm_processor": type(getattr(manager, "mm_processor", None)).__name__,
+        }
+        run.log(f"SGLang multimodal: {run.results['sglang_multimodal']}")
     before, lp_before = run.timed(
         "generate_before", lambda: generate(strategy, prompts, images, nums, args.new_tokens, logprobs=True)
     )
@@ -372,6 +384,25 @@ def main_run(run: Run) -> bool:
             "prompts_changed": moved,
             "first_logprob_before_vs_pushed": [
                 (round(a, 4), round(b, 4)) for a, b in zip(lp_before, lp_pushed)
+            ],
+        },
+    )
+
+    # The images reach the model: other images (other colours), the same prompts and weights.
+    others = [make_color_image(c) for c in ("green", "yellow", "red", "blue", "green", "yellow")]
+    swapped, lp_swapped = generate(strategy, prompts, others, nums, args.new_tokens, logprobs=True)
+    moved_by_images = [
+        i
+        for i, k in enumerate(nums)
+        if k and (swapped[i] != pushed[i] or abs(lp_swapped[i] - lp_pushed[i]) > LOGPROB_CHANGED)
+    ]
+    run.check(
+        "images_change_outputs",
+        bool(moved_by_images) and all(swapped[i] == pushed[i] for i, k in enumerate(nums) if not k),
+        {
+            "image_prompts_changed": moved_by_images,
+            "first_logprob_pushed_vs_other_images": [
+                (round(a, 4), round(b, 4)) for a, b in zip(lp_pushed, lp_swapped)
             ],
         },
     )

@@ -360,9 +360,18 @@ class _SGLangDouble:
     def flush_cache(self) -> Any:
         return type("FlushCacheReqOutput", (), {"success": True})()
 
-    def generate(self, prompt=None, image_data=None, sampling_params=None, return_logprob=False, **_: Any):
-        self.requests.append({"prompt": prompt, "image_data": image_data})
-        return [{"output_ids": [7, 8], "meta_info": {"finish_reason": {"type": "length"}}} for _ in prompt]
+    def generate(
+        self,
+        prompt=None,
+        image_data=None,
+        sampling_params=None,
+        return_logprob=False,
+        input_ids=None,
+        **_: Any,
+    ):
+        self.requests.append({"prompt": prompt, "image_data": image_data, "input_ids": input_ids})
+        batch = prompt if prompt is not None else input_ids
+        return [{"output_ids": [7, 8], "meta_info": {"finish_reason": {"type": "length"}}} for _ in batch]
 
     def shutdown(self) -> None:
         pass
@@ -370,7 +379,9 @@ class _SGLangDouble:
 
 class _SGLangRuntime:
     version = (0, 5, 16)
-    server_fields = frozenset({"model_path", "cuda_graph_backend_prefill", "cuda_graph_max_bs_decode"})
+    server_fields = frozenset(
+        {"model_path", "cuda_graph_backend_prefill", "cuda_graph_max_bs_decode", "enable_multimodal"}
+    )
 
     def __init__(self) -> None:
         self.engines: list[_SGLangDouble] = []
@@ -407,6 +418,9 @@ def test_sglang_adapter_keeps_its_processor_pushes_hub_names_and_sends_image_lis
             "Gemma3ForConditionalGeneration"
         ]
         assert double.env["SGLANG_VLM_CACHE_SIZE_MB"] == "0"
+        # SGLang 0.5.16 keeps multimodal off for Gemma 3 unless asked (configs/model_config.py:307-322):
+        # without this the images were dropped and the vision tower never ran.
+        assert double.server_args["enable_multimodal"] is True
         rename = _common.engine_name_map(model)
         assert sorted(double.pushed) == sorted(rename(n) for n, _ in model.named_parameters())
         assert not engine.needs_weight_push
@@ -426,3 +440,145 @@ def test_sglang_adapter_keeps_its_processor_pushes_hub_names_and_sends_image_lis
         assert len(double.requests) == 1
     finally:
         engine.shutdown()
+
+
+def test_sglang_multimodal_switch_text_models_callers_and_an_engine_that_would_drop_images(
+    vlm, images
+) -> None:
+    """``enable_multimodal=True`` goes to SGLang for a vision-language model only, the caller's
+    choice wins; an engine whose TokenizerManager has no multimodal processor (multimodal off:
+    SGLang would read the prompt as text and ignore the images) refuses a generation with images
+    before calling SGLang, and still generates text-only batches."""
+    from lightrft.engines import _sglang_compat as compat
+    from lightrft.engines.sglang import SGLangEngine
+
+    fields = _SGLangRuntime.server_fields
+    assert compat.multimodal_args(fields, True, {}) == {"enable_multimodal": True}
+    assert compat.multimodal_args(fields, False, {}) == {}
+    assert compat.multimodal_args(fields, True, {"enable_multimodal": False}) == {}
+    assert compat.multimodal_args(frozenset({"model_path"}), True, {}) == {}  # a version without it
+
+    model, processor = vlm
+    runtime = _SGLangRuntime()
+
+    class Recorded(SGLangEngine):
+        runtime_factory = staticmethod(lambda: runtime)
+
+    strategy = get_fake_strategy({"engine_type": "sglang", "engine_max_model_len": 128})
+    engine = Recorded(
+        strategy=strategy, model=copy.deepcopy(model), tokenizer=processor, enable_multimodal=False
+    )
+    try:
+        double = runtime.engines[0]
+        assert double.server_args["enable_multimodal"] is False  # the caller's keyword
+        double.tokenizer_manager = type("TokenizerManager", (), {"mm_processor": None})()
+        with pytest.raises(RuntimeError, match="multimodal off.*enable_multimodal=True"):
+            engine.generate(prompts=[PROMPTS[0]], multi_modal_inputs=[{"image": images[0]}])
+        assert double.requests == []
+        engine.generate(prompts=[PROMPTS[2]], sampling_params=SamplingParams(2, 0.0))  # text: fine
+        assert len(double.requests) == 1
+        double.tokenizer_manager.mm_processor = object()  # multimodal on: images go through
+        engine.generate(prompts=[PROMPTS[0]], multi_modal_inputs=[{"image": images[0]}])
+        assert double.requests[-1]["image_data"] == [[images[0]]]
+    finally:
+        engine.shutdown()
+    text_runtime = _SGLangRuntime()
+
+    class RecordedText(SGLangEngine):
+        runtime_factory = staticmethod(lambda: text_runtime)
+
+    text = RecordedText(strategy=strategy, model=make_tiny_llama(seed=0))
+    try:
+        assert "enable_multimodal" not in text_runtime.engines[0].server_args
+    finally:
+        text.shutdown()
+
+
+def _sglang_gemma3_vision_parameters(config: Any) -> dict[str, tuple[int, ...]]:
+    """The vision-tower and projector parameters of SGLang 0.5.16's ``Gemma3ForConditionalGeneration``
+    (name -> shape at tensor-parallel size 1) for ``config``, read from its sources:
+    ``models/gemma3_mm.py:184-188`` (``vision_tower = SiglipVisionModel``) and 63-78 (the projector's
+    ``mm_input_projection_weight`` and ``mm_soft_emb_norm``); ``models/siglip.py:273`` (``vision_model``),
+    30-42 (``patch_embedding``: ``Conv2dLayer`` with a bias, ``layers/conv.py:113``;
+    ``position_embedding``), 177 (``encoder.layers``), 107-108 (``layer_norm1/2``), 109-117
+    (``self_attn = VisionAttention(use_qkv_parallel=True)``), 72-83 (``mlp.fc1`` / ``fc2``), 240
+    (``post_layernorm``); ``layers/attention/vision.py:1069-1098`` (``qkv_proj``: a
+    ``QKVParallelLinear``, ``proj``; both with biases by default, l. 985 and 987)."""
+    v, t = config.vision_config, config.text_config
+    h, inter, p = v.hidden_size, v.intermediate_size, v.patch_size
+    root = "vision_tower.vision_model."
+    out: dict[str, tuple[int, ...]] = {
+        root + "embeddings.patch_embedding.weight": (h, v.num_channels, p, p),
+        root + "embeddings.patch_embedding.bias": (h,),
+        root + "embeddings.position_embedding.weight": ((v.image_size // p) ** 2, h),
+        root + "post_layernorm.weight": (h,),
+        root + "post_layernorm.bias": (h,),
+        "multi_modal_projector.mm_input_projection_weight": (h, t.hidden_size),
+        "multi_modal_projector.mm_soft_emb_norm.weight": (h,),
+    }
+    for i in range(v.num_hidden_layers):
+        layer = f"{root}encoder.layers.{i}."
+        for norm in ("layer_norm1", "layer_norm2"):
+            out[f"{layer}{norm}.weight"] = out[f"{layer}{norm}.bias"] = (h,)
+        out[layer + "self_attn.qkv_proj.weight"], out[layer + "self_attn.qkv_proj.bias"] = (
+            (3 * h, h),
+            (3 * h,),
+        )
+        out[layer + "self_attn.proj.weight"], out[layer + "self_attn.proj.bias"] = (h, h), (h,)
+        out[layer + "mlp.fc1.weight"], out[layer + "mlp.fc1.bias"] = (inter, h), (inter,)
+        out[layer + "mlp.fc2.weight"], out[layer + "mlp.fc2.bias"] = (h, inter), (h,)
+    return out
+
+
+def _sglang_gemma3_target(name: str) -> tuple[str, str | None]:
+    """Where SGLang 0.5.16's ``Gemma3ForConditionalGeneration.load_weights`` puts a non-language
+    weight (``models/gemma3_mm.py:429-478``): the first of ``.q_proj`` / ``.k_proj`` / ``.v_proj``
+    -> ``.qkv_proj`` (shard q / k / v), ``up_proj`` / ``gate_proj`` -> ``gate_up_proj`` found in the
+    name is replaced (l. 430-437, 451-461); otherwise a ``vision_model`` name has
+    ``.self_attn.out_proj`` renamed ``.self_attn.proj`` (l. 463-465). Then ``params_dict[name]``:
+    an unknown name raises, except a ``.bias`` one, which is skipped without a word (l. 456-457,
+    467-468), and parameters nothing loads are left as they were, also without a word (l. 479-481)."""
+    for param, weight, shard in (
+        (".qkv_proj", ".q_proj", "q"),
+        (".qkv_proj", ".k_proj", "k"),
+        (".qkv_proj", ".v_proj", "v"),
+        ("gate_up_proj", "up_proj", "1"),
+        ("gate_up_proj", "gate_proj", "0"),
+    ):
+        if weight in name:
+            return name.replace(weight, param), shard
+    if "vision_model" in name:
+        name = name.replace(".self_attn.out_proj", ".self_attn.proj")
+    return name, None
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_sglang_receives_every_vision_weight_under_a_name_its_gemma3_loads(size: str) -> None:
+    """Every vision-tower and projector weight the SGLang engine pushes (the training names through
+    ``engine_name_map``) lands, by SGLang's own load rules, on a parameter of SGLang's model of the
+    right size, each q / k / v once per fused ``qkv_proj``; and every such SGLang parameter is
+    written by the push (SGLang would leave a missed one random without a word). The table is
+    derived from SGLang 0.5.16's sources (see the helpers' docstrings)."""
+    kw = {} if size == "tiny" else {"hidden_size": 256, "num_layers": 4, "vision_hidden_size": 128}
+    model, _ = make_tiny_vlm(seed=0, **kw)
+    rename = _common.engine_name_map(model)
+    table = _sglang_gemma3_vision_parameters(model.config)
+    landed: dict[str, list[tuple[str | None, tuple[int, ...]]]] = {}
+    for name, t in model.named_parameters():
+        sent = rename(name)
+        if "language_model" in sent:  # Gemma3ForCausalLM.load_weights's (l. 443-449)
+            continue
+        target, shard = _sglang_gemma3_target(sent)
+        assert target in table, f"{name} is sent as {sent}, which SGLang's Gemma 3 has no parameter for"
+        landed.setdefault(target, []).append((shard, tuple(t.shape)))
+    assert set(landed) == set(table)  # none of SGLang's vision parameters is left unpushed
+    for target, parts in landed.items():
+        shards = sorted(s for s, _ in parts if s is not None)
+        if shards:  # q, k, v once each, stacked along the first dimension
+            assert shards == ["k", "q", "v"], (target, parts)
+            rows = sum(shape[0] for _, shape in parts)
+            assert (rows, *parts[0][1][1:]) == table[target], (target, parts)
+        else:
+            assert parts == [(None, table[target])], (target, parts)
+    n_vision = sum(1 for n, _ in model.named_parameters() if "language_model" not in rename(n))
+    assert n_vision == 7 + 16 * model.config.vision_config.num_hidden_layers  # the test saw them all

@@ -21,7 +21,7 @@ import torch
 
 from lightrft.engines import _sglang_compat as compat
 from lightrft.engines._sglang_buckets import flatten_bucket, unflatten_bucket
-from lightrft.engines.sglang import SGLangEngine, sampling_dict
+from lightrft.engines.sglang import SGLangEngine, request_sampling_params, sampling_dict
 from lightrft.strategy import SamplingParams, get_fake_strategy
 from lightrft.strategy.registry import register_engine
 from lightrft.testing import make_tiny_llama, rank_threads, run_distributed
@@ -58,6 +58,8 @@ class RecordingSGLangEngine:
         self.payload_ranks: list[list[int]] = []
         self.payload_dtypes: set[torch.dtype] = set()
         self.shut = False
+        #: What each ``generate`` call received (token ids per request, sampling parameters).
+        self.requests: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- weights
     def update_weights_from_tensor(
@@ -119,24 +121,31 @@ class RecordingSGLangEngine:
     def generate(
         self,
         input_ids: list[list[int]],
-        sampling_params: dict[str, Any],
+        sampling_params: dict[str, Any] | list[dict[str, Any]],
         return_logprob: bool = False,
         **_: Any,
     ) -> list[dict[str, Any]]:
+        """SGLang's batch form: one sampling dict for all requests or one per request; ``n`` (when
+        given) samples per request, prompt-major. Each request samples from its own generator
+        seeded with its ``sampling_seed``."""
         self.calls.append(("generate", len(input_ids)))
-        n, steps = sampling_params["n"], sampling_params["max_new_tokens"]
-        stop = set(sampling_params.get("stop_token_ids", []))
-        gen = torch.Generator().manual_seed(sampling_params.get("sampling_seed", 0))
+        self.requests.append({"input_ids": [list(x) for x in input_ids], "sampling_params": sampling_params})
+        per_request = (
+            sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        )
+        assert len(per_request) == len(input_ids)
         out = []
-        for ids in input_ids:
-            for _ in range(n):
+        for ids, params in zip(input_ids, per_request):
+            steps, stop = params["max_new_tokens"], set(params.get("stop_token_ids", []))
+            gen = torch.Generator().manual_seed(params.get("sampling_seed", 0))
+            for _ in range(params.get("n", 1)):
                 seq, toks, lps, reason = list(ids), [], [], "length"
                 for _ in range(steps):
                     logp = torch.log_softmax(self.model(torch.tensor([seq])).logits[0, -1].float(), -1)
-                    if sampling_params["temperature"] == 0.0:
+                    if params["temperature"] == 0.0:
                         tok = int(logp.argmax())
                     else:
-                        probs = torch.softmax(logp / sampling_params["temperature"], -1)
+                        probs = torch.softmax(logp / params["temperature"], -1)
                         tok = int(torch.multinomial(probs, 1, generator=gen))
                     seq.append(tok)
                     toks.append(tok)
@@ -351,18 +360,26 @@ def test_sampling_dict() -> None:
     sp = SamplingParams(
         max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=4, n=2, stop_token_ids=[3], seed=11
     )
+    # One request's dict: no ``n`` (a prompt is sent n times), the copy's seed offset by its index.
     assert sampling_dict(sp) == {
         "max_new_tokens": 7,
         "temperature": 0.5,
         "top_p": 0.9,
         "top_k": 4,
-        "n": 2,
         "stop_token_ids": [3],
         "sampling_seed": 11,
     }
+    assert sampling_dict(sp, copy=1)["sampling_seed"] == 12
     assert "stop_token_ids" not in sampling_dict(SamplingParams()) and "sampling_seed" not in sampling_dict(
         SamplingParams()
     )
+    assert sampling_dict(SamplingParams(extra={"ignore_eos": True}))["ignore_eos"] is True
+    with pytest.raises(ValueError, match=r"extra has 'n'=3.*SamplingParams.n"):
+        sampling_dict(SamplingParams(extra={"n": 3}))
+    # The call's parameters: one dict for every request, or one per request when seeded.
+    assert request_sampling_params(SamplingParams(n=4), 2) == sampling_dict(SamplingParams(n=4))
+    seeded = request_sampling_params(SamplingParams(n=3, seed=7), 2)
+    assert [d["sampling_seed"] for d in seeded] == [7, 8, 9, 7, 8, 9]
 
 
 # ------------------------------------------------------------------ errors
@@ -605,6 +622,42 @@ def test_generation_outputs_logprobs_n_and_stop() -> None:
     )
     assert stopped[0].output_token_ids == outs[0].output_token_ids[:2] and stopped[0].finish_reason == "stop"
     assert stopped[0].logprobs is None
+
+
+def test_n_samples_go_to_sglang_as_repeated_prompts_in_one_call() -> None:
+    """``n`` samples of a prompt reach SGLang as n requests of it, all in one ``generate`` call with
+    no ``n`` in their parameters (SGLang 0.5.16's own ``n`` prefills each prompt alone first and
+    keeps ``prompts x (n - 1)`` request states for good: ``request_sampling_params``). Outputs come
+    back prompt-major with their prompt's ids; seeded copies sample with seed + copy, so they differ
+    and each equals a single seeded generation."""
+    model = make_tiny_llama(seed=4)
+    strategy = _strategy()
+    engine, double = _setup(strategy, model)
+    prompts = [[1, 2, 3], [7, 8]]
+    greedy = SamplingParams(max_new_tokens=3, temperature=0.0, n=3, logprobs=True)
+    outs = engine.generate(prompt_token_ids=prompts, sampling_params=greedy)
+    assert [c for c in double.calls if c[0] == "generate"] == [("generate", 6)]  # one call, 2 x 3
+    sent = double.requests[-1]
+    assert sent["input_ids"] == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert isinstance(sent["sampling_params"], dict) and "n" not in sent["sampling_params"]
+    assert [o.prompt_token_ids for o in outs] == [prompts[0]] * 3 + [prompts[1]] * 3
+    with rank_threads():
+        want = [_greedy(model, p, 3)[0] for p in prompts]
+    assert [o.output_token_ids for o in outs] == [want[0]] * 3 + [want[1]] * 3
+    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=7)
+    outs = engine.generate(prompt_token_ids=prompts, sampling_params=sampled)
+    sent = double.requests[-1]["sampling_params"]
+    assert isinstance(sent, list) and [d["sampling_seed"] for d in sent] == [7, 8, 9, 7, 8, 9]
+    assert all("n" not in d for d in sent)
+    first = [o.output_token_ids for o in outs[:3]]
+    assert len({tuple(x) for x in first}) == 3  # three different samples of prompt 0
+    for copy in range(3):
+        alone = engine.generate(
+            prompt_token_ids=[prompts[0]],
+            sampling_params=SamplingParams(max_new_tokens=6, temperature=1.0, seed=7 + copy),
+        )
+        assert alone[0].output_token_ids == first[copy]
+    strategy.engine_lifecycle.shutdown()
 
 
 def test_generation_from_text_and_seeds() -> None:

@@ -56,6 +56,16 @@ Version facts this module encodes:
   A larger decode batch runs eagerly (4.7x slower at 3B on an H200, issue 17): the engine reads
   back what was captured (:func:`captured_decode_max_bs`) and says so once, as a warning, when a
   generation exceeds it.
+- Multimodal (:func:`multimodal_args`, :func:`check_multimodal_ready`): SGLang turns multimodal
+  *off* by default for Gemma 3 (``Gemma3ForConditionalGeneration``), Llama 4, Step3-VL and Inkling
+  unless ``enable_multimodal=True`` is passed (``configs/model_config.py:307-322`` in 0.5.16: "Multimodal
+  is disabled for gemma3"). Then its TokenizerManager has no multimodal processor
+  (``managers/tokenizer_manager.py:361-386``: ``mm_processor = None``) and drops ``image_data``
+  without a word (l. 874-878): the prompt is tokenized as text, the vision tower never runs, and a
+  push of new vision weights changes nothing (what the 2026-12-03 GPU run of
+  ``scripts/gpu/multimodal.py --engine sglang`` saw). A vision-language engine passes
+  ``enable_multimodal=True``, and a generation with images on an engine without the processor is
+  refused.
 - ``dtype="float32"``: 0.5.16 picks fa3 on Hopper whatever the dtype (``server_args.py:4880-4914``)
   and FlashAttention-3 has fp16 / bf16 (and fp8) kernels only, so float32 engines get the triton
   attention backend (:func:`attention_args`). ``dtype="auto"`` would turn a float32 config into
@@ -336,6 +346,31 @@ def decode_graph_batch_args(server_fields: frozenset[str], max_bs: int) -> dict[
         if name in server_fields:
             return {name: max_bs}
     return {}
+
+
+def multimodal_args(
+    server_fields: frozenset[str], multimodal: bool, user_kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``enable_multimodal=True`` for a vision-language model (SGLang keeps it off for Gemma 3 by
+    default: see the module docstring); nothing for a text-only model, when the caller chose, or
+    when this version has no such field."""
+    if not multimodal or "enable_multimodal" in user_kwargs or "enable_multimodal" not in server_fields:
+        return {}
+    return {"enable_multimodal": True}
+
+
+def check_multimodal_ready(engine: Any) -> None:
+    """Raises when the engine would drop images: its TokenizerManager (in this process) has no
+    multimodal processor (multimodal off). Nothing when that cannot be seen (no such attribute)."""
+    manager = getattr(engine, "tokenizer_manager", None)
+    if manager is None or not hasattr(manager, "mm_processor") or manager.mm_processor is not None:
+        return
+    raise ValueError(
+        "this SGLang engine runs with multimodal off (its TokenizerManager has no multimodal "
+        "processor): it would ignore the images and read each prompt as text. Set up the engine "
+        "with enable_multimodal=True (the default for a vision-language model; an "
+        "enable_multimodal=False passed to setup_inference_engine turns it off)"
+    )
 
 
 class SGLangRuntime:

@@ -303,22 +303,27 @@ class SGLangEngine:
         sp: SamplingParams,
         expanded: list[Any] | None = None,
     ) -> list[GenerationOutput]:
-        params = sampling_dict(sp)
-        self._warn_if_eager((len(ids) if ids is not None else len(prompts or [])) * sp.n)
+        n_prompts = len(ids) if ids is not None else len(prompts or [])
+        self._warn_if_eager(n_prompts * sp.n)
+        if images is not None:
+            compat.check_multimodal_ready(self.engine)
+        # ``n`` samples of a prompt are n requests of it, in one batch (see _repeat).
+        params = request_sampling_params(sp, n_prompts)
         if ids is not None:
-            raw = self.engine.generate(input_ids=ids, sampling_params=params, return_logprob=sp.logprobs)
+            raw = self.engine.generate(
+                input_ids=_repeat(ids, sp.n), sampling_params=params, return_logprob=sp.logprobs
+            )
         else:
             # A list per prompt (an empty one for a text-only prompt): SGLang reads the batch's
             # layout from the first entry.
             raw = self.engine.generate(
-                prompt=list(prompts or []),
-                image_data=[list(imgs) for imgs in images or []],
+                prompt=_repeat(list(prompts or []), sp.n),
+                image_data=_repeat([list(imgs) for imgs in images or []], sp.n),
                 sampling_params=params,
                 return_logprob=sp.logprobs,
             )
         if isinstance(raw, dict):
             raw = [raw]
-        n_prompts = len(ids) if ids is not None else len(prompts or [])
         if len(raw) != n_prompts * sp.n:
             raise RuntimeError(f"SGLang returned {len(raw)} outputs for {n_prompts} prompts with n={sp.n}")
 
@@ -540,6 +545,7 @@ class SGLangEngine:
             args.update(compat.decode_graph_args(fields, self.decode_graph_max_bs, engine_kwargs))
         args.update(compat.prefill_graph_args(fields, self.memory_saver, engine_kwargs))
         args.update(compat.attention_args(self.dtype_name, engine_kwargs))
+        args.update(compat.multimodal_args(fields, self.multimodal, engine_kwargs))
         args.update(engine_kwargs)
         return args
 
@@ -621,22 +627,57 @@ class SGLangEngine:
             ) from error
 
 
-def sampling_dict(sp: SamplingParams) -> dict[str, Any]:
-    """SGLang's sampling-parameter dict for ours (``extra`` keys pass through and win). A seed
-    becomes ``sampling_seed``, which SGLang honours with ``enable_deterministic_inference``."""
+def sampling_dict(sp: SamplingParams, copy: int = 0) -> dict[str, Any]:
+    """SGLang's sampling-parameter dict of one request, the ``copy``-th sample of its prompt
+    (``extra`` keys pass through and win). No ``n``: the engine sends a prompt ``sp.n`` times
+    (:func:`request_sampling_params`). A seed becomes ``sampling_seed`` (which SGLang honours with
+    ``enable_deterministic_inference``), ``seed + copy`` for the copy-th sample, so the samples of
+    one prompt differ and are reproducible."""
+    if "n" in sp.extra:
+        raise ValueError(
+            f"SamplingParams.extra has 'n'={sp.extra['n']!r}: give the number of samples per prompt "
+            "as SamplingParams.n"
+        )
     out: dict[str, Any] = {
         "max_new_tokens": sp.max_new_tokens,
         "temperature": sp.temperature,
         "top_p": sp.top_p,
         "top_k": sp.top_k,
-        "n": sp.n,
     }
     if sp.stop_token_ids:
         out["stop_token_ids"] = list(sp.stop_token_ids)
     if sp.seed is not None:
-        out["sampling_seed"] = sp.seed
+        out["sampling_seed"] = sp.seed + copy
     out.update(sp.extra)
     return out
+
+
+def request_sampling_params(sp: SamplingParams, n_prompts: int) -> dict[str, Any] | list[dict[str, Any]]:
+    """``sampling_params`` of one ``Engine.generate`` call over ``n_prompts`` prompts, each sent
+    ``sp.n`` times in a row: one dict for every request, or with a seed one per request
+    (:func:`sampling_dict`'s ``copy``).
+
+    SGLang's own ``n`` is not used, for two reasons read in SGLang 0.5.16's
+    ``managers/tokenizer_manager.py``. With ``n > 1``, ``_handle_batch_request`` (its ``else``
+    branch, l. 1630-1685) first sends every prompt alone, with ``max_new_tokens=0``, to cache its
+    prefix, and waits for each before the next (l. 1645-1661): one prefill round trip per prompt,
+    in series (16 one-request prefill batches before the 64-request one in the soak's SGLang log,
+    about 0.27 s of a 0.55-0.86 s generation). And ``generate_request`` has already made a request
+    state for each of the ``prompts x n`` ids (``_init_req_state``, l. 646 and 3018-3023; the ids
+    were expanded to ``batch_size * n`` in ``io_struct.py`` l. 447-455), of which only the first
+    ``prompts`` are ever deleted (l. 1684-1685): ``prompts x (n - 1)`` ``ReqState`` objects (each
+    with its ``GenerateReqInput``, an ``asyncio.Event`` and ~25 lists) stay in ``rid_to_state``
+    for good, 48 per call at 16 prompts x 4 (the soak's census: +48 ``ReqState`` per iteration).
+    Repeated prompts take the ``n == 1`` path (l. 1599-1608 for token ids): one batch sent at
+    once, every state deleted when its request finishes (l. 2165)."""
+    if sp.seed is None:
+        return sampling_dict(sp)
+    return [sampling_dict(sp, copy) for _ in range(n_prompts) for copy in range(sp.n)]
+
+
+def _repeat(items: list[Any], n: int) -> list[Any]:
+    """Each item ``n`` times in a row (prompt-major: the order of the outputs)."""
+    return list(items) if n == 1 else [x for x in items for _ in range(n)]
 
 
 def convert_output(
@@ -692,4 +733,11 @@ def _concurrency(cfg: Any, strategy: Any) -> int | None:
     return int(getattr(cfg, "micro_rollout_batch_size", 8)) * int(n or 1) * int(cfg.engine_tp_size)
 
 
-__all__ = ["SGLangEngine", "convert_output", "flatten_bucket", "sampling_dict", "unflatten_bucket"]
+__all__ = [
+    "SGLangEngine",
+    "convert_output",
+    "flatten_bucket",
+    "request_sampling_params",
+    "sampling_dict",
+    "unflatten_bucket",
+]

@@ -10,8 +10,10 @@ Definitions (what the summary reports and gates on):
   ``drift = (B - A) / A`` (0 when ``A == B == 0``; infinite when only ``A`` is 0). Medians, so one
   iteration hit by a host hiccup does not move a tenth. The check: ``|drift| <= 1 %`` for
   every gated series: device memory (allocated, reserved and used per ``mem_get_info``) after each
-  phase, host RSS (this process, and its process tree with the engine's subprocesses) and the
-  iteration's time. It needs ``n >= 2`` (both tenths exist); with fewer it is *not evaluated*,
+  phase, host RSS (this process, and the processes of its tree that live through the whole steady
+  run: :func:`persistent_tree_rss`) and the iteration's time. The whole tree's RSS
+  (``host_rss_tree``) is reported beside it, not gated: a helper process that exits in the run (the
+  engine's compile workers do) takes its RSS out of the sum without anything being freed. It needs ``n >= 2`` (both tenths exist); with fewer it is *not evaluated*,
   which fails the run.
 - **Recompile / recapture**: counters sampled after every iteration (CUDA-graph captures in this
   process, torch.compile graphs, capture lines in SGLang's log) must not change after warm-up;
@@ -104,10 +106,34 @@ def mean_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
 
 def gated_series(record: Mapping[str, Any]) -> list[str]:
     """The keys of ``record`` whose drift is gated: device memory after each phase (those present),
-    host RSS and the iteration's time."""
+    host RSS and the iteration's time. ``host_rss_tree`` is gated only in records without the
+    per-pid map (runs recorded before it existed); with it, :func:`persistent_tree_rss` is."""
     keys = [f"mem_{p}_{k}" for p in PHASES for k in MEMORY_KINDS if f"mem_{p}_{k}" in record]
-    keys += [k for k in ("host_rss", "host_rss_tree", "iter_s") if k in record]
+    tree = "host_rss_tree" if "host_rss_pids" not in record else None
+    keys += [k for k in ("host_rss", tree, "iter_s") if k and k in record]
     return keys
+
+
+def persistent_tree_rss(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per record, the summed RSS of the pids present in *every* record's ``host_rss_pids`` (the
+    processes that live through the whole span), and the pids that were not (``transient``: pid ->
+    the iterations it was seen in, as a first/last pair). A process that leaks and lives on is in
+    the sum; one that starts or exits in the span is named, not summed."""
+    maps = [r["host_rss_pids"] for r in records]
+    if not maps:
+        return {"series": [], "persistent": [], "transient": {}}
+    common = set(maps[0]).intersection(*maps[1:])
+    seen: dict[str, list[int]] = {}
+    for r, m in zip(records, maps):
+        for pid in m:
+            if pid not in common:
+                span = seen.setdefault(pid, [int(r["iteration"]), int(r["iteration"])])
+                span[1] = int(r["iteration"])
+    return {
+        "series": [float(sum(m[pid] for pid in common)) for m in maps],
+        "persistent": sorted(common, key=int),
+        "transient": seen,
+    }
 
 
 def summarize(
@@ -133,6 +159,12 @@ def summarize(
             if key.startswith("mem_") and not gate_device_memory:
                 continue
             drifts[key] = drift([float(r[key]) for r in steady])
+        if "host_rss_pids" in steady[0]:
+            tree = persistent_tree_rss(steady)
+            drifts["host_rss_tree_persistent"] = drift(tree["series"])
+            out["host_tree"] = {"persistent_pids": tree["persistent"], "transient_pids": tree["transient"]}
+            if "host_rss_tree" in steady[0]:
+                out["host_rss_tree_drift"] = drift([float(r["host_rss_tree"]) for r in steady])
     out["drift"] = drifts
     phase_drifts = {}
     for p in PHASES:
@@ -208,6 +240,16 @@ def format_table(summary: Mapping[str, Any], medians: Mapping[str, float]) -> st
             lines.append(f"  {k:<42} (not evaluated)")
             continue
         lines.append(f"  {k:<42} {d['first']:>11.4g} {d['last']:>11.4g} {d['drift']:>+8.3%}")
+    tree = summary.get("host_rss_tree_drift")
+    if tree and tree["drift"] is not None:
+        lines.append(
+            f"  {'host_rss_tree (reported, not gated)':<42} {tree['first']:>11.4g} {tree['last']:>11.4g} "
+            f"{tree['drift']:>+8.3%}"
+        )
+    transient = summary.get("host_tree", {}).get("transient_pids", {})
+    if transient:
+        spans = ", ".join(f"pid {p} (it {a}-{b})" for p, (a, b) in transient.items())
+        lines.append(f"  processes of the tree not alive through the run (not summed): {spans}")
     for c in summary.get("logprob_checks", []):
         stale = c.get("stale_mean_abs_diff")
         stale_txt = f", stale engine {stale:.4f}" if stale is not None else ""

@@ -109,8 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------ probes
-def host_rss() -> tuple[int, int]:
-    """(this process's RSS, RSS of this process and all its descendants) in bytes, from /proc."""
+def host_rss() -> tuple[int, int, dict[str, int]]:
+    """(this process's RSS, RSS of this process and all its descendants, RSS per pid of that tree)
+    in bytes, from /proc. The per-pid map lets the summary gate the processes that live through
+    the whole run apart from helpers that start or exit in it (``_soak.persistent_tree_rss``)."""
     from lightrft.strategy.utils import child_pids
 
     def rss(pid: int) -> int:
@@ -124,19 +126,42 @@ def host_rss() -> tuple[int, int]:
         return 0
 
     me = os.getpid()
-    total, todo, seen = 0, [me], set()
+    per_pid: dict[str, int] = {}
+    todo, seen = [me], set()
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
-        total += rss(pid)
+        per_pid[str(pid)] = rss(pid)
         todo += child_pids(pid)
-    return rss(me), total
+    return per_pid[str(me)], sum(per_pid.values()), per_pid
+
+
+def process_name(pid: str) -> str:
+    """The first 120 characters of a process's command line (or its name), for the log."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        if not cmd:
+            with open(f"/proc/{pid}/comm") as f:
+                cmd = f.read().strip()
+        return cmd[:120]
+    except OSError:
+        return "?"
 
 
 class Probes:
     """Device memory, the counters of recompiles / recaptures, timing with device sync."""
+
+    def sm_clock_mhz(self) -> int | None:
+        """The GPU's current SM clock in MHz (NVML, through torch), None without CUDA or NVML."""
+        if not self.cuda:
+            return None
+        try:
+            return int(self.torch.cuda.clock_rate())
+        except Exception:  # no pynvml / amdsmi: the figure is a diagnostic, not a check
+            return None
 
     def __init__(self, device: str) -> None:
         import torch
@@ -424,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  census it {it}: {entry['total']} objects ({entry['total_growth_since_first']:+d}): {top}")
 
     records: list[dict[str, Any]] = []
+    pid_names: dict[str, str] = {}  # pid -> command line, for the log when the tree changes
     lp_checks: list[dict[str, Any]] = []
     first_check: tuple[list[list[int]], list[list[float]]] | None = None
     stopped_early = None
@@ -477,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         mem.clear()
         rec: dict[str, Any] = {"iteration": it}
         prompts = [torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.prompts)]
-        t_it = time.perf_counter()
+        t_it, cpu_it = time.perf_counter(), time.process_time()
 
         # 1. generate
         probes.sync()
@@ -534,8 +560,20 @@ def main(argv: list[str] | None = None) -> int:
         rec.update(mem)
         rec.update(probes.memory("wake"))
         rec["iter_s"] = time.perf_counter() - t_it
+        # Reported: CPU seconds of this process's threads in the iteration (near iter_s or above:
+        # the host sets the pace; far below: the device does) and the SM clock (a throttled GPU
+        # slows every phase at once).
+        rec["iter_cpu_s"] = time.process_time() - cpu_it
+        rec["sm_clock_mhz"] = probes.sm_clock_mhz()
 
-        rec["host_rss"], rec["host_rss_tree"] = host_rss()
+        rec["host_rss"], rec["host_rss_tree"], rec["host_rss_pids"] = host_rss()
+        for pid in rec["host_rss_pids"].keys() - pid_names.keys():
+            pid_names[pid] = process_name(pid)
+            if records:
+                say(f"it {it}: process {pid} joined the tree: {pid_names[pid]}")
+        if records:
+            for pid in records[-1]["host_rss_pids"].keys() - rec["host_rss_pids"].keys():
+                say(f"it {it}: process {pid} left the tree: {pid_names.get(pid, '?')}")
         rec["gc_objects"], rec["gc_probe_s"] = _soak.live_objects()  # after iter_s: not timed
         rec["cuda_graph_captures"] = probes.graph_captures if probes.cuda else None
         rec["compile_graphs"] = probes.compile_graphs()

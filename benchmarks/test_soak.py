@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _soak import (  # noqa: E402
     drift,
+    format_table,
     logprob_tolerance,
     mean_abs_diff,
     outliers,
@@ -158,3 +159,51 @@ def test_summary_too_short_is_not_evaluated_and_not_passed() -> None:
 def test_summary_without_device_memory_gates_host_and_time_only() -> None:
     s = summarize(_records(30), [_check(10, 0.0)], warmup=10, gate_device_memory=False)
     assert set(s["drift"]) == {"host_rss", "iter_s"}
+
+
+def _with_tree(recs: list[dict], helper_exits_at: int | None, leak_per_it: float = 0.0) -> list[dict]:
+    """Adds per-pid RSS maps: the main process (4 GB, in host_rss too), an engine child (2 GB,
+    growing by ``leak_per_it`` a record) and a 6 GB helper that exits at ``helper_exits_at``."""
+    for r in recs:
+        i = r["iteration"]
+        pids = {"100": int(r["host_rss"]), "101": int(2e9 + leak_per_it * i)}
+        if helper_exits_at is None or i < helper_exits_at:
+            pids["102"] = int(6e9)
+        r["host_rss_pids"] = pids
+        r["host_rss_tree"] = float(sum(pids.values()))
+    return recs
+
+
+def test_summary_gates_the_persistent_tree_not_a_helper_that_exits() -> None:
+    # The helper's 6 GB leave the whole tree (12 -> 6 GB, -50 %) at iteration 40: reported, not
+    # gated. The two processes alive throughout sum to exactly 6e9 in every record: drift 0.
+    s = summarize(_with_tree(_records(110), helper_exits_at=40), [_check(10, 0.0)], warmup=10)
+    assert s["checks"]["drift"] == "pass"
+    assert "host_rss_tree" not in s["drift"]
+    assert s["drift"]["host_rss_tree_persistent"]["drift"] == 0.0
+    assert s["host_rss_tree_drift"]["drift"] == -0.5  # (6e9 - 12e9) / 12e9, exact in float64
+    assert s["host_tree"] == {"persistent_pids": ["100", "101"], "transient_pids": {"102": [10, 39]}}
+    assert "pid 102 (it 10-39)" in format_table(s, {})
+
+
+def test_summary_fails_a_leak_in_a_persistent_child_process() -> None:
+    # +4 MB per iteration in the engine child: medians of the tenths at 14.5 and 104.5 steps, over
+    # the persistent sum 4e9 + 2e9 + 14.5 * 4e6; a helper exiting at 40 does not hide it.
+    s = summarize(
+        _with_tree(_records(110), helper_exits_at=40, leak_per_it=4e6), [_check(10, 0.0)], warmup=10
+    )
+    assert s["checks"]["drift"] == "fail"
+    assert "host_rss_tree_persistent" in s["reasons"]["drift"]
+    # rel=1e-9: a ratio of sums of a few float64 terms (each exact to 2**-53).
+    assert s["drift"]["host_rss_tree_persistent"]["drift"] == pytest.approx(
+        90 * 4e6 / (6e9 + 14.5 * 4e6), rel=1e-9
+    )
+
+
+def test_records_without_pid_maps_still_gate_the_whole_tree() -> None:
+    recs = _records(30)
+    for r in recs:
+        r["host_rss_tree"] = 10e9
+    s = summarize(recs, [_check(10, 0.0)], warmup=10)
+    assert set(s["drift"]) == {"mem_train_used", "host_rss", "host_rss_tree", "iter_s"}
+    assert "host_rss_tree_drift" not in s

@@ -184,6 +184,19 @@ class StrategyConformanceSuite:
             f"(atol={atol}, rtol={rtol})"
         )
 
+    def _compared_exactly_or_bf16(self, got: list[float], want: list[float], what: str) -> bool:
+        """The cases shared by the loss and norm comparisons: equal lengths; the same arithmetic as
+        FakeStrategy compares exactly, bf16 with the declared tolerances. False: fp32, compared
+        by the caller's derived bound."""
+        assert len(got) == len(want), f"{what}: {len(got)} steps, FakeStrategy ran {len(want)}"
+        if self.same_arithmetic():
+            assert got == want, f"{what}: {got} != FakeStrategy's {want} (the same arithmetic)"
+            return True
+        if self.config()["bf16"]:
+            self._bf16_close(got, want, what)
+            return True
+        return False
+
     def assert_losses_close(self, losses: list[float], params: torch.Tensor, what: str) -> None:
         """``losses`` of a run of the parity training (``params``: its final parameters) against
         FakeStrategy's. fp32: the mean of the same micro-batch losses in another order, and, from
@@ -191,12 +204,7 @@ class StrategyConformanceSuite:
         order (:func:`~lightrft.testing.tolerance.parity_loss_atol`)."""
         fake = self.fake("parity")
         got, want = list(losses), list(fake["losses"])
-        assert len(got) == len(want), f"{what}: {len(got)} steps, FakeStrategy ran {len(want)}"
-        if self.same_arithmetic():
-            assert got == want, f"{what}: {got} != FakeStrategy's {want} (the same arithmetic)"
-        elif self.config()["bf16"]:
-            self._bf16_close(got, want, what)
-        else:
+        if not self._compared_exactly_or_bf16(got, want, what):
             dp = float((torch.as_tensor(params).double() - fake["params"].double()).norm())
             for step, (a, b, norm) in enumerate(zip(got, want, fake["norms"]), start=1):
                 bound = parity_loss_atol(b, norm, dp, self.micro_steps())
@@ -211,12 +219,7 @@ class StrategyConformanceSuite:
         :func:`~lightrft.testing.tolerance.norm_rtol` of the parameter count."""
         fake = self.fake("parity")
         got, want = list(norms), list(fake["norms"])
-        assert len(got) == len(want), f"{what}: {len(got)} steps, FakeStrategy ran {len(want)}"
-        if self.same_arithmetic():
-            assert got == want, f"{what}: {got} != FakeStrategy's {want} (the same arithmetic)"
-        elif self.config()["bf16"]:
-            self._bf16_close(got, want, what)
-        else:
+        if not self._compared_exactly_or_bf16(got, want, what):
             rtol = norm_rtol(fake["params"].numel())
             for step, (a, b) in enumerate(zip(got, want), start=1):
                 assert abs(a - b) <= rtol * abs(b), (
@@ -293,6 +296,7 @@ _CLOSED: tuple[str, ...] = (
     "assert_losses_close",
     "assert_norms_close",
     "assert_params_close",
+    "_compared_exactly_or_bf16",
 )
 
 

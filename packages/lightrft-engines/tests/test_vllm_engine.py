@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # vllm_cases, also under --impor
 from vllm_cases import (  # noqa: E402
     GREEDY,
     MAX_LEN,
+    SYNC_CASES,
+    case_id,
     full_weights,
     prompts_for,
     tiny_llama,
@@ -154,16 +156,15 @@ def test_engine_tp_size_not_dividing_the_world_is_refused():
         strategy.setup_inference_engine(model=tiny_llama(seed=1))
 
 
-@pytest.mark.parametrize(
-    "backend,stage,tp,tie", [("fsdp", 0, 1, False), ("deepspeed", 3, 1, True), ("fsdp", 0, 2, False)]
-)
-def test_two_gloo_ranks_push_equals_fresh_engine(backend, stage, tp, tie):
-    """FSDP2 and ZeRO-3 (tied embeddings) with one engine per rank, and FSDP2 with one
-    tensor-parallel-2 engine over both ranks (prompts gathered, each rank gets its own)."""
-    results = run_distributed(
-        "vllm_cases:sync_case",
+@pytest.fixture(scope="module")
+def two_rank_sync():
+    """Every case of test_two_gloo_ranks_push_equals_fresh_engine in one torchrun launch of 2 ranks
+    (vllm_cases.sync_cases: 82 s of CPU for the three, 136 s in a launch each, 2026-12-03): per
+    rank and case, the generations before and after the push and those of a fresh engine."""
+    return run_distributed(
+        "vllm_cases:sync_cases",
         world_size=2,
-        kwargs={"backend": backend, "zero_stage": stage, "tp": tp, "tie": tie},
+        kwargs={"cases": [list(c) for c in SYNC_CASES]},
         timeout=900,
         env={
             "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
@@ -172,6 +173,13 @@ def test_two_gloo_ranks_push_equals_fresh_engine(backend, stage, tp, tie):
             "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
         },
     )
+
+
+@pytest.mark.parametrize("backend,stage,tp,tie", SYNC_CASES)
+def test_two_gloo_ranks_push_equals_fresh_engine(two_rank_sync, backend, stage, tp, tie):
+    """FSDP2 and ZeRO-3 (tied embeddings) with one engine per rank, and FSDP2 with one
+    tensor-parallel-2 engine over both ranks (prompts gathered, each rank gets its own)."""
+    results = [rank[case_id(backend, stage, tp, tie)] for rank in two_rank_sync]
     for rank, r in enumerate(results):
         assert r["after"] == r["fresh"], f"rank {rank}: pushed weights generate unlike a fresh engine"
         assert r["after"] != r["before"], f"rank {rank}: the update changed nothing"

@@ -106,3 +106,20 @@ def sync_case(backend: str, zero_stage: int = 3, tie: bool = False, tp: int = 1)
         "after": [o.output_token_ids for o in after],
         "fresh": [o.output_token_ids for o in fresh],
     }
+
+
+#: The cases of ``test_two_gloo_ranks_push_equals_fresh_engine``: (backend, ZeRO stage, engine TP
+#: size, tied embeddings).
+SYNC_CASES = [("fsdp", 0, 1, False), ("deepspeed", 3, 1, True), ("fsdp", 0, 2, False)]
+
+
+def case_id(backend: str, zero_stage: int, tp: int, tie: bool) -> str:
+    return f"{backend}-{zero_stage}-{tp}-{tie}"
+
+
+def sync_cases(cases: list[list[Any]]) -> dict[str, dict[str, Any]]:
+    """One rank: :func:`sync_case` for each ``(backend, zero_stage, tp, tie)`` in turn, in one
+    launch (each rank's imports of torch, vLLM and the backends cost ~10 s of CPU, more than a
+    case's checks), by :func:`case_id`. Each case builds its own strategy, model and engines, and
+    shuts its engines down before the next."""
+    return {case_id(b, s, tp, tie): sync_case(b, zero_stage=s, tie=tie, tp=tp) for b, s, tp, tie in cases}

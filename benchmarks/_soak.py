@@ -222,6 +222,16 @@ def summarize(
     return out
 
 
+def sglang_request_states(engine: Any) -> int | None:
+    """Request states SGLang's TokenizerManager (in this process, on the leader) holds between
+    generations: 0 unless it keeps finished requests (SGLang 0.5.16's own ``n`` kept
+    ``prompts x (n - 1)`` a call; the engine no longer uses it). None where it is not visible (other
+    engines, other ranks)."""
+    manager = getattr(getattr(engine, "engine", None), "tokenizer_manager", None)
+    states = getattr(manager, "rid_to_state", None)
+    return None if states is None else len(states)
+
+
 def phase_medians(records: Sequence[Mapping[str, Any]], warmup: int) -> dict[str, float]:
     """Median of each timed quantity after warm-up (the table's numbers)."""
     steady = records[warmup:] or records

@@ -63,6 +63,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _soak import sglang_request_states  # noqa: E402
+
 #: Llama shapes: (layers, hidden, intermediate, heads, kv heads); vocab 32000 except tiny (256).
 MODELS = {
     "0.8b": (16, 2048, 5632, 16, 4),
@@ -229,14 +232,6 @@ def control_call(engine_type: str, engine: Any) -> Any:
     return lambda: engine.engine.flush_cache() if engine.is_leader else None
 
 
-def _sglang_request_states(engine: Any) -> int | None:
-    """Request states SGLang's TokenizerManager (in this process, first rank) holds: 0 between
-    generations unless it leaks them; None when not visible (another engine, another rank)."""
-    manager = getattr(getattr(engine, "engine", None), "tokenizer_manager", None)
-    states = getattr(manager, "rid_to_state", None)
-    return None if states is None else len(states)
-
-
 def rl_generation(
     a: Any, strategy: Any, engine: Any, vocab: int, g: Any, step_read_s: float
 ) -> dict[str, Any]:
@@ -259,20 +254,26 @@ def rl_generation(
     ours()  # warm-up
     out["gen_rl_tok_s"] = tokens / _median_time(ours, 3)
     out["gen_floor_tok_s"] = batch / step_read_s  # one decode step reads every weight once
-    out["sglang_req_states_after_ours"] = _sglang_request_states(engine)
+    out["sglang_req_states_after_ours"] = sglang_request_states(engine)
     sgl = engine.engine if a.engine == "sglang" and engine.is_leader else None
     if sgl is not None:
         params = {"max_new_tokens": a.new_tokens, "temperature": 1.0, "n": a.samples, "ignore_eos": True}
 
+        raw_calls = 0
+
         def raw() -> None:
+            nonlocal raw_calls
+            raw_calls += 1
             got = sgl.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
             assert sum(len(o["output_ids"]) for o in got) == tokens
 
-        before = _sglang_request_states(engine) or 0
+        before = sglang_request_states(engine) or 0
         raw()  # warm-up
         out["gen_rl_raw_n_tok_s"] = tokens / _median_time(raw, 3)
-        out["sglang_req_states_after_raw_n"] = _sglang_request_states(engine)
-        out["sglang_req_states_per_raw_n_call"] = ((out["sglang_req_states_after_raw_n"] or 0) - before) / 4
+        out["sglang_req_states_after_raw_n"] = sglang_request_states(engine)
+        out["sglang_req_states_per_raw_n_call"] = (
+            (out["sglang_req_states_after_raw_n"] or 0) - before
+        ) / raw_calls
         out["gen_rl_ours_over_raw_n"] = out["gen_rl_tok_s"] / out["gen_rl_raw_n_tok_s"]
     elif a.engine == "sglang":
         _median_time(lambda: None, 3)  # the barriers of the leader's three timed raw calls

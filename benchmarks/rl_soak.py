@@ -317,15 +317,6 @@ def advantages(rewards: list[float], group: int) -> list[float]:
     return out
 
 
-def engine_request_states(engine: Any) -> int | None:
-    """Request states SGLang's TokenizerManager (in this process) holds between generations: 0
-    unless it keeps finished requests (SGLang 0.5.16's own ``n`` kept ``prompts x (n - 1)`` a call;
-    the engine no longer uses it). None for other engines."""
-    manager = getattr(getattr(engine, "engine", None), "tokenizer_manager", None)
-    states = getattr(manager, "rid_to_state", None)
-    return None if states is None else len(states)
-
-
 # ------------------------------------------------------------------------------------ run
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
@@ -578,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["cuda_graph_captures"] = probes.graph_captures if probes.cuda else None
         rec["compile_graphs"] = probes.compile_graphs()
         rec["engine_log_captures"] = probes.engine_log_captures()
-        rec["engine_req_states"] = engine_request_states(engine)
+        rec["engine_req_states"] = _soak.sglang_request_states(engine)
         records.append(rec)
         jsonl.write(json.dumps(rec) + "\n")
         if it == a.iterations - 1 or (it >= a.warmup and (it - a.warmup) % a.check_every == 0):

@@ -59,6 +59,7 @@ def test_edges_and_multimodal_scripts_pass_every_check_with_the_hf_engine(tmp_pa
         "push_changes_outputs",
         "bad_input_errors",
         "vision_tower_pushed",
+        "images_change_outputs",
         "pushed_equals_fresh",
     }
     assert all(c["ok"] for c in mm["checks"].values()), mm["checks"]

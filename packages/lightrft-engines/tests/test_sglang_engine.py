@@ -543,6 +543,7 @@ import json, logging.config, os, time
 logging.config.dictConfig(json.load(open(os.environ["SGLANG_LOGGING_CONFIG_PATH"])))
 logging.getLogger("sglang.srt.model_executor").info("Capture cuda graph begin")
 def wait_for_store():
+    open(os.environ["LIGHTRFT_TEST_HANGING"], "w").close()  # in the frame the stacks must show
     time.sleep(300)
 wait_for_store()
 """
@@ -553,12 +554,33 @@ def test_start_deadline_stops_the_schedulers_and_quotes_their_log_and_stacks(
 ) -> None:
     """``sglang.Engine()`` waits for its schedulers without a limit; past ``start_timeout_s`` they
     are stopped (SIGABRT: faulthandler writes their stacks), ``Engine()`` sees a dead scheduler and
-    raises, and the error quotes the scheduler's log and stacks."""
+    raises, and the error quotes the scheduler's log and stacks.
+
+    Deterministic whatever the load: the deadline fires after ``start_timeout_s`` (2 s), and the
+    stop it triggers is held until the scheduler has logged and sits in ``wait_for_store`` (a marker
+    file it writes there): a spawned child re-imports the test's main module first, 10 s and more
+    on a loaded 2-core machine, and a stop before that would find neither a log line nor the
+    frame."""
     import multiprocessing
     import time
 
+    from lightrft.engines import _sglang_procs
+
     monkeypatch.setenv("LIGHTRFT_SGLANG_LOG_DIR", str(tmp_path))
+    hanging = tmp_path / "hanging"
+    monkeypatch.setenv("LIGHTRFT_TEST_HANGING", str(hanging))
     procs: list[Any] = []
+    stop = _sglang_procs._stop_children
+    held_s: list[float] = []
+
+    def stop_once_hanging(before: set[int]) -> None:
+        t = time.monotonic()
+        while not hanging.exists() and time.monotonic() - t < 300:
+            time.sleep(0.05)
+        held_s.append(time.monotonic() - t)
+        stop(before)
+
+    monkeypatch.setattr(_sglang_procs, "_stop_children", stop_once_hanging)
 
     def hanging_start() -> None:  # what Engine() does: spawn, then poll the scheduler until it dies
         proc = multiprocessing.get_context("spawn").Process(target=exec, args=(_HANGING_SCHEDULER, {}))
@@ -572,18 +594,17 @@ def test_start_deadline_stops_the_schedulers_and_quotes_their_log_and_stacks(
     cls.recording_runtime.on_create = hanging_start
     t0 = time.monotonic()
     with pytest.raises(RuntimeError) as info:
-        # 30 s: a spawned child re-imports the test's main module first, which takes 10 s and more
-        # on a loaded 2-core CI machine; the scheduler must have logged before the deadline.
-        cls(strategy=_strategy(), model=make_tiny_llama(seed=0), start_timeout_s=30)
+        cls(strategy=_strategy(), model=make_tiny_llama(seed=0), start_timeout_s=2)
     took = time.monotonic() - t0
     message = str(info.value)
-    assert "TimeoutError: SGLang engine was not ready after 30 s" in message, message
+    assert hanging.exists() and len(held_s) == 1, held_s  # the deadline fired once, the child hung
+    assert "TimeoutError: SGLang engine was not ready after 2 s" in message, message
     assert "Capture cuda graph begin" in message  # the scheduler's log, quoted
     assert "wait_for_store" in message  # its stack at the deadline (faulthandler, SIGABRT)
-    # The deadline, not the scheduler, ended the wait: not before 30 s (an upper bound on how long
+    # The deadline, not the scheduler, ended the wait: not before 2 s (an upper bound on how long
     # the stop then takes would depend on the machine's load; the hang it guards against is the
     # TimeoutError's absence, asserted above).
-    assert procs[0].exitcode == -6 and took >= 30
+    assert procs[0].exitcode == -6 and took >= 2
     assert not cls.recording_runtime.engines
 
 

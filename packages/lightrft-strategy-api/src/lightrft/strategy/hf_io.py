@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -52,22 +54,41 @@ def is_peft_model(model: Any) -> bool:
 
 
 def original_class_name(model: Any) -> str:
-    """The user's class name: FSDP2 swaps a sharded module's class for a generated ``FSDP<Class>``."""
+    """The user's class name (:func:`original_class`)."""
+    return original_class(model).__name__
+
+
+def original_class(model: Any) -> type:
+    """The user's class: FSDP2 swaps a sharded module's class for a generated ``FSDP<Class>``
+    subclass (bases ``FSDPModule`` and the user's class)."""
     for cls in type(model).__mro__:
         if not cls.__name__.startswith("FSDP"):
-            return cls.__name__
-    return type(model).__name__
+            return cls
+    return type(model)
 
 
-def _record_original_class(model: Any, config_file: Path) -> None:
-    """``save_pretrained`` writes ``architectures`` from the (possibly generated) class name."""
-    if not config_file.is_file():
+@contextlib.contextmanager
+def as_original_class(model: Any) -> Iterator[Any]:
+    """``model`` seen as its user's class for the duration (see :func:`original_class`).
+
+    transformers >= 5 renames weights on ``save_pretrained`` (the reverse of the conversions it
+    applies on load), and looks the conversions up by the class name of each sub-model, then by
+    its ``model_type``. A generated ``FSDP<Class>`` name misses the class entry and falls back to
+    the ``model_type``'s, which for a vision-language model nests the names wrongly:
+    ``model.language_model.model.layers.*`` for Gemma 3, a directory vLLM cannot load
+    (``test_fsdp_multimodal.py``: the saved names equal those of the plain model's save). ``architectures`` in
+    config.json comes from the class name too. No FSDP method runs during the save (the state
+    dict is given, gathered beforehand), so the swap back is all that is needed."""
+    cls = original_class(model)
+    generated = type(model)
+    if cls is generated:
+        yield model
         return
-    cfg = json.loads(config_file.read_text())
-    name = original_class_name(model)
-    if cfg.get("architectures") not in (None, [name]):
-        cfg["architectures"] = [name]
-        config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    model.__class__ = cls
+    try:
+        yield model
+    finally:
+        model.__class__ = generated
 
 
 def write_hf_directory(
@@ -93,10 +114,10 @@ def write_hf_directory(
         # PEFT: adapter weights and adapter_config.json only (peft filters the full state dict).
         cast(Any, model).save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
     elif hasattr(model, "save_pretrained") and hasattr(model, "config"):
-        cast(Any, model).save_pretrained(
-            staging, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size
-        )
-        _record_original_class(model, staging / "config.json")
+        with as_original_class(model) as plain:
+            cast(Any, plain).save_pretrained(
+                staging, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size
+            )
     else:
         from safetensors.torch import save_file
 

@@ -118,6 +118,8 @@ def train_push_generate(config: dict[str, Any], tmp: str, steps: int = 2, lr: fl
     pushed = generate(strategy, processor)
     saved = Path(tmp) / "trained"
     strategy.save_model(actor, saved, tokenizer=processor)
+    saved_names = saved_weight_names(saved)
+    tied_copies_equal = saved_tied_copies_equal(saved)
     strategy.engine_lifecycle.shutdown()
     strategy.setup_inference_engine(model_path=str(saved), tokenizer=processor)
     fresh = generate(strategy, processor)
@@ -132,15 +134,66 @@ def train_push_generate(config: dict[str, Any], tmp: str, steps: int = 2, lr: fl
         "before": before,
         "pushed": pushed,
         "fresh": fresh,
+        "saved_names": saved_names,
+        "tied_copies_equal": tied_copies_equal,
     }
 
 
-def check_round(results: list[dict[str, Any]], fake: dict[str, Any]) -> None:
+#: The tied output embedding's names (the language model's ``embed_tokens`` shares it). Whether a
+#: save keeps it depends on whether the gathered state dict still shares storage: one rank's does,
+#: a 2-rank gather gives separate copies. Either is loadable (engines skip a tied lm_head).
+TIED_OUTPUT_NAMES = ("language_model.lm_head.weight", "lm_head.weight")
+_INPUT_EMBEDDING_NAMES = (
+    "language_model.model.embed_tokens.weight",
+    "model.language_model.embed_tokens.weight",
+)
+
+
+def saved_weight_names(directory: Path) -> list[str]:
+    """The sorted tensor names in a saved directory's safetensors files."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            names.extend(fh.keys())
+    return sorted(names)
+
+
+def saved_tied_copies_equal(directory: Path) -> bool:
+    """Every :data:`TIED_OUTPUT_NAMES` tensor in the saved directory equals the input embedding
+    bitwise (True when none was written)."""
+    import torch
+    from safetensors import safe_open
+
+    tensors: dict[str, Any] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if k in TIED_OUTPUT_NAMES or k in _INPUT_EMBEDDING_NAMES:
+                    tensors[k] = fh.get_tensor(k)
+    embed = next((tensors[k] for k in _INPUT_EMBEDDING_NAMES if k in tensors), None)
+    return all(
+        embed is not None and torch.equal(tensors[k], embed) for k in TIED_OUTPUT_NAMES if k in tensors
+    )
+
+
+def plain_saved_names(tmp: Path) -> list[str]:
+    """The tensor names transformers' own ``save_pretrained`` writes for the tiny VLM."""
+    model, _ = make_tiny_vlm(seed=0)
+    model.save_pretrained(tmp / "plain")
+    return saved_weight_names(tmp / "plain")
+
+
+def check_round(results: list[dict[str, Any]], fake: dict[str, Any], plain_names: list[str]) -> None:
     """Asserts on :func:`train_push_generate`'s per-rank ``results`` against FakeStrategy's
     ``fake`` (one process, the whole batch, with the ranks' thread count: ``rank_threads``): on
     every rank the pushed engine's generations equal the fresh engine's exactly (tokens and
     log-probs: the same fp32 weights, saved unrounded, in the same engine code on the same rank),
-    the push changed them, and all ranks generated alike; the ranks' losses (sample i of a step on
+    the push changed them, and all ranks generated alike; ``save_model`` wrote the tensor names
+    ``plain_names`` (:func:`plain_saved_names`: transformers' own layout; a sharded model's names
+    once came out nested wrongly, which the hf engine still loaded and vLLM refused), plus at most
+    a tied output embedding equal to the input one; the ranks' losses (sample i of a step on
     rank ``i % world``) of the first step equal FakeStrategy's exactly (the same initial weights,
     the same one-sample forward with the same thread count), and the later steps' mean losses lie
     within ``tolerance.parity_loss_atol`` of FakeStrategy's (the samples' gradients summed in
@@ -152,6 +205,12 @@ def check_round(results: list[dict[str, Any]], fake: dict[str, Any]) -> None:
         assert [g["logprobs"] for g in r["fresh"]] == [g["logprobs"] for g in r["pushed"]], r["rank"]
         assert [g["logprobs"] for g in r["pushed"]] != [g["logprobs"] for g in r["before"]]
         assert r["pushed"] == results[0]["pushed"]
+        extra = sorted(set(r["saved_names"]) - set(plain_names))
+        assert set(plain_names) <= set(r["saved_names"]), (
+            r["rank"],
+            sorted(set(plain_names) - set(r["saved_names"])),
+        )
+        assert set(extra) <= set(TIED_OUTPUT_NAMES) and r["tied_copies_equal"], (r["rank"], extra)
     ranks = [list(r["losses"]) for r in sorted(results, key=lambda r: r["rank"])]
     merged = [ranks[k % world].pop(0) for k in range(len(fake["losses"]))]
     assert not any(ranks), "the ranks ran more micro-batches than FakeStrategy"
@@ -197,4 +256,4 @@ class MultimodalRoundSuite:
         # ranks' are the same arithmetic (check_round compares them exactly).
         with rank_threads():
             fake = train_push_generate({**self.config, "strategy": "fake"}, str(tmp_path))
-        check_round(results, fake)
+        check_round(results, fake, plain_saved_names(tmp_path))

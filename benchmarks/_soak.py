@@ -256,6 +256,12 @@ def format_table(summary: Mapping[str, Any], medians: Mapping[str, float]) -> st
             f"  {'host_rss_tree (reported, not gated)':<42} {tree['first']:>11.4g} {tree['last']:>11.4g} "
             f"{tree['drift']:>+8.3%}"
         )
+    ref = summary.get("host_ref_drift")
+    if ref and ref["drift"] is not None:
+        lines.append(
+            f"  {'host_ref_s (host speed, not gated)':<42} {ref['first']:>11.4g} {ref['last']:>11.4g} "
+            f"{ref['drift']:>+8.3%}"
+        )
     transient = summary.get("host_tree", {}).get("transient_pids", {})
     if transient:
         spans = ", ".join(f"pid {p} (it {a}-{b})" for p, (a, b) in transient.items())
@@ -286,6 +292,22 @@ def live_objects() -> tuple[int, float]:
     t0 = time.perf_counter()
     n = len(gc.get_objects())
     return n, time.perf_counter() - t0
+
+
+#: The host reference's fixed work: sums of squares over this many integers, in pure Python.
+HOST_REFERENCE_N = 200_000
+
+
+def host_reference(n: int = HOST_REFERENCE_N) -> tuple[int, float]:
+    """(the result, seconds) of a fixed pure-Python workload (about 10 ms): the host's speed,
+    timed each iteration outside the phases. When the iteration time drifts together with it, the
+    machine changed, not the loop (the 2026-12-03 soak: iteration time +13 % while every phase and
+    the process's CPU seconds moved together). Reported beside the gated drift, never gated."""
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total, time.perf_counter() - t0
 
 
 def _type_name(o: Any) -> str:

@@ -566,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             for pid in records[-1]["host_rss_pids"].keys() - rec["host_rss_pids"].keys():
                 say(f"it {it}: process {pid} left the tree: {pid_names.get(pid, '?')}")
         rec["gc_objects"], rec["gc_probe_s"] = _soak.live_objects()  # after iter_s: not timed
+        rec["host_ref_s"] = _soak.host_reference()[1]  # the host's speed, not timed either
         rec["cuda_graph_captures"] = probes.graph_captures if probes.cuda else None
         rec["compile_graphs"] = probes.compile_graphs()
         rec["engine_log_captures"] = probes.engine_log_captures()
@@ -618,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             # Reported, not gated: live gc-tracked objects (first tenth -> last tenth after warm-up)
             # and the last census's top growth (census.jsonl has them all).
             "gc_objects_drift": _soak.drift([float(r["gc_objects"]) for r in records[a.warmup :]]),
+            # Reported, not gated: the host's speed (a fixed pure-Python workload) over the run.
+            "host_ref_drift": _soak.drift([float(r["host_ref_s"]) for r in records[a.warmup :]]),
             "last_census": census_last,
             "versions": versions(a.engine),
             "device": torch.cuda.get_device_name() if probes.cuda else "cpu",

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _soak import (  # noqa: E402
     drift,
     format_table,
+    host_reference,
     logprob_tolerance,
     mean_abs_diff,
     outliers,
@@ -207,3 +208,16 @@ def test_records_without_pid_maps_still_gate_the_whole_tree() -> None:
     s = summarize(recs, [_check(10, 0.0)], warmup=10)
     assert set(s["drift"]) == {"mem_train_used", "host_rss", "host_rss_tree", "iter_s"}
     assert "host_rss_tree_drift" not in s
+
+
+def test_host_reference_does_fixed_work_and_the_table_reports_its_drift() -> None:
+    # The same sum every call (the work is fixed); sum of i^2 for i < n is (n-1) n (2n-1) / 6.
+    n = 1000
+    a, ta = host_reference(n)
+    b, tb = host_reference(n)
+    assert a == b == (n - 1) * n * (2 * n - 1) // 6
+    assert ta > 0 and tb > 0
+    summary = summarize(_records(40), [_check(20, 0.01)], 10, gate_device_memory=False)
+    summary["host_ref_drift"] = drift([0.010] * 15 + [0.0115] * 15)
+    table = format_table(summary, {})
+    assert "host_ref_s (host speed, not gated)" in table and "+15.000%" in table

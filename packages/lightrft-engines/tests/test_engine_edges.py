@@ -180,7 +180,9 @@ def stand_in_vllm(monkeypatch):
     monkeypatch.setattr(compat, "on_cpu", lambda: False)
     monkeypatch.setattr(compat, "sleep_supported", lambda: True)
     monkeypatch.setattr(compat, "filter_llm_kwargs", lambda kw: kw)
-    monkeypatch.setattr(compat, "shutdown", lambda llm, keep_default_group: shut.append(llm))
+    monkeypatch.setattr(
+        compat, "shutdown", lambda llm, keep_default_group: (shut.append(llm), llm.calls.append(("shutdown", None)))
+    )
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     yield shut
     _vllm_process.release()
@@ -202,6 +204,22 @@ def test_a_second_sleep_mode_vllm_engine_reuses_the_process_engine(stand_in_vllm
     strategy.engine_lifecycle.shutdown()
     _vllm_process.release()  # what the process's exit does
     assert stand_in_vllm == [llm]
+
+
+def test_a_sleeping_engine_is_mapped_back_before_it_is_destroyed(stand_in_vllm):
+    """vLLM frees a sleeping allocation with cuMemUnmap on an address its sleep unmapped (H200,
+    2026-12-03: ``CUDA Error: invalid argument at cumem_allocator.cpp:235`` at the exit of the
+    multimodal run, whose engine was parked asleep). Every destruction of a sleeping engine wakes
+    it first, so each free meets a mapped address."""
+    strategy = get_fake_strategy({**CFG, "engine_type": "vllm", "bf16": False})
+    strategy.setup_inference_engine(model=make_tiny_llama(seed=1))
+    llm = StandInLLM.built[0]
+    strategy.maybe_sleep_inference_engine(2)
+    strategy.engine_lifecycle.shutdown()  # parked: asleep at level 2, not destroyed
+    assert stand_in_vllm == [] and llm.calls[-1] == ("sleep", 2)
+    _vllm_process.release()  # what the process's exit does
+    tail = [c for c in llm.calls if c[0] in ("sleep", "wake_up", "shutdown")][-3:]
+    assert tail == [("sleep", 2), ("wake_up", ["kv_cache", "weights"]), ("shutdown", None)]
 
 
 def test_other_settings_are_refused_saying_what_works(stand_in_vllm):

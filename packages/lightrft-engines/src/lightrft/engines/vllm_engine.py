@@ -364,6 +364,8 @@ class VLLMEngine:
         if self._process_key is not None:
             self._park()
         else:
+            _map_back_before_free(self.llm, self._asleep)
+            self._asleep = set()
             compat.shutdown(self.llm, keep_default_group=self._had_group)
             _common.remove_dir(self._dir)
         del self.llm
@@ -383,16 +385,35 @@ class VLLMEngine:
                 llm.sleep(level=2)
         except Exception:
             _process.forget(self)
+            _map_back_before_free(llm, self._asleep)
             compat.shutdown(llm, keep_default_group=had_group)
             _common.remove_dir(directory)
             raise
 
-        def close() -> None:
+        def close() -> None:  # parked engines sleep at level 2: every tag is unmapped
+            _map_back_before_free(llm, set(_TAGS))
             compat.shutdown(llm, keep_default_group=had_group)
             _common.remove_dir(directory)
 
         assert self._process_key is not None
         _process.park(self, _process.Parked(llm, self._process_key, directory, close))
+
+
+def _map_back_before_free(llm: Any, asleep: set[str]) -> None:
+    """Wakes the sleeping ``asleep`` tags of an engine about to be destroyed. vLLM (0.26 to 0.32 on
+    CUDA) frees a sleeping allocation with ``cuMemUnmap`` on an address its sleep already unmapped:
+    ``CUDA Error: invalid argument at cumem_allocator.cpp`` is printed at exit, and the allocator's
+    error code stays set, which fails its next allocation in the process. Mapped back (contents do
+    not matter), every free is valid. It needs the memory the engine held while awake; a failure
+    is not raised: the engine is going away either way."""
+    if not asleep:
+        return
+    try:
+        llm.wake_up(tags=sorted(asleep))
+    except Exception as exc:  # noqa: BLE001 - destroying anyway; say why the free may complain
+        _common.say_once(
+            "vllm-map-back", f"VLLMEngine.shutdown(): could not map the sleeping engine back ({exc})"
+        )
 
 
 def _read_model_config(directory: Any) -> dict[str, Any] | None:

@@ -3,7 +3,8 @@
 # goes back 30 s after a call, and /tmp with it). The bundles (../shared/device/bundle/README.md)
 # travel one 56 MiB part per call; meanwhile the 1-GPU strategy tests run in the background.
 #
-#   call 1   carry [.whl, .bundle/vllm/part08, .bundle/sglang/part09]:  bash scripts/gpu/sitting.sh start
+#   call 1   carry [.whl, .bundle/vllm/partNN, .bundle/sglang/partNN]:  bash scripts/gpu/sitting.sh start
+#            (any part of each bundle; bundle folders may be named vllm48, sglang48, ...)
 #   calls    carry [.bundle/sglang/partNN] (or vllm):                   bash scripts/gpu/sitting.sh stash sglang/partNN
 #   then     bash scripts/gpu/sitting.sh launch sglang SECONDS scripts/gpu/plan-sglang.txt
 #            (installs that bundle, runs the plans in the background after any launch before it,
@@ -72,7 +73,10 @@ run_plan() {  # run_plan PLANFILE DEADLINE_EPOCH
 case "${1:-}" in
 start)
   nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  mkdir -p /tmp/vb /tmp/sb && cp -r .bundle/vllm/part08 /tmp/vb/ && cp -r .bundle/sglang/part09 /tmp/sb/ || exit 1
+  mkdir -p /tmp/vb /tmp/sb || exit 1
+  for p in .bundle/*/part*; do  # the parts this call carried (any bundle folder: vllm, vllm48, ...)
+    case "$p" in .bundle/sglang*) cp -r "$p" /tmp/sb/ ;; *) cp -r "$p" /tmp/vb/ ;; esac || exit 1
+  done
   rm -rf /tmp/whl && cp -r .whl /tmp/whl && install_workspace || exit 1
   rm -rf /tmp/repo0 && mkdir -p /tmp/repo0 && cp -r pyproject.toml benchmarks scripts packages examples /tmp/repo0/ || exit 1
   mkdir -p /tmp/results/gpu_tests

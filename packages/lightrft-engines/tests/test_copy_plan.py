@@ -106,6 +106,41 @@ def test_replay_equals_load_weights_and_skips_the_loader():
     assert model.calls == 1 + 2  # the recording call, then one call per push for 'odd'
 
 
+def test_fp32_masters_into_bf16_weights_are_rounded_by_the_replayed_copy(monkeypatch) -> None:
+    # The one-rank push sends fp32 masters uncast (casts_on_copy): the recorded copies then cast
+    # as they write. Rounding fp32 -> bf16 is round-to-nearest-even in copy_ and in .to() alike,
+    # so the weights are bitwise those of loading the bf16-cast tensors.
+    bf16 = torch.bfloat16
+    reference, model, plan = VLLMLike().to(bf16), VLLMLike().to(bf16), CopyPlan()
+    for seed in range(3):
+        w = hf_weights(seed)
+        reference.load_weights([(n, t.to(bf16)) for n, t in w.items()])
+        plan.push(model, flat_bucket(w), model.load_weights)
+        for k, v in state(reference).items():
+            assert v.dtype == bf16 and torch.equal(state(model)[k], v), (seed, k)
+    assert plan.stats["replayed"] == 2 * 7 and plan.refused == {"odd"}
+    assert model.calls == 1 + 2
+
+    # The vLLM worker extension takes that path on CUDA (here: a worker whose model is this one).
+    from types import SimpleNamespace
+
+    from lightrft.engines import _vllm_compat
+    from lightrft.engines._vllm_worker import LightRFTWorkerExtension
+
+    monkeypatch.setattr(_vllm_compat, "on_cpu", lambda: False)
+    worker = LightRFTWorkerExtension()
+    worker.model_runner = SimpleNamespace(model=VLLMLike().to(bf16))
+    seen: list[torch.dtype] = []
+    load = worker.model_runner.model.load_weights
+    worker.model_runner.model.load_weights = lambda weights: seen.extend(t.dtype for _, t in weights) or load(weights)
+    for seed in range(2):
+        assert worker.lrft_load_weights(flat_bucket(hf_weights(seed))) == 8
+    assert set(seen) == {torch.float32}  # never cast before the loader
+    worker.lrft_load_weights(flat_bucket(hf_weights(2)))  # the reference holds seed 2's weights
+    for k, v in state(reference).items():
+        assert torch.equal(state(worker.model_runner.model)[k], v), k
+
+
 def test_replay_writes_the_padding_again():
     model, plan = VLLMLike(), CopyPlan()
     plan.push(model, list(hf_weights(0).items()), model.load_weights)

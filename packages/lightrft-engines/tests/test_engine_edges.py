@@ -319,11 +319,15 @@ def test_a_lora_actor_pushed_into_a_bf16_vllm_engine_holds_the_merged_model_roun
         rounded_first = (base.to(bf).float() + (b.to(bf).float() @ a.to(bf).float()) * scale).to(bf)
     assert not torch.equal(rounded_first, want["model.layers.0.self_attn.q_proj.weight"])
     strategy.engine_lifecycle.shutdown()
-    # A plain model's push keeps the engine's dtype (fewer bytes move): only a PEFT actor's differs.
+    # A plain model's push: on one rank its masters arrive uncast too (the engine casts_on_copy:
+    # its copy plan rounds them), with several ranks in the engine's dtype (cast before gathering).
     plain = get_fake_strategy({**CFG, "engine_type": "vllm", "bf16": True})
     engine = plain.setup_inference_engine(model=make_tiny_llama(seed=5))
-    assert engine.reused and engine.weight_dtype == torch.bfloat16
+    assert engine.reused and engine.weight_dtype == torch.bfloat16 and engine.casts_on_copy
     engine.llm.arrived.clear()
     plain.update_engine_weights(make_tiny_llama(seed=6))
-    assert engine.llm.arrived == {torch.bfloat16}
+    assert engine.llm.arrived == {torch.float32}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(plain), "world_size", property(lambda self: 2))
+        assert plain.engine_lifecycle.push_dtype() == torch.bfloat16
     plain.engine_lifecycle.shutdown()

@@ -111,3 +111,27 @@ def test_training_and_push_keep_no_dtensor_specs_and_match_the_dtensor_path(
             a, b = optim.state[p][key], ref_optim.state[q][key]
             a, b = (x.to_local() if isinstance(x, DTensor) else x for x in (a, b))
             assert torch.equal(a, b), (name, key)
+
+
+def test_one_rank_push_hands_out_the_shards_themselves_or_casts_each_once(solo: Any) -> None:
+    # Sharded over one rank, a parameter's shard is its full tensor: no gather. Uncast and
+    # transient, the bucket holds the fp32 masters themselves (an engine that rounds in its copy
+    # reads them once: the push's floor); kept (not transient), copies; with a dtype, one cast
+    # each, bitwise what a gather of the cast shards gives (the same rounding of the same values).
+    strategy = get_strategy(CONFIG)
+    model = strategy.prepare_model(make_tiny_model(0))
+    params = list(model.named_parameters())
+    assert all(isinstance(p, DTensor) and p.device_mesh.size() == 1 for _, p in params)
+
+    def pushed(**kw: Any) -> list[tuple[str, torch.Tensor]]:
+        return [t for bucket in strategy.iter_weight_buckets(model, **kw) for t in bucket]
+
+    uncast = pushed(dtype=None, transient=True)
+    assert [n for n, _ in uncast] == [n for n, _ in params]
+    for (_, t), (name, p) in zip(uncast, params):
+        local = p.to_local()
+        assert t.dtype == torch.float32 and t.shape == p.shape and t.data_ptr() == local.data_ptr(), name
+    for (_, t), (name, p) in zip(pushed(dtype=None), params):
+        assert t.data_ptr() != p.to_local().data_ptr() and torch.equal(t, p.to_local()), name
+    for (_, t), (name, p) in zip(pushed(dtype=torch.bfloat16, transient=True), params):
+        assert t.dtype == torch.bfloat16 and torch.equal(t, p.full_tensor().to(torch.bfloat16)), name

@@ -195,3 +195,31 @@ def test_lightrft_multimodal_arguments_become_one_dict_per_prompt():
     assert lightrft_multi_modal_inputs(2, [None, None]) is None
     with pytest.raises(ValueError, match="3 image/video entries for 2 prompts"):
         lightrft_multi_modal_inputs(2, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    ("casts_on_copy", "world", "expected"),
+    [(True, 1, None), (False, 1, torch.bfloat16), (True, 2, torch.bfloat16), (False, 2, torch.bfloat16)],
+)
+def test_push_dtype_is_the_masters_own_only_for_a_casting_engine_on_one_rank(
+    monkeypatch, casts_on_copy, world, expected
+):
+    # One rank and an engine that rounds in its own copy: the strategy sends its masters uncast
+    # (a cast first would write and read one more copy of the weights). Several ranks: cast
+    # before gathering, so the collective moves the engine's bytes.
+    strategy = _strategy()
+    actor = _trained(strategy)
+    engine = strategy.setup_inference_engine(SimpleNamespace(pretrain=None), engine_type="fake", actor=actor)
+    engine.weight_dtype, engine.casts_on_copy = torch.bfloat16, casts_on_copy
+    asked = []
+    real = strategy.iter_weight_buckets
+
+    def recording(model, bucket_bytes=None, *, dtype=None, transient=False):
+        asked.append((dtype, transient))
+        return real(model, bucket_bytes, dtype=dtype, transient=transient)
+
+    monkeypatch.setattr(strategy, "iter_weight_buckets", recording)
+    monkeypatch.setattr(type(strategy), "world_size", property(lambda self: world))
+    assert strategy.engine_lifecycle.push_dtype() is expected
+    strategy.update_engine_weights(actor)
+    assert asked == [(expected, False)]

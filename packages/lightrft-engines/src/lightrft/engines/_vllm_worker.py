@@ -17,21 +17,23 @@ class LightRFTWorkerExtension:
     """Weight loading and inspection inside a vLLM worker."""
 
     def lrft_load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
-        """Casts the bucket to the model's dtype and device (a no-op for what the strategy already
-        sent in that dtype) and loads it: on CUDA through a :class:`CopyPlan` (``load_weights``
-        recorded once, then replayed as plain copies), on CPU through the backend's reload.
-        Returns the number of tensors loaded."""
+        """Loads the bucket: on CUDA through a :class:`CopyPlan` (``load_weights`` recorded once,
+        then replayed as plain copies), the tensors in the dtype they came in, so the copy into
+        the weights is also the cast (an fp32 master is read once and the engine's dtype written
+        once; ``VLLMEngine.casts_on_copy``); on CPU, and with the plan off, cast to the model's
+        dtype first and loaded by the backend. Returns the number of tensors loaded."""
         model = compat.model_of(self)
         ref = next(model.parameters())
-        cast = [(n, t.detach().to(device=ref.device, dtype=ref.dtype)) for n, t in bucket]
         if "_lrft_on_cpu" not in self.__dict__:  # once per worker, not per bucket
             self.__dict__["_lrft_on_cpu"] = compat.on_cpu()
         if self.__dict__["_lrft_on_cpu"] or not self.__dict__.get("_lrft_use_plan", True):
+            cast = [(n, t.detach().to(device=ref.device, dtype=ref.dtype)) for n, t in bucket]
             compat.load_weights(self, cast)
             return len(cast)
+        moved = [(n, t.detach().to(device=ref.device)) for n, t in bucket]
         plan = self.__dict__.setdefault("_lrft_plan", CopyPlan())
-        plan.push(model, cast, lambda weights: compat.load_weights(self, weights))
-        return len(cast)
+        plan.push(model, moved, lambda weights: compat.load_weights(self, weights))
+        return len(moved)
 
     def lrft_set_copy_plan(self, enabled: bool) -> dict[str, int]:
         """Turns the copy plan on or off (off: every push goes through ``load_weights``; the

@@ -102,6 +102,12 @@ class SGLangEngine:
     #: Returns the SGLang runtime (``_sglang_compat.load_runtime``). The seam tests use to put a
     #: recording double of ``sglang.Engine`` behind the engine.
     runtime_factory: ClassVar[Any] = staticmethod(compat.load_runtime)
+    #: Every bucket is copied (and cast) into its flattened buffer before the next is asked for,
+    #: so the strategy may hand out tensors valid only until then (``transient`` buckets), and
+    #: tensors of any floating dtype are rounded in that copy: on one training rank the strategy
+    #: sends its fp32 masters uncast.
+    consumes_buckets_at_once = True
+    casts_on_copy = True
 
     def __init__(
         self,

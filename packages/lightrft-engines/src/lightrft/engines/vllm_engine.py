@@ -56,6 +56,9 @@ class VLLMEngine:
     consumes_buckets_at_once = True
     #: update_weights ends with reset_prefix_cache(): the lifecycle need not call it again.
     resets_prefix_cache_on_update = True
+    #: Tensors of any floating dtype are rounded to the engine's in the copy that loads them (the
+    #: worker's copy plan): on one training rank the strategy sends its fp32 masters uncast.
+    casts_on_copy = True
 
     def __init__(
         self,

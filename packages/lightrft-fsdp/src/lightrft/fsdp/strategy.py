@@ -318,9 +318,10 @@ class FSDPV2Strategy(StrategyBase):
         all-gather into one buffer where every full tensor is contiguous: one collective per
         bucket instead of one per parameter, and only ``dtype``'s bytes move. Other parameters
         (custom placements, CPU-offloaded shards) take ``full_tensor()``. Extra memory: one bucket
-        plus its shards."""
+        plus its shards. Sharded over one rank, a shard is the full tensor: nothing is gathered,
+        it is cast alone, and with ``transient`` and no cast it is handed out as it is (no copy)."""
         size = bucket_bytes or self.config.weight_sync_bucket_mb << 20
-        return _gathered_buckets(list(model.named_parameters()), size, dtype)
+        return _gathered_buckets(list(model.named_parameters()), size, dtype, transient)
 
 
 def _full_tensor(p: torch.Tensor) -> torch.Tensor:
@@ -361,7 +362,7 @@ def _dim0_layout(p: torch.Tensor) -> tuple[Any, int, int] | None:
 
 
 def _gathered_buckets(
-    named: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None
+    named: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None, transient: bool = False
 ) -> Iterator[WeightBucket]:
     def out_dtype(p: torch.Tensor) -> torch.dtype:
         return sync_dtype(p, dtype)
@@ -375,7 +376,9 @@ def _gathered_buckets(
         for n in names:
             p = by_name[n]
             layout = _dim0_layout(p)
-            if layout is None:
+            if layout is not None and layout[1] == 1:
+                full[n] = _one_rank_full(p, out_dtype(p), transient)
+            elif layout is None:
                 t = _full_tensor(p)
                 full[n] = t if t.dtype == out_dtype(p) else t.to(out_dtype(p))
             else:
@@ -383,6 +386,18 @@ def _gathered_buckets(
         for (_, dt), members in groups.items():
             full.update(_gather_dim0([(n, by_name[n]) for n in members], dt))
         yield [(clean_param_name(n), full[n]) for n in names]
+
+
+def _one_rank_full(p: torch.Tensor, dtype: torch.dtype, transient: bool) -> torch.Tensor:
+    """The full tensor of a parameter sharded over one rank: its local shard (the whole tensor),
+    cast when ``dtype`` differs (one read, one write), else itself while ``transient`` (valid
+    until the optimizer next steps) or a copy."""
+    local = p.to_local().detach()
+    if local.shape != p.shape:  # not the layout torch.chunk gives: ask DTensor for the full one
+        local = _full_tensor(p)
+    if local.dtype != dtype:
+        return local.to(dtype)
+    return local if transient else local.clone()
 
 
 def _gather_dim0(params: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, torch.Tensor]:

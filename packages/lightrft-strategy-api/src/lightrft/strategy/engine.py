@@ -96,6 +96,9 @@ class InferenceEngine(Protocol):
     #   strategy casts (sharded backends: before gathering) and sends that dtype.
     # - ``consumes_buckets_at_once: bool``: update_weights copies each bucket before asking for the
     #   next (in this process, in stream order), so buckets may be ``transient``.
+    # - ``casts_on_copy: bool``: update_weights takes floating-point tensors of any dtype and
+    #   rounds them to ``weight_dtype`` in the copy that loads them (round-to-nearest-even, as
+    #   ``Tensor.to``): on one rank the strategy then sends its own dtype (``push_dtype``).
     # - ``resets_prefix_cache_on_update: bool``: update_weights resets the prefix cache itself.
 
 
@@ -248,7 +251,7 @@ class EngineLifecycle:
         buckets = self.strategy.iter_weight_buckets(
             model,
             bucket_bytes,
-            dtype=getattr(engine, "weight_dtype", None),
+            dtype=self.push_dtype(),
             transient=bool(getattr(engine, "consumes_buckets_at_once", False)),
         )
         engine.update_weights(buckets)
@@ -261,6 +264,18 @@ class EngineLifecycle:
             reset()
         self.strategy.barrier()
         return True
+
+    def push_dtype(self) -> torch.dtype | None:
+        """The dtype the strategy hands the engine's push in: the engine's ``weight_dtype``, or
+        None (each tensor in its own dtype) when the engine ``casts_on_copy`` and this is the only
+        rank. Casting first pays off only where the cast tensors are then gathered (fewer bytes
+        over the collective); on one rank it writes and reads a whole extra copy of the weights,
+        while an engine that rounds in the copy that loads them reads the fp32 master once and
+        writes its own dtype once: the push's floor."""
+        dtype = getattr(self.engine, "weight_dtype", None)
+        if dtype is not None and getattr(self.engine, "casts_on_copy", False) and self.strategy.world_size == 1:
+            return None
+        return dtype
 
     # ------------------------------------------------------------ sleep / wake
     def sleep(self, level: int | None = None) -> bool:

@@ -18,6 +18,11 @@ training step so that the pushed weights differ from the initial ones:
   per push). Floor: the fp32 master read once and the engine's bf16 weights written once
   (``6 B/param`` for FSDP2; ZeRO-3 gathers its bf16 parameters: ``4 B/param``) over ``bw_dev``,
   plus the all-gather of the bf16 bytes on several ranks, plus ``push_fixed_s``;
+- SGLang on one rank (``push_live``): ``push_s`` is the live push (the masters mapped into the
+  scheduler once, then one replay call per push: ``lightrft.engines._sglang_live``), and
+  ``push_flat_s`` the flattened buckets of the same engine in the same run (``push_flat_fixed_s``
+  its one-tensor cost); both must leave the same weights (``flat_same_weights``,
+  ``live_same_weights_again``);
 - ``per_param_s``: ours with one tensor per bucket; ``peer_per_param_s``: the peers' path reproduced
   here: every parameter gathered alone and loaded with one call, ``model.load_weights([(name, t)])``
   on vLLM's in-process model (TRL's colocate mode, OpenRLHF) or
@@ -400,6 +405,23 @@ def main() -> int:
     )
     engine.update_weights([[small]])
     res["push_fixed_s"] = _median_time(lambda: engine.update_weights([[small]]), 9)
+    if getattr(engine, "live_loader", False):
+        # SGLang's live push (the default on one rank) against its flattened buckets, same run.
+
+        res["push_live"] = True
+        engine.live_loader = False
+        strategy.update_engine_weights(actor)
+        res["push_flat_s"] = _median_time(lambda: strategy.update_engine_weights(actor), 5)
+        res["flat_same_weights"] = engine_fingerprint(a.engine, engine) == reference
+        res["push_flat_fixed_s"] = res["push_fixed_s"]
+        engine.live_loader = True
+        small_live = {small[1].untyped_storage().data_ptr()}
+        engine.update_weights([[small]], live_storages=small_live)  # maps the one tensor
+        res["push_fixed_s"] = _median_time(
+            lambda: engine.update_weights([[small]], live_storages=small_live), 9
+        )
+        strategy.update_engine_weights(actor)  # maps the whole model again: later pushes replay
+        res["live_same_weights_again"] = engine_fingerprint(a.engine, engine) == reference
     read_b = n_params * (4 if a.strategy == "fsdp" else 2)  # the master (fp32) or ZeRO-3's bf16 params
     res["push_floor_s"] = (read_b + engine_bytes) / bw_dev + engine_bytes / bw_ag + res["push_fixed_s"]
     res["push_over_floor"] = res["push_s"] / res["push_floor_s"]
@@ -524,6 +546,9 @@ def check(res: dict[str, Any], levels: list[int]) -> list[str]:
         )
     if res.get("peer_same_weights") is False:
         out.append("the peers' per-parameter push left other weights than ours")
+    for k in ("flat_same_weights", "live_same_weights_again"):
+        if res.get(k) is False:
+            out.append(f"{k}: the live and the flattened SGLang pushes left different weights")
     return out
 
 
@@ -547,6 +572,8 @@ def table(res: dict[str, Any], all_res: list[dict[str, Any]]) -> str:
 
     row("push (bucketed)", "push_s", "push_floor_s")
     row("push fixed (1 tensor)", "push_fixed_s", None)
+    row("push (flattened, SGLang)", "push_flat_s", "push_floor_s")
+    row("push fixed (flattened)", "push_flat_fixed_s", None)
     row("per-param (ours)", "per_param_s", "push_floor_s")
     row("per-param (peer path)", "peer_per_param_s", "push_floor_s")
     for level in (2, 1):
@@ -574,7 +601,15 @@ def table(res: dict[str, Any], all_res: list[dict[str, Any]]) -> str:
     ):
         if res.get(k) is not None:
             lines.append(f"{k:<24}{res[k]:13.4g}")
-    for k in ("peer_same_weights", "identical_after_wake2", "identical_after_wake1", "skipped"):
+    for k in (
+        "push_live",
+        "flat_same_weights",
+        "live_same_weights_again",
+        "peer_same_weights",
+        "identical_after_wake2",
+        "identical_after_wake1",
+        "skipped",
+    ):
         if k in res:
             lines.append(f"{k:<24}{res[k]!s:>13}")
     if len(all_res) > 1:

@@ -132,7 +132,9 @@ def test_fp32_masters_into_bf16_weights_are_rounded_by_the_replayed_copy(monkeyp
     worker.model_runner = SimpleNamespace(model=VLLMLike().to(bf16))
     seen: list[torch.dtype] = []
     load = worker.model_runner.model.load_weights
-    worker.model_runner.model.load_weights = lambda weights: seen.extend(t.dtype for _, t in weights) or load(weights)
+    worker.model_runner.model.load_weights = lambda weights: (
+        seen.extend(t.dtype for _, t in weights) or load(weights)
+    )
     for seed in range(2):
         assert worker.lrft_load_weights(flat_bucket(hf_weights(seed))) == 8
     assert set(seen) == {torch.float32}  # never cast before the loader

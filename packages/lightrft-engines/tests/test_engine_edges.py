@@ -181,7 +181,9 @@ def stand_in_vllm(monkeypatch):
     monkeypatch.setattr(compat, "sleep_supported", lambda: True)
     monkeypatch.setattr(compat, "filter_llm_kwargs", lambda kw: kw)
     monkeypatch.setattr(
-        compat, "shutdown", lambda llm, keep_default_group: (shut.append(llm), llm.calls.append(("shutdown", None)))
+        compat,
+        "shutdown",
+        lambda llm, keep_default_group: (shut.append(llm), llm.calls.append(("shutdown", None))),
     )
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     yield shut

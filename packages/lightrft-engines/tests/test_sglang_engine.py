@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lightrft.engines import _sglang_compat as compat
+from lightrft.engines import _sglang_live as live_push
 from lightrft.engines._sglang_buckets import flatten_bucket, unflatten_bucket
 from lightrft.engines.sglang import SGLangEngine, request_sampling_params, sampling_dict
 from lightrft.strategy import SamplingParams, get_fake_strategy
@@ -60,6 +61,16 @@ class RecordingSGLangEngine:
         self.shut = False
         #: What each ``generate`` call received (token ids per request, sampling parameters).
         self.requests: list[dict[str, Any]] = []
+        #: The names of each live-push message (``_sglang_live``), in order.
+        self.live_messages: list[list[str]] = []
+        self.model.load_weights = self._load_weights  # SGLang's models load by name
+
+    @torch.no_grad()
+    def _load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """SGLang's ``model.load_weights``: each tensor copied (and so cast) into its parameter."""
+        params = dict(self.model.named_parameters())
+        for name, t in named:
+            params[name].copy_(t)
 
     # ---------------------------------------------------------------- weights
     def update_weights_from_tensor(
@@ -71,6 +82,11 @@ class RecordingSGLangEngine:
             return False, "injected failure"
         if self.runtime.version >= (0, 5, 21) and not self.in_session:
             return False, "must run between begin_weight_update() and end_weight_update()"
+        if load_format == live_push.LOADER:  # tensors by reference, as after SGLang's IPC
+            self.live_messages.append([n for n, _ in named_tensors])
+            self.payload_dtypes.update(t.dtype for _, t in named_tensors[1:])
+            live_push.load_live(self.model, named_tensors)
+            return True, "Success"
         assert load_format == "flattened_bucket"
         tp = self.server_args["tp_size"]
         assert len(named_tensors) == tp, f"{len(named_tensors)} payloads for tp_size={tp}"

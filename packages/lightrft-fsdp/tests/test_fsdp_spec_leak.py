@@ -26,6 +26,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from lightrft.fsdp import strategy as fsdp_strategy
 from lightrft.fsdp.optim import LocalShardAdamW
 from lightrft.strategy import get_strategy
+from lightrft.strategy.weights import live_storages
 from lightrft.testing import causal_lm_loss, make_tiny_model
 
 WARMUP, N = 3, 20
@@ -135,3 +136,10 @@ def test_one_rank_push_hands_out_the_shards_themselves_or_casts_each_once(solo: 
         assert t.data_ptr() != p.to_local().data_ptr() and torch.equal(t, p.to_local()), name
     for (_, t), (name, p) in zip(pushed(dtype=torch.bfloat16, transient=True), params):
         assert t.dtype == torch.bfloat16 and torch.equal(t, p.full_tensor().to(torch.bfloat16)), name
+    # What an engine that maps live weights relies on: the uncast transient tensors lie over the
+    # parameters' own storages (live_storages), the copies and casts over none of them.
+    live = live_storages(model)
+    assert len(live) == len(params)
+    assert all(t.untyped_storage().data_ptr() in live for _, t in uncast)
+    for kw in ({"dtype": None}, {"dtype": torch.bfloat16, "transient": True}):
+        assert not any(t.untyped_storage().data_ptr() in live for _, t in pushed(**kw)), kw

@@ -223,3 +223,28 @@ def test_push_dtype_is_the_masters_own_only_for_a_casting_engine_on_one_rank(
     assert strategy.engine_lifecycle.push_dtype() is expected
     strategy.update_engine_weights(actor)
     assert asked == [(expected, False)]
+
+
+def test_an_engine_that_maps_live_weights_is_told_the_parameters_storages(monkeypatch):
+    # The one engine that keeps a mapping of pushed tensors across pushes (SGLang's live push)
+    # learns which of them are the parameters themselves; every other engine is called as before.
+    from lightrft.strategy.weights import live_storages
+
+    strategy = _strategy()
+    actor = _trained(strategy)
+    engine = strategy.setup_inference_engine(SimpleNamespace(pretrain=None), engine_type="fake", actor=actor)
+    seen = []
+    real = engine.update_weights
+
+    def recording(buckets, **kw):
+        seen.append(kw)
+        return real(buckets)
+
+    monkeypatch.setattr(engine, "update_weights", recording)
+    strategy.update_engine_weights(actor)
+    assert seen == [{}]
+    engine.maps_live_weights = True
+    strategy.update_engine_weights(actor)
+    expected = {p.untyped_storage().data_ptr() for p in actor.parameters()}
+    assert seen[1] == {"live_storages": expected} and live_storages(actor) == expected
+    assert live_storages(object()) == frozenset()  # not a module: nothing is live

@@ -44,7 +44,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +57,7 @@ from lightrft.strategy.utils import child_pids
 from lightrft.strategy.weights import bucket_named_tensors
 
 from . import _sglang_compat as compat
+from . import _sglang_live as live_push
 from ._common import (
     base_hf_model,
     check_images,
@@ -108,6 +109,10 @@ class SGLangEngine:
     #: sends its fp32 masters uncast.
     consumes_buckets_at_once = True
     casts_on_copy = True
+    #: ``update_weights`` takes ``live_storages`` (``EngineLifecycle`` passes the storages of the
+    #: training rank's own parameters): tensors over them are mapped into the scheduler once and
+    #: replayed after (:mod:`lightrft.engines._sglang_live`), with one engine per training rank.
+    maps_live_weights = True
 
     def __init__(
         self,
@@ -180,6 +185,11 @@ class SGLangEngine:
         self._pushed: set[str] = set()
         self._needs_push = False
         self._sender_ready = False
+        #: The live push's sender state (:mod:`lightrft.engines._sglang_live`).
+        self._live = live_push.LiveSender()
+        #: Whether the scheduler loads live pushes: a CUDA engine of one rank whose SGLang takes a
+        #: ``custom_weight_loader`` (env ``LIGHTRFT_SGLANG_LIVE_PUSH=0`` turns it off).
+        self.live_loader = False
         self.memory_saver = bool(engine_kwargs.get("enable_memory_saver", cfg.enable_engine_sleep))
         self.cpu_backup = bool(
             engine_kwargs.get(
@@ -349,9 +359,17 @@ class SGLangEngine:
         ]
 
     # ---------------------------------------------------------------- weights
-    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+    def update_weights(
+        self, buckets: Iterable[WeightBucket], live_storages: Collection[int] | None = None
+    ) -> None:
         """Pushes full-tensor buckets (the training model's names) into the engine; collective
-        within the tensor-parallel group. Raises on every rank when SGLang reports a failure."""
+        within the tensor-parallel group. Raises on every rank when SGLang reports a failure.
+
+        ``live_storages``: storage addresses (``untyped_storage().data_ptr()``) of tensors that
+        stay valid and in place between pushes (the training rank's own parameters). With a live
+        loader (:attr:`live_loader`), tensors over them are not flattened: they go in one call at
+        the end, mapped into the scheduler once and replayed by later pushes; the rest are
+        flattened per bucket as always."""
         self._check_open()
         if "weights" in self._released:
             raise RuntimeError(
@@ -370,8 +388,16 @@ class SGLangEngine:
         self._leader_step(
             "begin_weight_update", lambda: self.engine.begin_weight_update() if session else None
         )
+        live = set(live_storages) if live_storages is not None and self.live_loader else set()
+        mapped: list[tuple[str, torch.Tensor]] = []
         try:
             for bucket in stream:
+                if live:
+                    rest = []
+                    for name, t in bucket:
+                        on_live = t.device == self.device and t.untyped_storage().data_ptr() in live
+                        (mapped if on_live else rest).append((name, t))
+                    bucket = rest
                 if not bucket:
                     continue
                 flat, entries = flatten_bucket(bucket, self.device, self.dtype)
@@ -385,6 +411,9 @@ class SGLangEngine:
                 )
                 del flat, payload, payloads  # every rank knows the leader's call returned
                 pushed.update(name for name, _ in bucket)
+            if mapped:
+                self._push_live(mapped)
+                pushed.update(name for name, _ in mapped)
         except BaseException:
             if session:  # leave no session open behind a failure
                 try:
@@ -400,6 +429,20 @@ class SGLangEngine:
         if self.expected_names is None or self.expected_names <= self._pushed:
             self._needs_push = False
             self._pushed = set()
+
+    def _push_live(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """One call for every live tensor: a map (their IPC handles) the first time and whenever
+        they moved, else a replay of the last map (see :mod:`lightrft.engines._sglang_live`)."""
+        message = self._live.message(named)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # a replay reads with no IPC event
+        self._leader_step(
+            "update_weights_from_tensor (live)",
+            lambda: self.engine.update_weights_from_tensor(
+                named_tensors=message, load_format=live_push.LOADER, flush_cache=False
+            ),
+        )
+        self._live.sent(message)
 
     # ------------------------------------------------------------ sleep / wake
     def sleep(self, level: int = 1) -> None:
@@ -476,6 +519,18 @@ class SGLangEngine:
         if self.closed:
             return
         self.closed = True
+        release = self._live.release_message()
+        if release is not None and self.engine is not None and self.is_alive:
+            try:  # the scheduler lets the training rank's parameters go (their IPC references)
+                self.procs.watched(
+                    "live release",
+                    lambda: self.engine.update_weights_from_tensor(
+                        named_tensors=release, load_format=live_push.LOADER, flush_cache=False
+                    ),
+                    self.device,
+                )
+            except Exception:
+                pass  # stopping it releases them too; a dead engine is stopped below either way
         if self.engine is not None:
             engine, self.engine = self.engine, None
             try:
@@ -545,6 +600,13 @@ class SGLangEngine:
         if load_format is not None:
             args["load_format"] = load_format
         fields = self.runtime.server_fields
+        self.live_loader = (
+            self.device.type == "cuda"
+            and len(self.group_ranks) == 1
+            and "custom_weight_loader" in fields
+            and os.environ.get("LIGHTRFT_SGLANG_LIVE_PUSH", "1") != "0"
+        )
+
         if cfg.engine_enforce_eager:
             args.update(compat.eager_args(fields))
         else:
@@ -553,6 +615,11 @@ class SGLangEngine:
         args.update(compat.attention_args(self.dtype_name, engine_kwargs))
         args.update(compat.multimodal_args(fields, self.multimodal, engine_kwargs))
         args.update(engine_kwargs)
+        if self.live_loader:  # beside any loader of the caller's
+            args["custom_weight_loader"] = [
+                *(engine_kwargs.get("custom_weight_loader") or []),
+                live_push.LOADER,
+            ]
         return args
 
     def _warn_if_eager(self, batch: int) -> None:

@@ -362,7 +362,10 @@ def _dim0_layout(p: torch.Tensor) -> tuple[Any, int, int] | None:
 
 
 def _gathered_buckets(
-    named: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None, transient: bool = False
+    named: list[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    dtype: torch.dtype | None,
+    transient: bool = False,
 ) -> Iterator[WeightBucket]:
     def out_dtype(p: torch.Tensor) -> torch.dtype:
         return sync_dtype(p, dtype)

@@ -100,6 +100,9 @@ class InferenceEngine(Protocol):
     #   rounds them to ``weight_dtype`` in the copy that loads them (round-to-nearest-even, as
     #   ``Tensor.to``): on one rank the strategy then sends its own dtype (``push_dtype``).
     # - ``resets_prefix_cache_on_update: bool``: update_weights resets the prefix cache itself.
+    # - ``maps_live_weights: bool``: update_weights takes ``live_storages=``, the storage addresses
+    #   of the training rank's own parameters (``weights.live_storages``): a pushed tensor over one
+    #   of them stays valid and in place between pushes, so the engine may keep a mapping of it.
 
 
 _PROTOCOL_MEMBERS = (
@@ -254,7 +257,12 @@ class EngineLifecycle:
             dtype=self.push_dtype(),
             transient=bool(getattr(engine, "consumes_buckets_at_once", False)),
         )
-        engine.update_weights(buckets)
+        if getattr(engine, "maps_live_weights", False):
+            from .weights import live_storages
+
+            engine.update_weights(buckets, live_storages=live_storages(model))
+        else:
+            engine.update_weights(buckets)
         if was_sleeping:
             empty_device_cache()  # what the push used goes back before the KV cache is woken
         if engine.is_sleeping:
@@ -273,7 +281,11 @@ class EngineLifecycle:
         while an engine that rounds in the copy that loads them reads the fp32 master once and
         writes its own dtype once: the push's floor."""
         dtype = getattr(self.engine, "weight_dtype", None)
-        if dtype is not None and getattr(self.engine, "casts_on_copy", False) and self.strategy.world_size == 1:
+        if (
+            dtype is not None
+            and getattr(self.engine, "casts_on_copy", False)
+            and self.strategy.world_size == 1
+        ):
             return None
         return dtype
 

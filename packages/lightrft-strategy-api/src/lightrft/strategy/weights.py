@@ -81,6 +81,24 @@ def bucket_named_tensors(
         yield [(name_map(name), tensor) for name, tensor in bucket]
 
 
+def live_storages(model: object) -> frozenset[int]:
+    """The storage addresses (``untyped_storage().data_ptr()``) of ``model``'s parameters as this
+    rank holds them (a DTensor's local shard; empty placeholders, such as ZeRO-3's, are left out).
+    A pushed tensor over one of them is the parameter itself: valid, and in place, between pushes
+    (what an engine that ``maps_live_weights`` needs to know)."""
+    parameters = getattr(model, "parameters", None)
+    if not callable(parameters):
+        return frozenset()
+    from torch.distributed.tensor import DTensor
+
+    out = set()
+    for p in parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.numel() > 0:
+            out.add(local.untyped_storage().data_ptr())
+    return frozenset(out)
+
+
 @torch.no_grad()
 def copy_bucket_into(params: Mapping[str, torch.Tensor], bucket: WeightBucket) -> list[str]:
     """Copies a bucket into an engine's own tensors by name (casting to their dtype and device).

@@ -222,10 +222,10 @@ def time_engine_calls(engine: Any, probes: Probes, times: dict[str, float], mem:
     to ``mem`` (the strategy calls them inside ``update_engine_weights``)."""
     push, wake = engine.update_weights, engine.wake_up
 
-    def update_weights(buckets: Any) -> None:
+    def update_weights(buckets: Any, **kw: Any) -> None:  # kw: live_storages (maps_live_weights)
         probes.sync()
         t0 = time.perf_counter()
-        push(buckets)
+        push(buckets, **kw)
         probes.sync()
         times["push_s"] = times.get("push_s", 0.0) + time.perf_counter() - t0
         mem.update(probes.memory("push"))

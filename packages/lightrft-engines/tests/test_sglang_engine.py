@@ -362,13 +362,17 @@ def test_logging_config_leaves_other_loggers_alone(tmp_path: Path) -> None:
         logging.getLogger("sglang.srt.managers.scheduler").info("Load weight end")
         logging.getLogger("sglang.srt.managers.scheduler").debug("not in the file")
         assert "Load weight end" in log.read_text() and "not in the file" not in log.read_text()
+        logging.getLogger("lightrft.engines._sglang_live").info("lightrft live push, map of 3 tensors")
+        assert "INFO lightrft.engines._sglang_live: lightrft live push, map of 3 tensors" in log.read_text()
         assert not other.disabled and handler in other.handlers
         assert logging.getLogger().handlers == root_handlers
         assert not (tmp_path / "s.log.stacks").exists()  # faulthandler is moved in SGLang's children only
     finally:
-        for h in logging.getLogger("sglang").handlers:
-            h.close()
-        logging.getLogger("sglang").handlers.clear()
+        for name in ("sglang", "lightrft.engines._sglang_live"):
+            for h in logging.getLogger(name).handlers:
+                h.close()
+            logging.getLogger(name).handlers.clear()
+            logging.getLogger(name).propagate = True
         other.removeHandler(handler)
 
 

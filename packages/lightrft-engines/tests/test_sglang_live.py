@@ -7,6 +7,7 @@ opening their CUDA IPC handles). The CUDA side (IPC, the stream syncs) runs in
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,11 @@ def assert_holds(model: FusedModel, named: list[tuple[str, torch.Tensor]]) -> No
     assert torch.equal(model.qkv, qkv) and torch.equal(model.o, o)  # bitwise: one rounding each
 
 
-def test_a_map_then_replays_read_the_live_tensors_current_values(fresh_state: live_push.LiveState) -> None:
+def test_a_map_then_replays_read_the_live_tensors_current_values(
+    fresh_state: live_push.LiveState, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger=live_push.__name__)
+    monkeypatch.setattr(live_push.logger, "propagate", True)  # as SGLang's log config may leave it
     model, sender, named = FusedModel(), live_push.LiveSender(), masters(0)
     first = sender.message(named)
     assert first[0][0].startswith("lightrft-live-map:") and [n for n, _ in first[1:]] == ["q", "k", "v", "o"]
@@ -87,6 +92,13 @@ def test_a_map_then_replays_read_the_live_tensors_current_values(fresh_state: li
         assert_holds(model, named)
     assert model.loads == 1  # load_weights ran once, when the plan was recorded
     assert fresh_state.replays == 3 and fresh_state.plans[id(model)].stats["replayed"] == 3 * 4
+    said = [r.getMessage() for r in caplog.records if "lightrft live push" in r.getMessage()]
+    assert said == [  # the map and the first replay, in the scheduler's log
+        "lightrft live push, map of 4 tensors: plan {'recorded': 4, 'replayed': 0, 'loaded': 0}, "
+        "0 names refused, disabled=False",
+        "lightrft live push, first replay of 4 tensors: plan {'recorded': 4, 'replayed': 4, 'loaded': 0}, "
+        "0 names refused, disabled=False",
+    ]
 
 
 def test_moved_storages_are_mapped_again_and_an_unsent_map_is_never_replayed(

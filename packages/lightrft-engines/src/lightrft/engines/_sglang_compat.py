@@ -244,8 +244,9 @@ def scoped_env(changes: Mapping[str, str | None]) -> Iterator[None]:
 
 def logging_config(log_path: str, console_level: str) -> dict[str, Any]:
     """The ``dictConfig`` for ``SGLANG_LOGGING_CONFIG_PATH``: the ``sglang`` logger to
-    ``log_path`` (INFO and above, rotated at 20 MB) and to stderr at ``console_level``; other
-    loggers (the training process's) are left alone."""
+    ``log_path`` (INFO and above, rotated at 20 MB) and to stderr at ``console_level``, the live
+    push's loader (``_sglang_live``, in the scheduler) to the same file; other loggers (the
+    training process's) are left alone."""
     level = console_level.upper()
     fmt = "[%(asctime)s %(processName)s pid=%(process)d] %(levelname)s %(name)s: %(message)s"
     return {
@@ -271,7 +272,9 @@ def logging_config(log_path: str, console_level: str) -> dict[str, Any]:
                 "level": "DEBUG" if level == "DEBUG" else "INFO",
                 "handlers": ["file", "console"],
                 "propagate": False,
-            }
+            },
+            # The live push's loader runs in the scheduler: its lines go to the same file.
+            "lightrft.engines._sglang_live": {"level": "INFO", "handlers": ["file"], "propagate": False},
         },
     }
 

@@ -35,6 +35,7 @@ lets them go at shutdown or when the sender maps new storages.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,8 @@ from typing import Any
 import torch
 
 from ._copy_plan import CopyPlan
+
+logger = logging.getLogger(__name__)
 
 #: The ``load_format`` (and ``custom_weight_loader`` entry) SGLang imports this loader by.
 LOADER = f"{__name__}.load_live"
@@ -131,6 +134,7 @@ def load_live(model: torch.nn.Module, named_tensors: Sequence[tuple[str, torch.T
         plan.push(model, rest, model.load_weights)
         state.mapped[key] = _Mapped(head[len(_MAP) :], rest)
         state.maps += 1
+        _say_plan("map", plan, len(rest))
     elif head.startswith(_REPLAY):
         mapped, token = state.mapped.get(key), head[len(_REPLAY) :]
         if mapped is None or mapped.token != token:
@@ -140,12 +144,27 @@ def load_live(model: torch.nn.Module, named_tensors: Sequence[tuple[str, torch.T
             )
         state.plans[key].push(model, mapped.tensors, model.load_weights)
         state.replays += 1
+        if state.replays == 1:
+            _say_plan("first replay", state.plans[key], len(mapped.tensors))
     elif head.startswith(_RELEASE):
         state.mapped.pop(key, None)
     else:
         raise ValueError(f"lightrft live push: the first name is {head!r}, not a live-push message")
     if carrier.is_cuda:
         torch.cuda.current_stream().synchronize()  # the sender may write the masters next
+
+
+def _say_plan(what: str, plan: CopyPlan, n: int) -> None:
+    """One line in SGLang's log: how the plan serves the pushes (replayed copies, or names loaded
+    by ``load_weights`` every time: refused, or the whole plan off)."""
+    logger.info(
+        "lightrft live push, %s of %d tensors: plan %s, %d names refused, disabled=%s",
+        what,
+        n,
+        dict(plan.stats),
+        len(plan.refused),
+        plan.disabled,
+    )
 
 
 __all__ = ["LIVE_STATE", "LOADER", "LiveSender", "LiveState", "load_live"]

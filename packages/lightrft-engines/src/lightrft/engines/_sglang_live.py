@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -142,10 +143,16 @@ def load_live(model: torch.nn.Module, named_tensors: Sequence[tuple[str, torch.T
             raise LookupError(
                 f"lightrft live push: a replay of map {token!r}, but this scheduler holds {held!r}"
             )
+        t0 = time.perf_counter()
         state.plans[key].push(model, mapped.tensors, model.load_weights)
         state.replays += 1
-        if state.replays == 1:
-            _say_plan("first replay", state.plans[key], len(mapped.tensors))
+        if state.replays <= 3:  # what the scheduler's side of a replay costs (its copies waited for)
+            if carrier.is_cuda:
+                torch.cuda.current_stream().synchronize()
+            took = time.perf_counter() - t0
+            _say_plan(
+                f"replay {state.replays} ({took * 1e3:.2f} ms here)", state.plans[key], len(mapped.tensors)
+            )
     elif head.startswith(_RELEASE):
         state.mapped.pop(key, None)
     else:

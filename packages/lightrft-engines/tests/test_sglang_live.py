@@ -86,7 +86,7 @@ def test_a_map_then_replays_read_the_live_tensors_current_values(
                 t.mul_(1.5).add_(0.25 * (step + 1))
         message = sender.message(named)
         assert [n for n, _ in message] == ["lightrft-live-replay:" + first[0][0].split(":", 1)[1]]
-        assert message[0][1] is named[0][1]  # the carrier is a mapped tensor
+        assert message[0][1].numel() == 0 and message[0][1].device.type == "cpu"  # no IPC handle
         live_push.load_live(model, message)
         sender.sent(message)
         assert_holds(model, named)
@@ -255,3 +255,25 @@ def test_the_live_loader_is_registered_only_for_a_cuda_engine_of_one_rank(
     engine.group_ranks = [0, 1]  # two ranks share the engine: their shards are not its weights
     assert "custom_weight_loader" not in engine._server_args(make_tiny_llama(seed=0), None, {})
     assert engine.live_loader is False
+
+
+def test_replay_and_release_messages_pickle_as_plain_bytes_of_torch_classes() -> None:
+    # SGLang pickles a message with ForkingPickler and unpickles it with an allow-list of module
+    # prefixes (torch, builtins, ...). A replay or release carries no CUDA tensor, so it shares no
+    # IPC handle and no file descriptor: plain bytes that name torch's classes only.
+    import io
+    import pickle
+    import pickletools
+    from multiprocessing.reduction import ForkingPickler
+
+    sender, named = live_push.LiveSender(), masters(3)
+    sender.sent(sender.message(named))
+    for message in (sender.message(named), sender.release_message()):
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump(message)
+        data = buf.getvalue()
+        # The dotted strings of the pickle are the modules its globals come from.
+        modules = {arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str) and "." in arg}
+        assert modules and all(m.startswith("torch") for m in modules), modules  # no fd, no IPC
+        back = pickle.loads(data)
+        assert [n for n, _ in back] == [n for n, _ in message] and back[0][1].numel() == 0

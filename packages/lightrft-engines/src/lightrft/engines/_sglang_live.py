@@ -12,7 +12,8 @@ with ``load_format`` naming :func:`load_live` (registered through SGLang's
 :class:`~lightrft.engines._copy_plan.CopyPlan` (``load_weights`` recorded once, then replayed as
 plain copies that also round fp32 to the engine's dtype) and *keeps* the opened tensors. Every
 later push whose tensors are the same storages, shapes and dtypes (:class:`LiveSender` checks)
-sends one message, ``replay`` with the token of that map: the scheduler replays the plan from
+sends one message, ``replay`` with the token of that map (carried by a 0-element CPU tensor, so
+no CUDA IPC handle is shared for it): the scheduler replays the plan from
 the tensors it holds, which read the masters' current values. One round trip, each master read
 once and each engine weight written once.
 
@@ -101,10 +102,11 @@ class LiveSender:
             raise ValueError("LiveSender.message: no tensors to push")
         prints = [(n, _fingerprint(t)) for n, t in named]
         if self.token is not None and prints == self._prints:
-            # The carrier is a mapped tensor: the receiver finds its storage in torch's IPC cache.
-            return [(_REPLAY + self.token, named[0][1])]
+            # Carried by a 0-element CPU tensor: pickled as bytes, no CUDA IPC handle to share,
+            # open or release (SGLang's message must be a list of named tensors).
+            return [(_REPLAY + self.token, torch.empty(0))]
         self._pending = (uuid.uuid4().hex, prints)
-        return [(_MAP + self._pending[0], named[0][1]), *named]
+        return [(_MAP + self._pending[0], torch.empty(0)), *named]
 
     def sent(self, message: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Records that ``message`` reached the engine (a map becomes the one replays refer to)."""
@@ -127,7 +129,7 @@ def load_live(model: torch.nn.Module, named_tensors: Sequence[tuple[str, torch.T
     state = LIVE_STATE
     if not named_tensors:
         raise ValueError("lightrft live push: an empty message")
-    (head, carrier), rest = named_tensors[0], list(named_tensors[1:])
+    head, rest = named_tensors[0][0], list(named_tensors[1:])
     key = id(model)
     if head.startswith(_MAP):
         plan = state.plans.setdefault(key, CopyPlan())
@@ -147,7 +149,7 @@ def load_live(model: torch.nn.Module, named_tensors: Sequence[tuple[str, torch.T
         state.plans[key].push(model, mapped.tensors, model.load_weights)
         state.replays += 1
         if state.replays <= 3:  # what the scheduler's side of a replay costs (its copies waited for)
-            if carrier.is_cuda:
+            if mapped.tensors and mapped.tensors[0][1].is_cuda:
                 torch.cuda.current_stream().synchronize()
             took = time.perf_counter() - t0
             _say_plan(
@@ -157,7 +159,8 @@ def load_live(model: torch.nn.Module, named_tensors: Sequence[tuple[str, torch.T
         state.mapped.pop(key, None)
     else:
         raise ValueError(f"lightrft live push: the first name is {head!r}, not a live-push message")
-    if carrier.is_cuda:
+    held = state.mapped.get(key)
+    if held is not None and any(t.is_cuda for _, t in held.tensors[:1]):
         torch.cuda.current_stream().synchronize()  # the sender may write the masters next
 
 

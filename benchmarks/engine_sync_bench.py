@@ -407,7 +407,6 @@ def main() -> int:
     res["push_fixed_s"] = _median_time(lambda: engine.update_weights([[small]]), 9)
     if getattr(engine, "live_loader", False):
         # SGLang's live push (the default on one rank) against its flattened buckets, same run.
-
         res["push_live"] = True
         engine.live_loader = False
         strategy.update_engine_weights(actor)

@@ -93,6 +93,8 @@ class LiveSender:
     def __init__(self) -> None:
         self.token: str | None = None
         self._prints: list[tuple[str, tuple[Any, ...]]] | None = None
+        #: The map of the call in flight (token, fingerprints) until :meth:`sent`.
+        self._pending: tuple[str, list[tuple[str, tuple[Any, ...]]]] | None = None
 
     def message(self, named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         """The ``named_tensors`` of the call: a replay of the last map when ``named`` are the same
@@ -110,9 +112,8 @@ class LiveSender:
 
     def sent(self, message: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Records that ``message`` reached the engine (a map becomes the one replays refer to)."""
-        if message and message[0][0].startswith(_MAP):
-            self.token, self._prints = self._pending
-            del self._pending
+        if message and message[0][0].startswith(_MAP) and self._pending is not None:
+            (self.token, self._prints), self._pending = self._pending, None
 
     def release_message(self) -> list[tuple[str, torch.Tensor]] | None:
         """The message that makes the scheduler drop the mapped tensors (None: nothing mapped);
@@ -131,6 +132,7 @@ def load_live(model: torch.nn.Module, named_tensors: Sequence[tuple[str, torch.T
         raise ValueError("lightrft live push: an empty message")
     head, rest = named_tensors[0][0], list(named_tensors[1:])
     key = id(model)
+    t0 = time.perf_counter()
     if head.startswith(_MAP):
         plan = state.plans.setdefault(key, CopyPlan())
         state.mapped.pop(key, None)  # the previous map's tensors go before the new ones load
@@ -141,27 +143,22 @@ def load_live(model: torch.nn.Module, named_tensors: Sequence[tuple[str, torch.T
     elif head.startswith(_REPLAY):
         mapped, token = state.mapped.get(key), head[len(_REPLAY) :]
         if mapped is None or mapped.token != token:
-            held = None if mapped is None else mapped.token
+            have = None if mapped is None else mapped.token
             raise LookupError(
-                f"lightrft live push: a replay of map {token!r}, but this scheduler holds {held!r}"
+                f"lightrft live push: a replay of map {token!r}, but this scheduler holds {have!r}"
             )
-        t0 = time.perf_counter()
         state.plans[key].push(model, mapped.tensors, model.load_weights)
         state.replays += 1
-        if state.replays <= 3:  # what the scheduler's side of a replay costs (its copies waited for)
-            if mapped.tensors and mapped.tensors[0][1].is_cuda:
-                torch.cuda.current_stream().synchronize()
-            took = time.perf_counter() - t0
-            _say_plan(
-                f"replay {state.replays} ({took * 1e3:.2f} ms here)", state.plans[key], len(mapped.tensors)
-            )
     elif head.startswith(_RELEASE):
         state.mapped.pop(key, None)
     else:
         raise ValueError(f"lightrft live push: the first name is {head!r}, not a live-push message")
     held = state.mapped.get(key)
-    if held is not None and any(t.is_cuda for _, t in held.tensors[:1]):
+    if held is not None and held.tensors and held.tensors[0][1].is_cuda:
         torch.cuda.current_stream().synchronize()  # the sender may write the masters next
+    if head.startswith(_REPLAY) and state.replays <= 3:  # the scheduler's side, copies waited for
+        took = time.perf_counter() - t0
+        _say_plan(f"replay {state.replays} ({took * 1e3:.2f} ms here)", state.plans[key], len(held.tensors))
 
 
 def _say_plan(what: str, plan: CopyPlan, n: int) -> None:

@@ -388,7 +388,7 @@ class SGLangEngine:
         self._leader_step(
             "begin_weight_update", lambda: self.engine.begin_weight_update() if session else None
         )
-        live = set(live_storages) if live_storages is not None and self.live_loader else set()
+        live = live_storages if live_storages is not None and self.live_loader else ()
         mapped: list[tuple[str, torch.Tensor]] = []
         try:
             for bucket in stream:

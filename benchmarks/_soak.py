@@ -236,6 +236,7 @@ def phase_medians(records: Sequence[Mapping[str, Any]], warmup: int) -> dict[str
     """Median of each timed quantity after warm-up (the table's numbers)."""
     steady = records[warmup:] or records
     keys = [f"{p}_s" for p in PHASES] + ["iter_s", "gen_tok_s", "sync_s", "train_lp_mad"]
+    keys += ["iter_cpu_s", "children_cpu_s"]  # host CPU seconds: this process, the engine's processes
     return {k: statistics.median(float(r[k]) for r in steady) for k in keys if steady and k in steady[0]}
 
 

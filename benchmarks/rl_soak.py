@@ -109,11 +109,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------ probes
-def host_rss() -> tuple[int, int, dict[str, int]]:
+def process_tree() -> list[int]:
+    """This process and all its descendants (from /proc), this process first."""
+    from lightrft.strategy.utils import child_pids
+
+    me = os.getpid()
+    out: list[int] = []
+    todo, seen = [me], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        out.append(pid)
+        todo += child_pids(pid)
+    return out
+
+
+def host_rss(tree: list[int] | None = None) -> tuple[int, int, dict[str, int]]:
     """(this process's RSS, RSS of this process and all its descendants, RSS per pid of that tree)
     in bytes, from /proc. The per-pid map lets the summary gate the processes that live through
     the whole run apart from helpers that start or exit in it (``_soak.persistent_tree_rss``)."""
-    from lightrft.strategy.utils import child_pids
 
     def rss(pid: int) -> int:
         try:
@@ -125,17 +141,48 @@ def host_rss() -> tuple[int, int, dict[str, int]]:
             pass
         return 0
 
-    me = os.getpid()
-    per_pid: dict[str, int] = {}
-    todo, seen = [me], set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
+    tree = tree if tree is not None else process_tree()
+    per_pid = {str(pid): rss(pid) for pid in tree}
+    return per_pid[str(tree[0])], sum(per_pid.values()), per_pid
+
+
+def children_cpu_s(tree: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system, from /proc/PID/stat) so far of each process in ``tree`` but the
+    first (this one): the engine's processes. Differenced over an iteration, a value near the
+    iteration's wall time means a process held a core through it (a scheduler that spins)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in tree[1:]:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except OSError:
             continue
-        seen.add(pid)
-        per_pid[str(pid)] = rss(pid)
-        todo += child_pids(pid)
-    return per_pid[str(me)], sum(per_pid.values()), per_pid
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def host_topology() -> dict[str, Any]:
+    """What the soak ran on, host side: CPUs, this process's affinity, SMT siblings of CPU 0."""
+
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    model = None
+    for line in (read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu0_thread_siblings": read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list"),
+        "model": model,
+    }
 
 
 def process_name(pid: str) -> str:
@@ -495,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         rec: dict[str, Any] = {"iteration": it}
         prompts = [torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.prompts)]
         t_it, cpu_it = time.perf_counter(), time.process_time()
+        children_cpu_0 = children_cpu_s(process_tree())
 
         # 1. generate
         probes.sync()
@@ -525,12 +573,14 @@ def main(argv: list[str] | None = None) -> int:
             seqs = [list(o.prompt_token_ids) + list(o.output_token_ids) for o in chunk]
             starts = [len(o.prompt_token_ids) for o in chunk]
             lps, _ = token_logprobs(actor, seqs, starts)
-            old = [
-                torch.tensor(o.logprobs, device=lp.device, dtype=torch.float32) for o, lp in zip(chunk, lps)
-            ]
+            # The engine's log-probs in one copy to the device per micro-batch, and the |dlogp|
+            # diagnostic summed there: the host waits for the device once per iteration, not once
+            # per sequence (64 waits that serialized the host's launches with the device's work).
+            flat = torch.tensor([v for o in chunk for v in o.logprobs], dtype=torch.float32)
+            old = list(flat.to(lps[0].device).split([len(o.logprobs) for o in chunk]))
             with torch.no_grad():
                 for new, ref in zip(lps, old):
-                    mad_sum += float((new.detach() - ref).abs().sum())
+                    mad_sum = mad_sum + (new.detach() - ref).abs().sum()
                     mad_n += new.numel()
             loss = grpo_loss(lps, old, adv[m : m + a.micro_train_batch])
             strategy.backward(loss, actor, optim)
@@ -538,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         probes.sync()
         rec["train_s"] = time.perf_counter() - t0
         rec["loss"] = float(loss.detach())
-        rec["train_lp_mad"] = mad_sum / max(1, mad_n)
+        rec["train_lp_mad"] = float(mad_sum) / max(1, mad_n)
         rec.update(probes.memory("train"))
 
         # 4. push + wake (update_engine_weights: wake weights -> push -> empty cache -> wake the rest)
@@ -557,7 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         rec["iter_cpu_s"] = time.process_time() - cpu_it
         rec["sm_clock_mhz"] = probes.sm_clock_mhz()
 
-        rec["host_rss"], rec["host_rss_tree"], rec["host_rss_pids"] = host_rss()
+        tree = process_tree()
+        children_cpu_1 = children_cpu_s(tree)
+        # CPU seconds the engine's processes (alive at both ends) took during the iteration
+        rec["children_cpu_s"] = sum(
+            children_cpu_1[p] - children_cpu_0[p] for p in children_cpu_1.keys() & children_cpu_0.keys()
+        )
+        rec["host_rss"], rec["host_rss_tree"], rec["host_rss_pids"] = host_rss(tree)
         for pid in rec["host_rss_pids"].keys() - pid_names.keys():
             pid_names[pid] = process_name(pid)
             if records:
@@ -586,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
             say(
                 f"it {it:4d} {rec['iter_s']:.3f} s: gen {rec['gen_s']:.3f} ({rec['gen_tok_s']:.0f} tok/s) "
                 f"sleep {rec['sleep_s']:.3f} train {rec['train_s']:.3f} push {rec['push_s']:.3f} "
-                f"wake {rec['wake_s']:.3f} | used {used:.2f} GiB rss {rec['host_rss'] / 2**30:.2f} GiB "
+                f"wake {rec['wake_s']:.3f} | cpu {rec['iter_cpu_s']:.2f} s, engine {rec['children_cpu_s']:.2f} s "
+                f"| used {used:.2f} GiB rss {rec['host_rss'] / 2**30:.2f} GiB "
                 f"| |dlogp| {rec['train_lp_mad']:.4f}"
                 + (
                     f" | sglang req states {rec['engine_req_states']}"
@@ -622,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             # Reported, not gated: the host's speed (a fixed pure-Python workload) over the run.
             "host_ref_drift": _soak.drift([float(r["host_ref_s"]) for r in records[a.warmup :]]),
             "last_census": census_last,
+            "host": host_topology(),
             "versions": versions(a.engine),
             "device": torch.cuda.get_device_name() if probes.cuda else "cpu",
         }

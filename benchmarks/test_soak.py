@@ -20,6 +20,7 @@ from _soak import (  # noqa: E402
     logprob_tolerance,
     mean_abs_diff,
     outliers,
+    phase_medians,
     summarize,
 )
 
@@ -221,3 +222,10 @@ def test_host_reference_does_fixed_work_and_the_table_reports_its_drift() -> Non
     summary["host_ref_drift"] = drift([0.010] * 15 + [0.0115] * 15)
     table = format_table(summary, {})
     assert "host_ref_s (host speed, not gated)" in table and "+15.000%" in table
+
+
+def test_phase_medians_report_the_host_cpu_seconds_after_warmup_when_recorded() -> None:
+    # Warm-up of 2: the medians are over iterations 2-4 (values 2, 3, 4 -> 3; children 0.2-0.4 -> 0.3).
+    recs = [{"iter_s": float(i), "iter_cpu_s": float(i), "children_cpu_s": i / 10} for i in range(5)]
+    assert phase_medians(recs, warmup=2) == {"iter_s": 3.0, "iter_cpu_s": 3.0, "children_cpu_s": 0.3}
+    assert "children_cpu_s" not in phase_medians([{"iter_s": 1.0}], warmup=0)  # older runs' records

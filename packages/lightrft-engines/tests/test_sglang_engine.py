@@ -34,7 +34,13 @@ FIELDS_0_5_12 = frozenset(
     {"model_path", "disable_piecewise_cuda_graph", "enable_weights_cpu_backup", "cuda_graph_max_bs"}
 )
 FIELDS_0_5_16 = frozenset(
-    {"model_path", "cuda_graph_backend_prefill", "enable_weights_cpu_backup", "cuda_graph_max_bs_decode"}
+    {
+        "model_path",
+        "cuda_graph_backend_prefill",
+        "enable_weights_cpu_backup",
+        "cuda_graph_max_bs_decode",
+        "sleep_on_idle",
+    }
 )
 
 
@@ -301,6 +307,11 @@ def test_compat_version_rules() -> None:
     assert compat.prefill_graph_args(FIELDS_0_5_12, True, {}) == {"disable_piecewise_cuda_graph": True}
     assert compat.prefill_graph_args(FIELDS_0_5_16, False, {}) == {}
     assert compat.prefill_graph_args(FIELDS_0_5_16, True, {"cuda_graph_backend_prefill": "breakable"}) == {}
+    # the scheduler waits for requests instead of holding a core: on where the version has it,
+    # the caller's choice kept
+    assert compat.idle_args(FIELDS_0_5_16, {}) == {"sleep_on_idle": True}
+    assert compat.idle_args(FIELDS_0_5_16, {"sleep_on_idle": False}) == {}
+    assert compat.idle_args(frozenset({"model_path"}), {}) == {}
     assert compat.decode_graph_batch_args(FIELDS_0_5_16 | {"cuda_graph_max_bs_decode"}, 8) == {
         "cuda_graph_max_bs_decode": 8
     }
@@ -453,6 +464,7 @@ def test_server_args_from_strategy_config() -> None:
     # The config gives neither micro_rollout_batch_size nor n_samples_per_prompt: SGLang's own range.
     assert "cuda_graph_max_bs_decode" not in args and "attention_backend" not in args
     assert engine.decode_graph_max_bs is None and engine.decode_graph_captured is None
+    assert args["sleep_on_idle"] is True  # no core held by the scheduler while the loop trains
     assert args["log_level"] == "warning" and engine.log_path is not None
     assert engine.log_path.name.endswith(".log")
     assert double.payload_dtypes == {torch.bfloat16}  # the initial push was cast once, to bf16
@@ -468,6 +480,7 @@ def test_server_args_version_0_5_12_sleep_level_1_and_caller_overrides() -> None
     assert args["disable_piecewise_cuda_graph"] is True and "cuda_graph_backend_prefill" not in args
     assert args["enable_weights_cpu_backup"] is True and args["context_length"] == 64
     assert args["mem_fraction_static"] == 0.2  # the caller's keyword wins
+    assert "sleep_on_idle" not in args  # a version without the field is not given it
     assert "cuda_graph_max_bs" not in args and "cuda_graph_max_bs_decode" not in args  # SGLang's range
     assert args["dtype"] == "float32" and args["attention_backend"] == "triton"  # bf16=False: no fa3
     strategy2 = _strategy(enable_engine_sleep=False)
@@ -491,8 +504,11 @@ def test_decode_graph_batch_from_the_rollout_config_and_caller_choices() -> None
         double.server_args["disable_cuda_graph"] is True
         and "cuda_graph_max_bs_decode" not in double.server_args
     )
-    _, double = _setup(_strategy(), make_tiny_llama(seed=0), log_level="info", attention_backend="fa3")
+    _, double = _setup(
+        _strategy(), make_tiny_llama(seed=0), log_level="info", attention_backend="fa3", sleep_on_idle=False
+    )
     assert double.server_args["log_level"] == "info" and double.server_args["attention_backend"] == "fa3"
+    assert double.server_args["sleep_on_idle"] is False
 
 
 def test_captured_decode_batch_read_back_from_resolved_or_passed_arguments() -> None:

@@ -162,6 +162,17 @@ def prefill_graph_args(
     return {}
 
 
+def idle_args(server_fields: frozenset[str], user_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``sleep_on_idle=True`` where this version has it and the caller did not choose: SGLang's
+    scheduler otherwise polls its sockets without blocking and runs its idle bookkeeping in a loop,
+    holding one CPU core at 100 % for as long as the engine is up. A colocated engine idles through
+    every train step (asleep or not), so that core is taken from the trainer's host thread. With it
+    the scheduler waits in ``zmq.Poller.poll``, which returns as soon as a request arrives."""
+    if "sleep_on_idle" not in server_fields or "sleep_on_idle" in user_kwargs:
+        return {}
+    return {"sleep_on_idle": True}
+
+
 def eager_args(server_fields: frozenset[str]) -> dict[str, Any]:
     """``Engine`` arguments for no CUDA graphs at all (``engine_enforce_eager``)."""
     out: dict[str, Any] = {"disable_cuda_graph": True}

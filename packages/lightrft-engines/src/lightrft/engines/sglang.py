@@ -614,6 +614,7 @@ class SGLangEngine:
         args.update(compat.prefill_graph_args(fields, self.memory_saver, engine_kwargs))
         args.update(compat.attention_args(self.dtype_name, engine_kwargs))
         args.update(compat.multimodal_args(fields, self.multimodal, engine_kwargs))
+        args.update(compat.idle_args(fields, engine_kwargs))
         args.update(engine_kwargs)
         if self.live_loader:  # beside any loader of the caller's
             args["custom_weight_loader"] = [

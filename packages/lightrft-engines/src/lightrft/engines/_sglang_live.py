@@ -12,10 +12,15 @@ with ``load_format`` naming :func:`load_live` (registered through SGLang's
 :class:`~lightrft.engines._copy_plan.CopyPlan` (``load_weights`` recorded once, then replayed as
 plain copies that also round fp32 to the engine's dtype) and *keeps* the opened tensors. Every
 later push whose tensors are the same storages, shapes and dtypes (:class:`LiveSender` checks)
-sends one message, ``replay`` with the token of that map (carried by a 0-element CPU tensor, so
-no CUDA IPC handle is shared for it): the scheduler replays the plan from
+sends one message, ``replay`` with the token of that map: the scheduler replays the plan from
 the tensors it holds, which read the masters' current values. One round trip, each master read
 once and each engine weight written once.
+
+Every message's tensors are mapped tensors: a replay or release is carried by the map's first
+tensor, whose storage the scheduler finds in torch's CUDA IPC cache. SGLang's serializer patches
+torch's tensor reducer for CUDA tensors only (``patch_torch._reduce_tensor_modified`` rewrites
+argument 6, the device): a CPU tensor in a message fails to pickle with ``IndexError`` (seen on
+the H200 on 2026-12-04, where a 0-element CPU carrier stopped the first push).
 
 Ordering: a replayed read has no IPC event to wait on, so the sender synchronizes its stream
 before the call; :func:`load_live` synchronizes the scheduler's stream before it returns, so the
@@ -93,8 +98,10 @@ class LiveSender:
     def __init__(self) -> None:
         self.token: str | None = None
         self._prints: list[tuple[str, tuple[Any, ...]]] | None = None
-        #: The map of the call in flight (token, fingerprints) until :meth:`sent`.
-        self._pending: tuple[str, list[tuple[str, tuple[Any, ...]]]] | None = None
+        #: The mapped tensor that carries replays and the release (see the module docstring).
+        self._carrier: torch.Tensor | None = None
+        #: The map of the call in flight (token, fingerprints, carrier) until :meth:`sent`.
+        self._pending: tuple[str, list[tuple[str, tuple[Any, ...]]], torch.Tensor] | None = None
 
     def message(self, named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         """The ``named_tensors`` of the call: a replay of the last map when ``named`` are the same
@@ -104,24 +111,23 @@ class LiveSender:
             raise ValueError("LiveSender.message: no tensors to push")
         prints = [(n, _fingerprint(t)) for n, t in named]
         if self.token is not None and prints == self._prints:
-            # Carried by a 0-element CPU tensor: pickled as bytes, no CUDA IPC handle to share,
-            # open or release (SGLang's message must be a list of named tensors).
-            return [(_REPLAY + self.token, torch.empty(0))]
-        self._pending = (uuid.uuid4().hex, prints)
-        return [(_MAP + self._pending[0], torch.empty(0)), *named]
+            return [(_REPLAY + self.token, named[0][1])]  # a mapped tensor carries it
+        self._pending = (uuid.uuid4().hex, prints, named[0][1])
+        return [(_MAP + self._pending[0], named[0][1]), *named]
 
     def sent(self, message: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Records that ``message`` reached the engine (a map becomes the one replays refer to)."""
         if message and message[0][0].startswith(_MAP) and self._pending is not None:
-            (self.token, self._prints), self._pending = self._pending, None
+            (self.token, self._prints, self._carrier), self._pending = self._pending, None
 
     def release_message(self) -> list[tuple[str, torch.Tensor]] | None:
         """The message that makes the scheduler drop the mapped tensors (None: nothing mapped);
-        carried by a 0-element CPU tensor."""
-        if self.token is None:
+        carried by a mapped tensor."""
+        if self.token is None or self._carrier is None:
             return None
-        token, self.token, self._prints = self.token, None, None
-        return [(_RELEASE + token, torch.empty(0))]
+        token, carrier = self.token, self._carrier
+        self.token, self._prints, self._carrier = None, None, None
+        return [(_RELEASE + token, carrier)]
 
 
 def load_live(model: torch.nn.Module, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:

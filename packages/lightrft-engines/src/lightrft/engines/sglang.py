@@ -529,8 +529,12 @@ class SGLangEngine:
                     ),
                     self.device,
                 )
-            except Exception:
-                pass  # stopping it releases them too; a dead engine is stopped below either way
+            except Exception as e:  # stopping it releases them too; said, never silent
+                say_once(
+                    f"sglang-live-release-{id(self)}",
+                    f"SGLang live push: the release at shutdown failed ({type(e).__name__}: {e}); "
+                    "stopping the engine releases the mapped parameters instead",
+                )
         if self.engine is not None:
             engine, self.engine = self.engine, None
             try:

@@ -214,3 +214,31 @@ def test_overlapping_writes_keep_their_order():
     plan.push(model, [("a", torch.full((4, 2), 3.0)), ("b", torch.full((4, 2), 4.0))], model.load_weights)
     assert plan.stats["replayed"] == 2
     assert model.p.data[:, 0].tolist() == [3.0, 3.0, 4.0, 4.0, 4.0, 4.0]
+
+
+def test_the_replay_schedule_is_built_once_per_names_and_again_after_a_recording(monkeypatch) -> None:
+    # The steps of a replay (runs of copies, their targets and source views) depend on the recorded
+    # entries only: built at the first replay of a sequence of names, reused by every later one
+    # (the per-copy overlap scan ran on every push before), and rebuilt after anything records.
+    built: list[tuple[str, ...]] = []
+    real = CopyPlan._schedule
+    monkeypatch.setattr(CopyPlan, "_schedule", lambda self, names: built.append(names) or real(self, names))
+    reference, model, plan = VLLMLike(), VLLMLike(), CopyPlan()
+    plan.push(model, list(hf_weights(0).items()), model.load_weights)  # recorded: nothing replayed
+    assert built == [] and plan.refused == {"odd"}  # "odd" is loaded every time, never scheduled
+    names = tuple(n for n in hf_weights(0) if n != "odd")
+    for seed in (1, 2, 3):
+        plan.push(model, list(hf_weights(seed).items()), model.load_weights)
+    assert built == [names]  # once for three replays
+    reference.load_weights(list(hf_weights(3).items()))
+    for k, v in state(reference).items():
+        assert torch.equal(state(model)[k], v), k
+    # "q" in other strides records again (the rest of the push replays first, with its own names)
+    q_t = hf_weights(4)["q"].t().contiguous().t()
+    plan.push(model, [(n, q_t if n == "q" else t) for n, t in hf_weights(4).items()], model.load_weights)
+    assert built == [names, tuple(n for n in names if n != "q")]
+    plan.push(model, [(n, q_t if n == "q" else t) for n, t in hf_weights(5).items()], model.load_weights)
+    assert built == [names, tuple(n for n in names if n != "q"), names]  # the recording dropped it
+    reference.load_weights([(n, q_t if n == "q" else t) for n, t in hf_weights(5).items()])
+    for k, v in state(reference).items():
+        assert torch.equal(state(model)[k], v), k

@@ -151,6 +151,8 @@ class CopyPlan:
         self.refused: set[str] = set()
         self.disabled = False
         self.stats = {"recorded": 0, "replayed": 0, "loaded": 0}
+        #: Replay steps per sequence of names (:meth:`_schedule`); cleared by every recording.
+        self._schedules: dict[tuple[str, ...], list[_CopyRun | _OpStep]] = {}
 
     def _matches(self, name: str, t: torch.Tensor) -> bool:
         e = self.entries.get(name)
@@ -190,6 +192,7 @@ class CopyPlan:
         bucket: list[tuple[str, torch.Tensor]],
         load_weights: Callable[[list[tuple[str, torch.Tensor]]], Any],
     ) -> None:
+        self._schedules.clear()  # the entries change below
         params = [*model.parameters(), *model.buffers()]
         rec = _Recorder(params, bucket)
         with rec:
@@ -214,32 +217,88 @@ class CopyPlan:
         self.stats["recorded"] += len(bucket)
 
     def _replay(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        """Re-applies the recorded writes of ``named`` in order; runs of plain copies go to the
-        device as one ``_foreach_copy_`` (a write that is not a copy ends a run, and a copy whose
-        target overlaps one already in the run starts a new one, so the order is kept)."""
-        dsts: list[torch.Tensor] = []
-        srcs: list[torch.Tensor] = []
-        spans: list[tuple[int, int]] = []
+        """Re-applies the recorded writes of ``named`` in order, from the schedule of these names
+        (:meth:`_schedule`, built once per sequence of names): the incoming tensors are put into
+        the recorded views and each run of plain copies goes to the device as one
+        ``_foreach_copy_``."""
+        if not named:
+            return
+        key = tuple(n for n, _ in named)
+        steps = self._schedules.get(key)
+        if steps is None:
+            if len(self._schedules) >= _MAX_SCHEDULES:
+                self._schedules.clear()
+            steps = self._schedules[key] = self._schedule(key)
+        tensors = [t for _, t in named]
+        for step in steps:
+            if isinstance(step, _CopyRun):
+                srcs = [tensors[i] if v is None else v.of(tensors[i]) for i, v in step.srcs]
+                torch._foreach_copy_(step.dsts, srcs)
+            else:
+                t = tensors[step.index]
+                w = step.write
+                w.op(w.dst, *[a.of(t) if isinstance(a, _Src) else a for a in w.args])
+
+    def _schedule(self, names: tuple[str, ...]) -> list[_CopyRun | _OpStep]:
+        """The steps that replay ``names``' writes in order. Plain copies gather into runs (one
+        ``_foreach_copy_`` each); a write that is not a copy ends a run, and a copy whose target
+        overlaps one already in the run starts a new one, so the order of overlapping writes is
+        kept. A source view that is the whole incoming tensor is taken as it is (no
+        ``as_strided``). The steps depend on the recorded entries only (targets, views, ops), never
+        on the values pushed: built once per sequence of names, dropped when anything is recorded
+        again."""
+        steps: list[_CopyRun | _OpStep] = []
+        run = _CopyRun([], [], [])
 
         def flush() -> None:
-            if dsts:
-                torch._foreach_copy_(dsts, srcs)
-                dsts.clear(), srcs.clear(), spans.clear()
+            nonlocal run
+            if run.dsts:
+                steps.append(run)
+                run = _CopyRun([], [], [])
 
-        for name, t in named:
-            for w in self.entries[name].writes:
-                args = [a.of(t) if isinstance(a, _Src) else a for a in w.args]
-                if w.op is torch.ops.aten.copy_.default and len(args) == 1:
+        for i, name in enumerate(names):
+            e = self.entries[name]
+            for w in e.writes:
+                if w.op is torch.ops.aten.copy_.default and len(w.args) == 1:
                     span = _span(w.dst)
-                    if any(lo < span[1] and span[0] < hi for lo, hi in spans):
+                    if any(lo < span[1] and span[0] < hi for lo, hi in run.spans):
                         flush()
-                    dsts.append(w.dst)
-                    srcs.append(args[0])
-                    spans.append(span)
+                    a = w.args[0]
+                    whole = isinstance(a, _Src) and (a.size, a.stride, a.offset) == (e.shape, e.stride, 0)
+                    if not isinstance(a, _Src):  # a constant source: replayed by the op itself
+                        flush()
+                        steps.append(_OpStep(w, i))
+                        continue
+                    run.dsts.append(w.dst)
+                    run.srcs.append((i, None if whole else a))
+                    run.spans.append(span)
                 else:
                     flush()
-                    w.op(w.dst, *args)
+                    steps.append(_OpStep(w, i))
         flush()
+        return steps
+
+
+#: Schedules kept per plan (one per sequence of names pushed; a push is one or a few buckets).
+_MAX_SCHEDULES = 64
+
+
+@dataclass
+class _CopyRun:
+    """Plain copies replayed as one ``_foreach_copy_``: targets, and for each its incoming tensor
+    (by position in the push) with the recorded view of it (None: the whole tensor)."""
+
+    dsts: list[torch.Tensor]
+    srcs: list[tuple[int, _Src | None]]
+    spans: list[tuple[int, int]]
+
+
+@dataclass
+class _OpStep:
+    """Any other recorded write, applied to the incoming tensor at ``index``."""
+
+    write: _Write
+    index: int
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

@@ -217,6 +217,22 @@ def summarize(
         checks["logprobs"] = "fail" if bad_lp else "pass"
         if bad_lp:
             reasons["logprobs"] = f"mean |dlogp| above tolerance at iterations {bad_lp}"
+    # The engine's weights read back at each check: the first rows of a few parameters equal the
+    # trained model's, cast to the engine's dtype, bitwise (``weights_equal``; ``weights_error``
+    # when they could not be read). Not evaluated (so not passed) when no check read them.
+    read = [c for c in logprob_checks if "weights_equal" in c]
+    if not read:
+        checks["weights"] = "not evaluated"
+        reasons["weights"] = "no check read the engine's weights back"
+    else:
+        bad_w = [c["iteration"] for c in read if c["weights_equal"] is not True]
+        checks["weights"] = "fail" if bad_w else "pass"
+        if bad_w:
+            errors = sorted({c["weights_error"] for c in read if c.get("weights_error")})
+            reasons["weights"] = (
+                f"engine weights differ from the trained ones (or unread) at iterations {bad_w}"
+                + (f": {errors}" if errors else "")
+            )
     out["checks"], out["reasons"] = checks, reasons
     out["passed"] = all(v == "pass" for v in checks.values())
     return out
@@ -270,9 +286,11 @@ def format_table(summary: Mapping[str, Any], medians: Mapping[str, float]) -> st
     for c in summary.get("logprob_checks", []):
         stale = c.get("stale_mean_abs_diff")
         stale_txt = f", stale engine {stale:.4f}" if stale is not None else ""
+        weights = c.get("weights_equal")
+        weights_txt = "" if "weights_equal" not in c else f", weights {'equal' if weights else 'DIFFER'}"
         lines.append(
             f"logprob check it {c['iteration']}: mean |dlogp| {c['mean_abs_diff']:.4f} "
-            f"(max {c.get('max_abs_diff', float('nan')):.4f}) tol {c['tol']:.4f}{stale_txt}"
+            f"(max {c.get('max_abs_diff', float('nan')):.4f}) tol {c['tol']:.4f}{stale_txt}{weights_txt}"
         )
     for name, status in summary["checks"].items():
         why = summary["reasons"].get(name, "")

@@ -25,10 +25,14 @@ Every ``--check-every`` iterations (and at the last) the engine's log-probs on a
 are compared with a forward pass of the trained model right after the push (``_soak.logprob_tolerance``
 says how the tolerance follows from bf16 arithmetic). The first check's engine outputs scored by
 the current model are reported beside it (``stale``): what an engine that never received a push
-since then would score, to show whether the check can tell the two apart.
+since then would score, to show whether the check can tell the two apart (at this learning rate
+it often cannot within 25 iterations: on 2026-12-04 the stale score stayed under the tolerance
+until iteration 99 at 3.5B). So each check also reads the first rows of a few parameters back from
+the engine (``weight_rows``, :func:`weight_names`) and requires them bitwise equal to the trained
+model's, read from its training state and cast to the engine's dtype (``weights``).
 
 At the end: the pass checks (``_soak.py``: drift <= 1 % after warm-up, no recompile or recapture,
-log-probs within tolerance), ``summary.json``, a table, ``soak.png``. Exits 1 when a check fails
+log-probs within tolerance, the engine's weights equal to the trained ones), ``summary.json``, a table, ``soak.png``. Exits 1 when a check fails
 or is not evaluated. ``--plot DIR_OR_JSONL`` redraws the plot (and the summary) from a JSONL later.
 
 CPU dry run: ``--device cpu --engine hf --model tiny --iterations 30``.
@@ -316,6 +320,62 @@ def build_model(name: str, device: str, dtype: Any) -> Any:
     return model.to(dtype)
 
 
+#: Rows of each parameter the log-prob check also reads back from the engine (``weight_rows``).
+WEIGHT_ROWS = 4
+
+
+def weight_names(engine_type: str, n_layers: int) -> list[str]:
+    """The parameters the check reads back. vLLM and HF: parameters vLLM keeps unfused under
+    their Hugging Face names (the first attention output, the last MLP output, the embedding),
+    sliced on the device. SGLang: its ``get_weights_by_name`` turns the whole parameter into a
+    Python list in the scheduler before it truncates (a 32000 x 3072 embedding would be 98M
+    floats), so the smallest matrices, the first and last ``k_proj`` (a slice of its fused
+    ``qkv_proj``, which SGLang maps)."""
+    if engine_type == "sglang":
+        return [f"model.layers.{i}.self_attn.k_proj.weight" for i in (0, n_layers - 1)]
+    return [
+        "model.layers.0.self_attn.o_proj.weight",
+        f"model.layers.{n_layers - 1}.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ]
+
+
+def trained_rows(strategy: Any, actor: Any, name: str, rows: int) -> Any:
+    """The first ``rows`` rows of the trained parameter ``name``, on the host, read from the
+    training state itself (FSDP2: the DTensor's full value; ZeRO-3: the gathered partition), not
+    through the push's buckets."""
+    import torch
+
+    param = dict(strategy.unwrap_model(actor).named_parameters())[name]
+    with torch.no_grad():
+        if hasattr(param, "ds_id"):  # a ZeRO-3 partition
+            from lightrft.deepspeed.zero_state import gathered
+
+            with gathered([param]):
+                return param.data[:rows].to("cpu", copy=True)
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        return full.detach()[:rows].to("cpu", copy=True)
+
+
+def weights_read_back(strategy: Any, actor: Any, engine: Any, names: list[str]) -> dict[str, Any]:
+    """``weights_equal``: the engine's first rows of ``names`` (``weight_rows``) equal the trained
+    ones cast to the engine's dtype, bitwise (a push rounds each master once); None with
+    ``weights_error`` when they could not be read."""
+    import torch
+
+    try:
+        equal = True
+        for name in names:
+            got = engine.weight_rows(name, WEIGHT_ROWS)
+            if got is None:  # another rank of the engine's group
+                return {}
+            want = trained_rows(strategy, actor, name, WEIGHT_ROWS).to(got.dtype)
+            equal = equal and torch.equal(got, want)
+        return {"weights_equal": equal}
+    except Exception as e:  # reported in the summary (the check fails), the soak goes on
+        return {"weights_equal": None, "weights_error": f"{type(e).__name__}: {e}"}
+
+
 def token_logprobs(actor: Any, seqs: list[list[int]], starts: list[int]) -> tuple[list[Any], Any]:
     """Log-probs (float32) of ``seq[start:]`` under ``actor`` for each sequence, and the logits'
     RMS over those positions; sequences right-padded to one length."""
@@ -521,11 +581,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if first_check is None:
             first_check = (seqs, eng)
+        res.update(weights_read_back(strategy, actor, engine, weight_names(a.engine, n_layers)))
         res["check_s"] = time.perf_counter() - t0
         lp_checks.append(res)
         say(
             f"  logprob check it {it}: mean |dlogp| {res['mean_abs_diff']:.4f} max {res['max_abs_diff']:.4f} "
-            f"tol {res['tol']:.4f} stale {res.get('stale_mean_abs_diff', float('nan')):.4f}"
+            f"tol {res['tol']:.4f} stale {res.get('stale_mean_abs_diff', float('nan')):.4f} "
+            f"weights equal {res.get('weights_equal')}{' ' + res['weights_error'] if res.get('weights_error') else ''}"
         )
 
     g = torch.Generator().manual_seed(7)

@@ -100,14 +100,14 @@ def _records(n: int, rss_step: float = 0.0, spike_at: int | None = None) -> list
     return out
 
 
-def _check(it: int, diff: float, tol: float = 0.1) -> dict:
-    return {"iteration": it, "mean_abs_diff": diff, "tol": tol}
+def _check(it: int, diff: float, tol: float = 0.1, weights_equal: bool | None = True) -> dict:
+    return {"iteration": it, "mean_abs_diff": diff, "tol": tol, "weights_equal": weights_equal}
 
 
 def test_summary_passes_a_steady_run() -> None:
     s = summarize(_records(110), [_check(10, 0.01), _check(109, 0.02)], warmup=10)
     assert s["steady"] == 100
-    assert s["checks"] == {"drift": "pass", "no_recompile": "pass", "logprobs": "pass"}
+    assert s["checks"] == {"drift": "pass", "no_recompile": "pass", "logprobs": "pass", "weights": "pass"}
     assert s["passed"] is True
     assert set(s["drift"]) == {"mem_train_used", "host_rss", "iter_s"}
 
@@ -229,3 +229,17 @@ def test_phase_medians_report_the_host_cpu_seconds_after_warmup_when_recorded() 
     recs = [{"iter_s": float(i), "iter_cpu_s": float(i), "children_cpu_s": i / 10} for i in range(5)]
     assert phase_medians(recs, warmup=2) == {"iter_s": 3.0, "iter_cpu_s": 3.0, "children_cpu_s": 0.3}
     assert "children_cpu_s" not in phase_medians([{"iter_s": 1.0}], warmup=0)  # older runs' records
+
+
+def test_summary_gates_the_engine_weights_read_back_at_the_checks() -> None:
+    recs = _records(40)
+    s = summarize(recs, [_check(10, 0.0), _check(35, 0.0, weights_equal=False)], warmup=10)
+    assert s["checks"]["weights"] == "fail" and "[35]" in s["reasons"]["weights"]
+    assert s["checks"]["logprobs"] == "pass" and s["passed"] is False  # log-probs alone do not pass it
+    unread = {**_check(35, 0.0, weights_equal=None), "weights_error": "KeyError('x')"}
+    s = summarize(recs, [_check(10, 0.0), unread], warmup=10)
+    assert s["checks"]["weights"] == "fail" and "KeyError('x')" in s["reasons"]["weights"]
+    old = [{"iteration": 10, "mean_abs_diff": 0.0, "tol": 0.1}]  # a run from before the read-back
+    s = summarize(recs, old, warmup=10)
+    assert s["checks"]["weights"] == "not evaluated" and s["passed"] is False
+    assert "weights equal" in format_table(summarize(recs, [_check(10, 0.0)], warmup=10), {})

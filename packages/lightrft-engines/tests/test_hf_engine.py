@@ -29,6 +29,21 @@ def test_weights_flow_from_the_strategy_into_generation():
     assert after.output_token_ids != before  # different seeds, different greedy continuations
 
 
+def test_weight_rows_read_back_the_pushed_weights_in_the_engine_dtype():
+    strategy = get_fake_strategy({"train_batch_size": 2, "micro_train_batch_size": 2, "bf16": True})
+    trained = make_tiny_llama(seed=1)
+    engine = strategy.setup_inference_engine(model=make_tiny_llama(seed=2), engine_type="hf")
+    strategy.prepare((trained, strategy.create_optimizer(trained), None))
+    strategy.update_engine_weights(trained)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    rows = engine.weight_rows(name, 2)
+    want = dict(trained.named_parameters())[name].detach()[:2].to(torch.bfloat16)
+    assert rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and rows.shape == want.shape
+    assert torch.equal(rows, want)  # the push rounds once to bf16: bitwise the cast master
+    with pytest.raises(KeyError, match="no parameter 'model.nope'"):
+        engine.weight_rows("model.nope", 2)
+
+
 def test_sampling_n_logprobs_and_stop():
     engine = __import__("lightrft.engines", fromlist=["HFEngine"]).HFEngine(model=make_tiny_llama(seed=3))
     out = engine.generate(

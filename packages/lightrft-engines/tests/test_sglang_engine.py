@@ -79,6 +79,10 @@ class RecordingSGLangEngine:
             params[name].copy_(t)
 
     # ---------------------------------------------------------------- weights
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any:
+        params = dict(self.model.named_parameters())  # SGLang: None (and a log line) when unknown
+        return None if name not in params else params[name].detach().float()[:truncate_size].tolist()
+
     def update_weights_from_tensor(
         self, named_tensors: list[Any], load_format: str | None = None, flush_cache: bool = True
     ) -> tuple[bool, str]:
@@ -446,6 +450,21 @@ def test_needs_a_model_or_path() -> None:
 
 
 # ------------------------------------------------------------------ construction
+def test_weight_rows_read_back_the_pushed_weights_in_the_engine_dtype() -> None:
+    strategy = _strategy(bf16=True)
+    actor = make_tiny_llama(seed=4)
+    engine, _ = _setup(strategy, make_tiny_llama(seed=0))
+    strategy.update_engine_weights(actor)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    rows = engine.weight_rows(name, 3)
+    assert rows is not None and rows.dtype == torch.bfloat16
+    assert torch.equal(rows, dict(actor.named_parameters())[name].detach()[:3].to(torch.bfloat16))
+    with pytest.raises(KeyError, match="no parameter 'model.nope'"):
+        engine.weight_rows("model.nope", 3)
+    engine.is_leader = False  # another rank of the engine's group reads nothing
+    assert engine.weight_rows(name, 3) is None
+
+
 def test_server_args_from_strategy_config() -> None:
     strategy = _strategy(engine_mem_util=0.3, enable_engine_sleep=True, engine_sleep_level=2, bf16=True)
     engine, double = _setup(strategy, make_tiny_llama(seed=0))

@@ -91,6 +91,17 @@ def test_after_a_step_and_a_push_generations_equal_a_fresh_engine_of_the_trained
     strategy.setup_inference_engine(model=fresh_model, tokenizer=tiny_tokenizer())
 
 
+def test_weight_rows_read_back_the_pushed_weights(trained_setup):
+    strategy, _, actor, _, _, _ = trained_setup
+    engine = strategy.inference_engine
+    trained = full_weights(strategy, actor)
+    for name in ("model.layers.0.self_attn.o_proj.weight", "model.embed_tokens.weight"):
+        rows = engine.weight_rows(name, 2)
+        assert rows.device.type == "cpu" and torch.equal(rows, trained[name][:2].to(rows.dtype)), name
+    with pytest.raises(Exception, match="no parameter 'model.nope'"):
+        engine.weight_rows("model.nope", 2)
+
+
 def test_perturb_then_restore_round_trip(trained_setup):
     strategy, _, actor, prompts, _, after = trained_setup
     engine = strategy.inference_engine

@@ -50,3 +50,11 @@ class LightRFTWorkerExtension:
         """A float sum over every parameter of this worker's shard (tests: did weights change)."""
         model: Any = compat.model_of(self)
         return float(sum(p.detach().float().sum() for p in model.parameters()))
+
+    def lrft_param_rows(self, name: str, rows: int) -> Any:
+        """The first ``rows`` rows of this worker's parameter ``name``, copied to the host."""
+        model: Any = compat.model_of(self)
+        params = dict(model.named_parameters())
+        if name not in params:
+            raise KeyError(f"lrft_param_rows: no parameter {name!r}; the worker has {sorted(params)[:5]}...")
+        return params[name].detach()[:rows].to("cpu", copy=True)

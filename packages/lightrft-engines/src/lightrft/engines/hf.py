@@ -304,6 +304,16 @@ class HFEngine:
     def reset_prefix_cache(self) -> None:
         """HFEngine keeps no cache between calls: nothing to reset."""
 
+    def weight_rows(self, name: str, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows of the engine's parameter ``name`` (as the engine names it), on
+        the host in the engine's dtype: a check that the engine holds the pushed weights."""
+        param = self._params.get(name)
+        if param is None:
+            raise KeyError(
+                f"HFEngine.weight_rows: no parameter {name!r}; the engine has {sorted(self._params)[:5]}..."
+            )
+        return param.detach()[:rows].to("cpu", copy=True)
+
     def shutdown(self) -> None:
         """Frees the model copy; the engine cannot be used afterwards."""
         self._saved_buffers = {}

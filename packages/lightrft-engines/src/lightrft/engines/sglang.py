@@ -513,6 +513,19 @@ class SGLangEngine:
             )
             self._released -= set(todo)
 
+    def weight_rows(self, name: str, rows: int) -> torch.Tensor | None:
+        """The first ``rows`` rows of the engine's parameter ``name`` (Hugging Face names: SGLang
+        maps ``q/k/v`` and ``gate/up`` into its fused ones), on the host in the engine's dtype, on
+        the group's first rank (None on the others): a check that the engine holds the pushed
+        weights (``Engine.get_weights_by_name``, which reads float32 values)."""
+        self._check_open()
+        if not self.is_leader:
+            return None
+        values = self.engine.get_weights_by_name(name, truncate_size=rows)
+        if values is None:
+            raise KeyError(f"SGLangEngine.weight_rows: SGLang has no parameter {name!r} (see its log)")
+        return torch.tensor(values, dtype=torch.float32).to(getattr(torch, self.dtype_name))
+
     def shutdown(self) -> None:
         """Stops the engine's processes, dead engine or alive, and reaps them
         (:meth:`EngineProcesses.shutdown`); every later call raises."""

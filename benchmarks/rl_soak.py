@@ -130,9 +130,9 @@ def process_tree() -> list[int]:
     return out
 
 
-def host_rss(tree: list[int] | None = None) -> tuple[int, int, dict[str, int]]:
-    """(this process's RSS, RSS of this process and all its descendants, RSS per pid of that tree)
-    in bytes, from /proc. The per-pid map lets the summary gate the processes that live through
+def host_rss(tree: list[int]) -> tuple[int, int, dict[str, int]]:
+    """(this process's RSS, RSS of this process and all its descendants, RSS per pid of that tree:
+    ``process_tree()``) in bytes, from /proc. The per-pid map lets the summary gate the processes that live through
     the whole run apart from helpers that start or exit in it (``_soak.persistent_tree_rss``)."""
 
     def rss(pid: int) -> int:
@@ -145,7 +145,6 @@ def host_rss(tree: list[int] | None = None) -> tuple[int, int, dict[str, int]]:
             pass
         return 0
 
-    tree = tree if tree is not None else process_tree()
     per_pid = {str(pid): rss(pid) for pid in tree}
     return per_pid[str(tree[0])], sum(per_pid.values()), per_pid
 

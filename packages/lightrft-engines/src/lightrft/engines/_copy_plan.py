@@ -248,31 +248,29 @@ class CopyPlan:
         on the values pushed: built once per sequence of names, dropped when anything is recorded
         again."""
         steps: list[_CopyRun | _OpStep] = []
-        run = _CopyRun([], [], [])
+        run = _CopyRun([], [])
+        spans: list[tuple[int, int]] = []  # the targets of the run being gathered
 
         def flush() -> None:
             nonlocal run
             if run.dsts:
                 steps.append(run)
-                run = _CopyRun([], [], [])
+                run = _CopyRun([], [])
+                spans.clear()
 
         for i, name in enumerate(names):
             e = self.entries[name]
             for w in e.writes:
-                if w.op is torch.ops.aten.copy_.default and len(w.args) == 1:
+                a = w.args[0] if len(w.args) == 1 else None
+                if w.op is torch.ops.aten.copy_.default and isinstance(a, _Src):
                     span = _span(w.dst)
-                    if any(lo < span[1] and span[0] < hi for lo, hi in run.spans):
+                    if any(lo < span[1] and span[0] < hi for lo, hi in spans):
                         flush()
-                    a = w.args[0]
-                    whole = isinstance(a, _Src) and (a.size, a.stride, a.offset) == (e.shape, e.stride, 0)
-                    if not isinstance(a, _Src):  # a constant source: replayed by the op itself
-                        flush()
-                        steps.append(_OpStep(w, i))
-                        continue
+                    whole = (a.size, a.stride, a.offset) == (e.shape, e.stride, 0)
                     run.dsts.append(w.dst)
                     run.srcs.append((i, None if whole else a))
-                    run.spans.append(span)
-                else:
+                    spans.append(span)
+                else:  # any other write, a copy from a constant among them, keeps its place
                     flush()
                     steps.append(_OpStep(w, i))
         flush()
@@ -290,7 +288,6 @@ class _CopyRun:
 
     dsts: list[torch.Tensor]
     srcs: list[tuple[int, _Src | None]]
-    spans: list[tuple[int, int]]
 
 
 @dataclass

@@ -279,6 +279,11 @@ def format_table(summary: Mapping[str, Any], medians: Mapping[str, float]) -> st
             f"  {'host_ref_s (host speed, not gated)':<42} {ref['first']:>11.4g} {ref['last']:>11.4g} "
             f"{ref['drift']:>+8.3%}"
         )
+    steal = summary.get("host_steal")
+    if steal and steal["drift"] is not None:
+        lines.append(
+            f"  {'host steal share (medians, not gated)':<42} {steal['first']:>11.2%} {steal['last']:>11.2%}"
+        )
     transient = summary.get("host_tree", {}).get("transient_pids", {})
     if transient:
         spans = ", ".join(f"pid {p} (it {a}-{b})" for p, (a, b) in transient.items())
@@ -297,6 +302,25 @@ def format_table(summary: Mapping[str, Any], medians: Mapping[str, float]) -> st
         lines.append(f"CHECK {name:<14} {status.upper()}{': ' + why if why else ''}")
     lines.append("PASSED" if summary["passed"] else "FAILED")
     return "\n".join(lines)
+
+
+def busy_time(intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: the time the device was busy with at
+    least one kernel, copy or fill (overlapping streams count once). An interval with
+    ``end < start`` is invalid."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if end < start:
+            raise ValueError(f"interval ({start}, {end}) is invalid: it ends before it starts")
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
 
 
 # ------------------------------------------------------------------ live Python objects

@@ -41,12 +41,14 @@ CPU dry run: ``--device cpu --engine hf --model tiny --iterations 30``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,39 @@ def children_cpu_s(tree: list[int]) -> dict[int, float]:
             continue
         out[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     return out
+
+
+def host_cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs so far, from /proc/stat's ``cpu`` line (None where it
+    cannot be read). Differenced over an iteration, steal / total is the share of the host's CPU
+    time its hypervisor gave to other guests: a host that slows for that reason shows it here."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(x) for x in fields[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is in user already
+    return ticks[7], sum(ticks[:8])
+
+
+def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Steal ticks over all ticks between two :func:`host_cpu_ticks` readings (None without both
+    or without ticks between them)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def current_cpu() -> int | None:
+    """The CPU this process's main thread last ran on (``/proc/self/stat`` field 39)."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def host_topology() -> dict[str, Any]:
@@ -425,6 +460,50 @@ def advantages(rewards: list[float], group: int) -> list[float]:
     return out
 
 
+def train_step(
+    strategy: Any,
+    actor: Any,
+    optim: Any,
+    batch: Sequence[tuple[list[int], int, Sequence[float]]],
+    adv: Sequence[float],
+    micro: int,
+    mark: Callable[[str], Any] = lambda name: contextlib.nullcontext(),
+) -> tuple[Any, Any, int]:
+    """One optimizer step accumulated over micro-batches of ``micro`` sequences, the GRPO loss
+    against the engine's log-probs. ``batch``: (tokens, prompt length, the engine's log-probs of
+    ``tokens[prompt length:]``) per sequence; ``adv`` their advantages. Returns the last
+    micro-batch's loss, the summed |log p_train - log p_engine| (a device tensor: read once, by the
+    caller) and the number of tokens it sums over. ``mark(name)`` wraps each part (``fwd``,
+    ``loss``, ``bwd``, ``step``) in a context (``train_step_profile.py`` labels them for the
+    profiler). No host sync of its own: the host waits for the device once, where the caller
+    synchronizes."""
+    import torch
+
+    mad_sum: Any = 0.0
+    mad_n = 0
+    loss: Any = None
+    for m in range(0, len(batch), micro):
+        chunk = batch[m : m + micro]
+        with mark("fwd"):
+            lps, _ = token_logprobs(actor, [s for s, _, _ in chunk], [st for _, st, _ in chunk])
+        with mark("loss"):
+            # The engine's log-probs in one copy to the device per micro-batch, and the |dlogp|
+            # diagnostic summed there: the host waits for the device once per iteration, not once
+            # per sequence (64 waits that serialized the host's launches with the device's work).
+            flat = torch.tensor([v for _, _, lp in chunk for v in lp], dtype=torch.float32)
+            old = list(flat.to(lps[0].device).split([len(lp) for _, _, lp in chunk]))
+            with torch.no_grad():
+                for new, ref in zip(lps, old):
+                    mad_sum = mad_sum + (new.detach() - ref).abs().sum()
+                    mad_n += new.numel()
+            loss = grpo_loss(lps, old, adv[m : m + micro])
+        with mark("bwd"):
+            strategy.backward(loss, actor, optim)
+        with mark("step"):
+            strategy.optimizer_step(optim, actor, None)
+    return loss, mad_sum, mad_n
+
+
 # ------------------------------------------------------------------------------------ run
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
@@ -606,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.prompts)]
         t_it, cpu_it = time.perf_counter(), time.process_time()
         children_cpu_0 = children_cpu_s(process_tree())
+        ticks_0 = host_cpu_ticks()
 
         # 1. generate
         probes.sync()
@@ -630,24 +710,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
         adv = advantages(rewards, a.samples)
         t0 = time.perf_counter()
-        mad_sum, mad_n = 0.0, 0
-        for m in range(0, n_seq, a.micro_train_batch):
-            chunk = outs[m : m + a.micro_train_batch]
-            seqs = [list(o.prompt_token_ids) + list(o.output_token_ids) for o in chunk]
-            starts = [len(o.prompt_token_ids) for o in chunk]
-            lps, _ = token_logprobs(actor, seqs, starts)
-            # The engine's log-probs in one copy to the device per micro-batch, and the |dlogp|
-            # diagnostic summed there: the host waits for the device once per iteration, not once
-            # per sequence (64 waits that serialized the host's launches with the device's work).
-            flat = torch.tensor([v for o in chunk for v in o.logprobs], dtype=torch.float32)
-            old = list(flat.to(lps[0].device).split([len(o.logprobs) for o in chunk]))
-            with torch.no_grad():
-                for new, ref in zip(lps, old):
-                    mad_sum = mad_sum + (new.detach() - ref).abs().sum()
-                    mad_n += new.numel()
-            loss = grpo_loss(lps, old, adv[m : m + a.micro_train_batch])
-            strategy.backward(loss, actor, optim)
-            strategy.optimizer_step(optim, actor, None)
+        batch = [
+            (list(o.prompt_token_ids) + list(o.output_token_ids), len(o.prompt_token_ids), o.logprobs)
+            for o in outs
+        ]
+        loss, mad_sum, mad_n = train_step(strategy, actor, optim, batch, adv, a.micro_train_batch)
         probes.sync()
         rec["train_s"] = time.perf_counter() - t0
         rec["loss"] = float(loss.detach())
@@ -669,6 +736,10 @@ def main(argv: list[str] | None = None) -> int:
         # slows every phase at once).
         rec["iter_cpu_s"] = time.process_time() - cpu_it
         rec["sm_clock_mhz"] = probes.sm_clock_mhz()
+        # Reported: the hypervisor's steal share of all CPUs in the iteration, and the CPU the main
+        # thread ran on at its end (a host that slows in some stretches of the run: which cause)
+        rec["host_steal_frac"] = steal_fraction(ticks_0, host_cpu_ticks())
+        rec["main_cpu"] = current_cpu()
 
         tree = process_tree()
         children_cpu_1 = children_cpu_s(tree)
@@ -741,6 +812,14 @@ def main(argv: list[str] | None = None) -> int:
             "gc_objects_drift": _soak.drift([float(r["gc_objects"]) for r in records[a.warmup :]]),
             # Reported, not gated: the host's speed (a fixed pure-Python workload) over the run.
             "host_ref_drift": _soak.drift([float(r["host_ref_s"]) for r in records[a.warmup :]]),
+            # Reported, not gated: the hypervisor's steal share, first tenth -> last tenth
+            "host_steal": _soak.drift(
+                [
+                    float(r["host_steal_frac"])
+                    for r in records[a.warmup :]
+                    if r.get("host_steal_frac") is not None
+                ]
+            ),
             "last_census": census_last,
             "host": host_topology(),
             "versions": versions(a.engine),

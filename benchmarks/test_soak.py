@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _soak import (  # noqa: E402
+    busy_time,
     drift,
     format_table,
     host_reference,
@@ -243,3 +244,35 @@ def test_summary_gates_the_engine_weights_read_back_at_the_checks() -> None:
     s = summarize(recs, old, warmup=10)
     assert s["checks"]["weights"] == "not evaluated" and s["passed"] is False
     assert "weights equal" in format_table(summarize(recs, [_check(10, 0.0)], warmup=10), {})
+
+
+def test_busy_time_counts_overlapping_device_intervals_once() -> None:
+    # [0, 2] and [1, 3] overlap into [0, 3]; [5, 6] apart; [5.5, 5.7] inside it; a zero-length one
+    # at 10: 3 + 1 + 0 = 4, whatever the order given.
+    spans = [(5.0, 6.0), (0.0, 2.0), (10.0, 10.0), (1.0, 3.0), (5.5, 5.7)]
+    assert busy_time(spans) == 4.0
+    assert busy_time([]) == 0.0
+    assert busy_time([(1.0, 2.0), (2.0, 4.0)]) == 3.0  # touching intervals: no gap, no double count
+    with pytest.raises(ValueError, match=r"ends before it starts"):
+        busy_time([(2.0, 1.0)])
+
+
+def test_the_table_reports_the_hosts_steal_share() -> None:
+    summary = summarize(_records(40), [_check(20, 0.01)], 10, gate_device_memory=False)
+    summary["host_steal"] = drift([0.0] * 15 + [0.125] * 15)
+    table = format_table(summary, {})
+    assert "host steal share (medians, not gated)" in table and "0.00%" in table and "12.50%" in table
+
+
+def test_steal_fraction_is_steal_ticks_over_all_ticks_between_two_readings() -> None:
+    import rl_soak
+
+    # 30 of 200 ticks stolen between the readings; none of it without a reading or without ticks.
+    assert rl_soak.steal_fraction((10, 1000), (40, 1200)) == 30 / 200
+    assert rl_soak.steal_fraction(None, (40, 1200)) is None
+    assert rl_soak.steal_fraction((10, 1000), (10, 1000)) is None
+    now = rl_soak.host_cpu_ticks()
+    if Path("/proc/stat").exists():  # Linux: steal is one of the summed fields
+        assert now is not None and 0 <= now[0] <= now[1]
+    cpu = rl_soak.current_cpu()
+    assert cpu is None or 0 <= cpu < 4096

@@ -15,7 +15,8 @@ training step so that the pushed weights differ from the initial ones:
   in-process; SGLang ``flush_cache``, to its scheduler process): the fixed cost of any call;
 - ``push_s``: ``strategy.update_engine_weights(actor)`` on an awake engine (median of 5), and
   ``push_fixed_s``: one push of the smallest parameter through the same engine path (the fixed cost
-  per push). Floor: the fp32 master read once and the engine's bf16 weights written once
+  per push; ``push_fixed_asleep_s`` the same where the RL loop pushes, between a level-2 sleep and
+  the KV cache's wake: SGLang flushes no prefix cache there, its release did). Floor: the fp32 master read once and the engine's bf16 weights written once
   (``6 B/param`` for FSDP2; ZeRO-3 gathers its bf16 parameters: ``4 B/param``) over ``bw_dev``,
   plus the all-gather of the bf16 bytes on several ranks, plus ``push_fixed_s``;
 - SGLang on one rank (``push_live``): ``push_s`` is the live push (the masters mapped into the
@@ -405,6 +406,7 @@ def main() -> int:
     )
     engine.update_weights([[small]])
     res["push_fixed_s"] = _median_time(lambda: engine.update_weights([[small]]), 9)
+    fixed_kw: dict[str, Any] = {}  # how the loop's own pushes go (SGLang's live path: live_storages)
     if getattr(engine, "live_loader", False):
         # SGLang's live push (the default on one rank) against its flattened buckets, same run.
         res["push_live"] = True
@@ -415,6 +417,7 @@ def main() -> int:
         res["push_flat_fixed_s"] = res["push_fixed_s"]
         engine.live_loader = True
         small_live = {small[1].untyped_storage().data_ptr()}
+        fixed_kw["live_storages"] = small_live
         engine.update_weights([[small]], live_storages=small_live)  # maps the one tensor
         res["push_fixed_s"] = _median_time(
             lambda: engine.update_weights([[small]], live_storages=small_live), 9
@@ -498,6 +501,15 @@ def main() -> int:
         # Level 2: the whole way back is update_engine_weights (wake weights, push, wake the rest).
         res[f"back{level}_s"] = statistics.median(rows["back_s"][1:])
         res[f"cycle{level}_s"] = res[f"sleep{level}_s"] + res[f"back{level}_s"]
+        if level == 2:
+            # The fixed cost of a push where the RL loop makes it: weights woken, KV cache still
+            # released (SGLang then makes no flush of the prefix cache: the release did it).
+            strategy.maybe_sleep_inference_engine(level=2)
+            engine.wake_up(tags=["weights"])
+            engine.update_weights([[small]], **fixed_kw)
+            res["push_fixed_asleep_s"] = _median_time(lambda: engine.update_weights([[small]], **fixed_kw), 9)
+            strategy.update_engine_weights(actor)  # every weight again, then the rest woken
+            res["identical_after_wake2"] = res["identical_after_wake2"] and gen() == awake
 
     # ---------------------------------------------------------------- everything the engine holds
     awake_used = _used()
@@ -571,6 +583,7 @@ def table(res: dict[str, Any], all_res: list[dict[str, Any]]) -> str:
 
     row("push (bucketed)", "push_s", "push_floor_s")
     row("push fixed (1 tensor)", "push_fixed_s", None)
+    row("push fixed, KV released", "push_fixed_asleep_s", None)
     row("push (flattened, SGLang)", "push_flat_s", "push_floor_s")
     row("push fixed (flattened)", "push_flat_fixed_s", None)
     row("per-param (ours)", "per_param_s", "push_floor_s")

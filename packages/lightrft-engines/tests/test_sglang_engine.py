@@ -70,6 +70,11 @@ class RecordingSGLangEngine:
         #: The names of each live-push message (``_sglang_live``), in order.
         self.live_messages: list[list[str]] = []
         self.model.load_weights = self._load_weights  # SGLang's models load by name
+        #: The prefix cache holds KV of weights older than the last update: set by an update,
+        #: cleared by what flushes it in SGLang (``flush_cache``, an update's ``flush_cache=True``,
+        #: releasing the KV cache). SGLang would serve from it in silence; the double refuses.
+        self.stale_prefix_cache = False
+        self.released: set[str] = set()  # tags released and not resumed
 
     @torch.no_grad()
     def _load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
@@ -92,6 +97,10 @@ class RecordingSGLangEngine:
             return False, "injected failure"
         if self.runtime.version >= (0, 5, 21) and not self.in_session:
             return False, "must run between begin_weight_update() and end_weight_update()"
+        if flush_cache:  # SGLang flushes after a successful load when asked
+            self.stale_prefix_cache = False
+        elif "kv_cache" not in self.released:  # a released cache holds nothing
+            self.stale_prefix_cache = True
         if load_format == live_push.LOADER:  # tensors by reference, as after SGLang's IPC
             self.live_messages.append([n for n, _ in named_tensors])
             self.payload_dtypes.update(t.dtype for _, t in named_tensors[1:])
@@ -125,11 +134,15 @@ class RecordingSGLangEngine:
 
     def flush_cache(self) -> Any:
         self.calls.append(("flush_cache", None))
+        self.stale_prefix_cache = False
         return type("FlushCacheReqOutput", (), {"success": True})()
 
     # ------------------------------------------------------------------ memory
     def release_memory_occupation(self, tags: list[str] | None = None) -> None:
         self.calls.append(("release_memory_occupation", list(tags or [])))
+        self.released |= set(tags or [])
+        if "kv_cache" in (tags or []):  # SGLang's release flushes the caches it frees
+            self.stale_prefix_cache = False
         if "weights" in (tags or []) and not self.server_args.get("enable_weights_cpu_backup"):
             with torch.no_grad():
                 for p in self.model.parameters():
@@ -137,6 +150,7 @@ class RecordingSGLangEngine:
 
     def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
         self.calls.append(("resume_memory_occupation", list(tags or [])))
+        self.released -= set(tags or [])
 
     def shutdown(self) -> None:
         self.calls.append(("shutdown", None))
@@ -155,6 +169,10 @@ class RecordingSGLangEngine:
         given) samples per request, prompt-major. Each request samples from its own generator
         seeded with its ``sampling_seed``."""
         self.calls.append(("generate", len(input_ids)))
+        if self.stale_prefix_cache:
+            raise AssertionError(
+                "generate over a prefix cache of the old weights: no flush since the last push"
+            )
         self.requests.append({"input_ids": [list(x) for x in input_ids], "sampling_params": sampling_params})
         per_request = (
             sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
@@ -859,7 +877,9 @@ def test_release_discards_weights_and_the_push_restores_them_in_order() -> None:
     strategy.update_engine_weights(model, 1 << 15)
     log = _push_log(double)
     assert log[0] == "update_weights_from_tensor"  # weights were already awake
-    assert log[-2:] == ["flush_cache", "resume_memory_occupation"]
+    # the KV cache was released (and flushed with it) through the push: no flush call
+    assert log[-2:] == ["update_weights_from_tensor", "resume_memory_occupation"]
+    assert "flush_cache" not in log
     assert double.calls[-1] == ("resume_memory_occupation", ["kv_cache", "cuda_graph"])
     assert not engine.is_sleeping and not engine.needs_weight_push
     assert strategy.engine_generate_local(sp, prompt_token_ids=[[3, 4]])[0].output_token_ids == before
@@ -875,7 +895,6 @@ def test_full_cycle_order_through_strategy_calls() -> None:
     log = [(c[0], c[1]) for c in double.calls if c[0] != "update_weights_from_tensor"]
     assert log == [
         ("resume_memory_occupation", ["weights"]),
-        ("flush_cache", None),
         ("resume_memory_occupation", ["kv_cache", "cuda_graph"]),
     ]
     assert double.calls[1][0] == "update_weights_from_tensor"

@@ -296,3 +296,52 @@ def test_a_failed_release_at_shutdown_is_said_and_the_engine_still_stops(
         "SGLang live push: the release at shutdown failed (IndexError: tuple index out of range); "
         "stopping the engine releases the mapped parameters instead"
     ]
+
+
+def test_the_prefix_cache_never_outlives_a_push_and_costs_no_call_of_its_own() -> None:
+    """The prefix cache holds KV of the old weights (NeMo-RL PR #4018: never reset across
+    refits). Awake, the live call itself flushes it in the scheduler (``flush_cache=True``) and no
+    ``flush_cache`` round trip follows; between sleep and wake the KV cache's release flushed it
+    and the push makes no flush at all. Either way the next generation reads no stale prefix (the
+    double refuses one)."""
+    strategy, actor, engine, double = _live_setup(enable_engine_sleep=True, engine_sleep_level=2)
+    sp = SamplingParams(4, 0.0)
+    strategy.update_engine_weights(actor)  # awake: the map
+    assert _pushes(double) == [{"n": len(list(actor.parameters())) + 1, "flush": True}]
+    assert "flush_cache" not in [c[0] for c in double.calls]
+    assert (
+        engine.generate(prompt_token_ids=[[1, 2]], sampling_params=sp)[0].output_token_ids
+        == _greedy(actor, [1, 2], 4)[0]
+    )
+    for step in range(2):  # the RL loop: sleep, train, push (a replay), wake
+        strategy.maybe_sleep_inference_engine()
+        with torch.no_grad():
+            for p in actor.parameters():
+                p.mul_(0.9).add_(0.01 * (step + 1))
+        double.calls.clear()
+        strategy.update_engine_weights(actor)
+        assert [c[0] for c in double.calls] == [
+            "resume_memory_occupation",
+            "update_weights_from_tensor",
+            "resume_memory_occupation",
+        ]
+        assert _pushes(double) == [{"n": 1, "flush": False}]  # the release flushed, nothing ran since
+        out = engine.generate(prompt_token_ids=[[1, 2]], sampling_params=sp)[0]
+        assert out.output_token_ids == _greedy(actor, [1, 2], 4)[0]
+
+
+def test_the_double_refuses_a_generation_over_a_stale_prefix_cache() -> None:
+    """The check above can fail: an awake engine updated without a flush (what a push that
+    skipped it would leave) refuses to generate, until a flush."""
+    strategy, actor, engine, double = _live_setup()
+    strategy.update_engine_weights(actor)
+    ok = double.update_weights_from_tensor(
+        live_push.LiveSender().message([(n, p.detach()) for n, p in actor.named_parameters()]),
+        load_format=live_push.LOADER,
+        flush_cache=False,
+    )
+    assert ok == (True, "Success") and double.stale_prefix_cache
+    with pytest.raises(RuntimeError, match="prefix cache of the old weights"):
+        engine.generate(prompt_token_ids=[[1, 2]], sampling_params=SamplingParams(4, 0.0))
+    double.flush_cache()
+    assert engine.generate(prompt_token_ids=[[1, 2]], sampling_params=SamplingParams(4, 0.0))

@@ -12,7 +12,9 @@ of the group:
   rank, which calls ``update_weights_from_tensor(load_format="flattened_bucket")``: each scheduler
   reads its own GPU's payload. The success flag is checked per bucket and a failure raised on every
   rank; 0.5.21+ sessions (``begin_weight_update`` / ``end_weight_update``) bracket the push;
-  ``flush_cache`` runs once at the end.
+  the prefix cache is flushed once at the end: by the live call's ``flush_cache=True`` when the
+  push has one, else by a ``flush_cache`` call; not at all when the KV cache is released (its
+  release flushed it, and nothing ran since).
 - ``sleep`` / ``wake_up``: ``release_memory_occupation`` / ``resume_memory_occupation`` with tags.
   One meaning per level, as on every engine: level 2 (the default ``engine_sleep_level``) keeps no
   copy of the weights (the engine starts without ``enable_weights_cpu_backup``): ``needs_weight_push``
@@ -390,6 +392,12 @@ class SGLangEngine:
         )
         live = live_storages if live_storages is not None and self.live_loader else ()
         mapped: list[tuple[str, torch.Tensor]] = []
+        # The prefix cache holds KV computed with the old weights: it must not outlive the push.
+        # With the KV cache released (a push between sleep and wake, as in the RL loop), the
+        # release flushed it (SGLang's ``release_memory_occupation`` does) and nothing can have
+        # run since: no call. Otherwise the push's last call flushes it in the scheduler: the
+        # live call when there is one (one round trip less), else a ``flush_cache`` of its own.
+        flush = "kv_cache" not in self._released
         try:
             for bucket in stream:
                 if live:
@@ -412,7 +420,7 @@ class SGLangEngine:
                 del flat, payload, payloads  # every rank knows the leader's call returned
                 pushed.update(name for name, _ in bucket)
             if mapped:
-                self._push_live(mapped)
+                self._push_live(mapped, flush=flush)
                 pushed.update(name for name, _ in mapped)
         except BaseException:
             if session:  # leave no session open behind a failure
@@ -422,7 +430,8 @@ class SGLangEngine:
                     pass
             raise
         self._leader_step("end_weight_update", lambda: self.engine.end_weight_update() if session else None)
-        self._leader_step("flush_cache", lambda: self.engine.flush_cache())
+        if flush and not mapped:
+            self._leader_step("flush_cache", lambda: self.engine.flush_cache())
         if self.device.type == "cuda":
             torch.cuda.ipc_collect()
         self._pushed |= pushed
@@ -430,16 +439,18 @@ class SGLangEngine:
             self._needs_push = False
             self._pushed = set()
 
-    def _push_live(self, named: list[tuple[str, torch.Tensor]]) -> None:
+    def _push_live(self, named: list[tuple[str, torch.Tensor]], flush: bool) -> None:
         """One call for every live tensor: a map (their IPC handles) the first time and whenever
-        they moved, else a replay of the last map (see :mod:`lightrft.engines._sglang_live`)."""
+        they moved, else a replay of the last map (see :mod:`lightrft.engines._sglang_live`).
+        ``flush``: the scheduler flushes its caches after loading (SGLang's ``flush_cache`` of the
+        update; a failed flush fails the call)."""
         message = self._live.message(named)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # a replay reads with no IPC event
         self._leader_step(
             "update_weights_from_tensor (live)",
             lambda: self.engine.update_weights_from_tensor(
-                named_tensors=message, load_format=live_push.LOADER, flush_cache=False
+                named_tensors=message, load_format=live_push.LOADER, flush_cache=flush
             ),
         )
         self._live.sent(message)

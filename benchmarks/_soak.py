@@ -27,6 +27,7 @@ from __future__ import annotations
 import gc
 import math
 import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -321,6 +322,61 @@ def busy_time(intervals: Sequence[tuple[float, float]]) -> float:
     if cur_end is not None:
         total += cur_end - cur_start
     return total
+
+
+class PeakSampler:
+    """The largest value ``read()`` returned, sampled every ``period_s`` in a daemon thread: the
+    device's peak memory as both sides of a comparison see it (``rl_soak.py`` and
+    ``trl_grpo_compare.py`` read device-wide used memory the same way), not as each side's own
+    counters do. :meth:`take` returns the peak since the previous take (the start first) and
+    starts a new window; each window includes a reading at its start and at its end, so a window
+    shorter than the period still has one. A peak that lasts less than ``period_s`` can be missed:
+    the figure is a lower bound of the true peak, the same bound on both sides."""
+
+    def __init__(self, read: Any, period_s: float = 0.005) -> None:
+        if not period_s > 0:
+            raise ValueError(f"period_s={period_s} is invalid: give a positive number of seconds")
+        self.read, self.period_s = read, period_s
+        self._lock = threading.Lock()
+        self._peak: float | None = None
+        self._samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        value = self.read()
+        with self._lock:
+            self._samples += 1
+            if self._peak is None or value > self._peak:
+                self._peak = value
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def start(self) -> PeakSampler:
+        if self._thread is not None:
+            raise RuntimeError("PeakSampler.start: already started")
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="peak-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def take(self) -> tuple[float, int]:
+        """(the peak since the last take, samples in the window); the next window starts now."""
+        self._sample()
+        with self._lock:
+            peak, n = self._peak, self._samples
+            self._peak, self._samples = None, 0
+        self._sample()
+        return peak, n
+
+    def stop(self) -> tuple[float, int]:
+        """Ends the thread; returns what :meth:`take` would."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.take()
 
 
 # ------------------------------------------------------------------ live Python objects

@@ -204,6 +204,25 @@ def current_cpu() -> int | None:
         return None
 
 
+def device_used_reader() -> Callable[[], int]:
+    """Device-wide used memory in bytes (every process on the GPU: the engine's too), for
+    :class:`_soak.PeakSampler`'s thread: NVML's figure where torch can read it (no CUDA call on
+    the sampler's thread), else ``total - free`` of ``torch.cuda.mem_get_info``. Both sides of
+    ``trl_grpo_compare.py``'s comparison use this reader."""
+    import torch
+
+    try:
+        torch.cuda.device_memory_used()
+        return lambda: int(torch.cuda.device_memory_used())
+    except Exception:  # no pynvml: the CUDA runtime's figure, same meaning
+
+        def read() -> int:
+            free, total = torch.cuda.mem_get_info()
+            return int(total - free)
+
+        return read
+
+
 def host_topology() -> dict[str, Any]:
     """What the soak ran on, host side: CPUs, this process's affinity, SMT siblings of CPU 0."""
 
@@ -674,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
             f"weights equal {res.get('weights_equal')}{' ' + res['weights_error'] if res.get('weights_error') else ''}"
         )
 
+    # The iteration's peak of device-wide used memory, sampled every 5 ms (a lower bound of the
+    # true peak; trl_grpo_compare.py samples TRL's loop the same way). Reported, not gated.
+    peaks = _soak.PeakSampler(device_used_reader()).start() if probes.cuda else None
     g = torch.Generator().manual_seed(7)
     for it in range(a.iterations):
         elapsed = time.perf_counter() - t_start
@@ -687,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         mem.clear()
         rec: dict[str, Any] = {"iteration": it}
         prompts = [torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.prompts)]
+        if peaks is not None:
+            peaks.take()  # the window outside the iteration (checks, census) is left out
         t_it, cpu_it = time.perf_counter(), time.process_time()
         children_cpu_0 = children_cpu_s(process_tree())
         ticks_0 = host_cpu_ticks()
@@ -735,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
         rec.update(mem)
         rec.update(probes.memory("wake"))
         rec["iter_s"] = time.perf_counter() - t_it
+        if peaks is not None:
+            rec["mem_peak_used"], rec["mem_peak_samples"] = peaks.take()
         # Reported: CPU seconds of this process's threads in the iteration (near iter_s or above:
         # the host sets the pace; far below: the device does) and the SM clock (a throttled GPU
         # slows every phase at once).
@@ -789,6 +815,8 @@ def main(argv: list[str] | None = None) -> int:
                     else ""
                 )
             )
+    if peaks is not None:
+        peaks.stop()
     if records and lp_checks and lp_checks[-1]["iteration"] != records[-1]["iteration"]:
         logprob_check(records[-1]["iteration"])  # a run stopped early still ends with a check
     jsonl.close()
@@ -825,6 +853,10 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             ),
             "last_census": census_last,
+            # Reported, not gated: the largest sampled device-wide use in one steady iteration
+            "peak_used_steady": max(
+                (r["mem_peak_used"] for r in records[a.warmup :] if "mem_peak_used" in r), default=None
+            ),
             "host": host_topology(),
             "versions": versions(a.engine),
             "device": torch.cuda.get_device_name() if probes.cuda else "cpu",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,33 @@ def test_steal_fraction_is_steal_ticks_over_all_ticks_between_two_readings() -> 
         assert now is not None and 0 <= now[0] <= now[1]
     cpu = rl_soak.current_cpu()
     assert cpu is None or 0 <= cpu < 4096
+
+
+def test_peak_sampler_keeps_the_largest_reading_of_each_window() -> None:
+    from _soak import PeakSampler
+
+    # A read that steps through a fixed list and then stays at its last value: the first window
+    # sees the 9 (the sampler reads at start, on its period and at the take); the next sees only
+    # what comes after, never the 9 again.
+    values = iter([1, 9, 3, 2])
+    last = {"v": 0}
+
+    def read() -> int:
+        last["v"] = next(values, last["v"])
+        return last["v"]
+
+    s = PeakSampler(read, period_s=0.001).start()
+    deadline = time.monotonic() + 5.0
+    while last["v"] != 2 and time.monotonic() < deadline:  # the thread has read the whole list
+        time.sleep(0.001)
+    assert last["v"] == 2
+    peak, n = s.take()
+    assert peak == 9 and n >= 4
+    peak, n = s.stop()
+    assert peak == 2 and n >= 2  # the reading that opened the window and the one at stop
+    with pytest.raises(ValueError, match="period_s=0"):
+        PeakSampler(read, period_s=0)
+    twice = PeakSampler(read).start()
+    with pytest.raises(RuntimeError, match="already started"):
+        twice.start()
+    twice.stop()

@@ -11,7 +11,11 @@ own `VLLMGeneration.generate` / `sync_weights`:
   step_s       the whole iteration (generate + train + sync)
   gen_tok_s    completion tokens / time inside `generate` (sync excluded)
   sync_s       time inside `sync_weights` (wake weights + per-parameter load + prefix-cache reset)
-  peak memory  torch.cuda.max_memory_allocated, and device used per torch.cuda.mem_get_info
+  peak memory  torch.cuda.max_memory_allocated, and device used per torch.cuda.mem_get_info at
+               the step's end; and ``peak_used_gib``, the step's peak of device-wide used memory
+               sampled every 5 ms by the reader and sampler rl_soak.py uses for this project's loop
+               (``rl_soak.device_used_reader``, ``_soak.PeakSampler``): the one figure measured the
+               same way on both sides
 
 The model is a random Llama with the same config as the soak's (`--model`, fp32 master weights,
 bf16 autocast, AdamW, no reference model: TRL's default beta=0), saved with a word-level tokenizer
@@ -33,9 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def _model_config(name: str, vocab: int):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from rl_soak import llama_config  # the soak's sizes: both sides train the same model
 
     return llama_config(name, vocab_size=vocab)
@@ -152,15 +157,22 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     timers = {"gen_s": 0.0, "gen_tokens": 0, "sync_s": 0.0}
+    import _soak
+    from rl_soak import device_used_reader
+
+    peaks = _soak.PeakSampler(device_used_reader()).start() if cuda else None
 
     class Timing(TrainerCallback):
         def on_step_begin(self, *_a, **_k):
             sync()
             timers.update(gen_s=0.0, gen_tokens=0, sync_s=0.0)
+            if peaks is not None:
+                peaks.take()  # the window between steps is left out, as rl_soak.py does
             self.t0 = time.perf_counter()
 
         def on_step_end(self, _args, state, control, **_k):
             sync()
+            peak = peaks.take()[0] / 2**30 if peaks is not None else None
             rows.append(
                 dict(
                     iteration=state.global_step,
@@ -168,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     gen_s=timers["gen_s"],
                     gen_tok_s=timers["gen_tokens"] / timers["gen_s"] if timers["gen_s"] else None,
                     sync_s=timers["sync_s"],
+                    peak_used_gib=peak,
                     **mem(),
                 )
             )
@@ -206,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     vg.generate, vg.sync_weights = timed_generate, timed_sync
     n_params = sum(p.numel() for p in trainer.model.parameters())
     trainer.train()
+    if peaks is not None:
+        peaks.stop()
 
     steady = rows[a.warmup :] or rows
 
@@ -235,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         median_sync_s=med("sync_s"),
         peak_allocated_gib=max((r.get("peak_allocated_gib", 0) for r in rows), default=None),
         max_device_used_gib=max((r.get("device_used_gib", 0) for r in rows), default=None),
+        peak_used_steady_gib=max(
+            (r["peak_used_gib"] for r in steady if r.get("peak_used_gib")), default=None
+        ),
         seconds=time.monotonic() - t_start,
     )
     (out / "trl_summary.json").write_text(json.dumps(summary, indent=2))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import threading
 import time
@@ -407,6 +408,59 @@ def host_reference(n: int = HOST_REFERENCE_N) -> tuple[int, float]:
     for i in range(n):
         total += i * i
     return total, time.perf_counter() - t0
+
+
+def time_on_cpus(cpus: set[int] | None, reps: int = 5) -> float:
+    """Median seconds of :func:`host_reference` over ``reps`` runs with the calling thread pinned
+    to ``cpus`` (None: left as it is). The pinning stays: the caller restores what it needs."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    return statistics.median(host_reference()[1] for _ in range(reps))
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """``"0-3,8"`` -> ``{0, 1, 2, 3, 8}`` (the kernel's cpulist format)."""
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"CPU list {text!r} is invalid at {part!r}: give numbers and ranges, e.g. 0-3,8")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"CPU list {text!r} is invalid at {part!r}: a range runs upwards")
+        out.update(range(first, last + 1))
+    return out
+
+
+def pin_cpus(spec: str, reps: int = 5) -> dict[str, Any]:
+    """Pins the calling thread (and the threads and processes it starts later, which inherit
+    it) to the CPUs ``spec`` names: a CPU list (:func:`parse_cpu_list`) or ``fastest:K``, the K
+    CPUs of the current affinity on which :func:`host_reference` ran fastest, each timed alone
+    (a host whose cores differ in speed, e.g. a guest whose cores share physical ones with other
+    guests). Returns what was chosen and each CPU's time."""
+    allowed = os.sched_getaffinity(0)
+    per_core: dict[int, float] = {}
+    if spec.startswith("fastest:"):
+        k_text = spec.split(":", 1)[1]
+        if not k_text.isdigit() or not 1 <= int(k_text) <= len(allowed):
+            raise ValueError(
+                f"--pin-cpus {spec!r} is invalid: K must be 1 to {len(allowed)} (the CPUs allowed)"
+            )
+        try:
+            per_core = {cpu: time_on_cpus({cpu}, reps) for cpu in sorted(allowed)}
+        finally:
+            os.sched_setaffinity(0, allowed)
+        chosen = set(sorted(per_core, key=per_core.get)[: int(k_text)])
+    else:
+        chosen = parse_cpu_list(spec)
+        if not chosen <= allowed:
+            raise ValueError(
+                f"--pin-cpus {spec!r} is invalid: CPUs {sorted(chosen - allowed)} are outside this "
+                f"process's affinity {sorted(allowed)}"
+            )
+    os.sched_setaffinity(0, chosen)
+    return {"spec": spec, "cpus": sorted(chosen), "per_core_s": {str(c): t for c, t in per_core.items()}}
 
 
 def _type_name(o: Any) -> str:

@@ -42,14 +42,6 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def timed_on(cpus: set[int] | None, reps: int) -> float:
-    """Median seconds of the reference over ``reps`` runs with this process pinned to ``cpus``
-    (None: the affinity it started with)."""
-    if cpus is not None:
-        os.sched_setaffinity(0, cpus)
-    return statistics.median(_soak.host_reference()[1] for _ in range(reps))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5, help="reference runs per measurement")
@@ -67,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = os.sched_getaffinity(0)
     try:
-        per_core = {cpu: timed_on({cpu}, a.reps) for cpu in sorted(start)}
+        per_core = {cpu: _soak.time_on_cpus({cpu}, a.reps) for cpu in sorted(start)}
         fast = min(per_core, key=per_core.get)
         slow = max(per_core, key=per_core.get)
         rounds: list[dict[str, Any]] = []
@@ -78,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(
                 {
                     "round": i,
-                    "fast_core_s": timed_on({fast}, a.reps),
-                    "slow_core_s": timed_on({slow}, a.reps),
-                    "unpinned_s": timed_on(start, a.reps),
+                    "fast_core_s": _soak.time_on_cpus({fast}, a.reps),
+                    "slow_core_s": _soak.time_on_cpus({slow}, a.reps),
+                    "unpinned_s": _soak.time_on_cpus(start, a.reps),
                     "steal_frac": rl_soak.steal_fraction(ticks, now),
                 }
             )

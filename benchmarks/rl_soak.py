@@ -96,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument(
+        "--pin-cpus",
+        default="",
+        help="pin the loop (and the threads and engine processes it starts) to a CPU list (0-3,8) "
+        "or to the K fastest CPUs (fastest:K, each timed alone at the start); default: not pinned",
+    )
+    ap.add_argument(
         "--out", default="soak-out", help="directory for iterations.jsonl, summary.json, soak.png"
     )
     ap.add_argument(
@@ -535,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    # Before torch starts a thread: every thread and process started later inherits the pinning.
+    pinned = _soak.pin_cpus(a.pin_cpus) if a.pin_cpus else None
 
     import torch
 
@@ -573,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         log.write(msg + "\n")
 
     say(f"rl_soak {json.dumps(vars(a))}")
+    if pinned:
+        say(f"pinned to CPUs {pinned['cpus']} ({pinned['spec']})")
     dtype = torch.float32 if a.strategy == "fsdp" else torch.bfloat16  # FSDP2: fp32 master, bf16 compute
     actor = build_model(a.model, a.device, dtype)
     n_params = sum(p.numel() for p in actor.parameters())
@@ -858,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
                 (r["mem_peak_used"] for r in records[a.warmup :] if "mem_peak_used" in r), default=None
             ),
             "host": host_topology(),
+            "pinned": pinned,
             "versions": versions(a.engine),
             "device": torch.cuda.get_device_name() if probes.cuda else "cpu",
         }

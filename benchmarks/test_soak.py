@@ -307,3 +307,48 @@ def test_peak_sampler_keeps_the_largest_reading_of_each_window() -> None:
     with pytest.raises(RuntimeError, match="already started"):
         twice.start()
     twice.stop()
+
+
+def test_cpu_lists_parse_as_the_kernel_writes_them_and_bad_ones_say_where() -> None:
+    from _soak import parse_cpu_list
+
+    assert parse_cpu_list("0-3,8") == {0, 1, 2, 3, 8}
+    assert parse_cpu_list("5") == {5}
+    with pytest.raises(ValueError, match=r"at 'x'"):
+        parse_cpu_list("0,x")
+    with pytest.raises(ValueError, match="runs upwards"):
+        parse_cpu_list("3-1")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_pin_cpus_picks_the_fastest_cpus_and_pins_the_thread() -> None:
+    import os
+    import threading
+
+    from _soak import pin_cpus
+
+    allowed = os.sched_getaffinity(0)
+    result: dict = {}
+
+    def run() -> None:  # in a thread of its own: the test's thread keeps its affinity
+        try:
+            result["fast"] = pin_cpus("fastest:1", reps=1)
+            result["after"] = os.sched_getaffinity(0)
+            with pytest.raises(ValueError, match="K must be 1 to"):
+                pin_cpus(f"fastest:{len(allowed) + 1}")
+            with pytest.raises(ValueError, match="outside this process's affinity"):
+                pin_cpus("100000")
+        except BaseException as e:  # re-raised below, in the test's thread
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    fast = result["fast"]
+    times = {int(c): s for c, s in fast["per_core_s"].items()}
+    assert set(times) == allowed and len(fast["cpus"]) == 1
+    assert times[fast["cpus"][0]] == min(times.values())  # the fastest one timed
+    assert result["after"] == set(fast["cpus"])  # that thread runs there now
+    assert os.sched_getaffinity(0) == allowed  # and this one was never moved

@@ -21,7 +21,8 @@ settings, no engine, and reports for each step (``python benchmarks/train_step_p
 
 Table on stdout and ``--out``/profile.json. ``--micro-train-batch`` changes how many micro-steps
 the one optimizer step accumulates over (the kernels' count falls with it, the device's work
-does not). CPU dry run: ``--device cpu --model tiny --steps 2`` (no device figures there).
+does not); ``--set FIELD=VALUE`` changes a StrategyConfig field (another setting, same run
+shape). CPU dry run: ``--device cpu --model tiny --steps 2`` (no device figures there).
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="steps before the timed ones")
     ap.add_argument("--steps", type=int, default=5, help="timed steps")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a StrategyConfig field over the soak's settings (JSON value: fsdp_reshard_after_forward=false)",
+    )
     ap.add_argument("--out", default="/tmp/train_step_profile")
     a = ap.parse_args(argv)
     for name in ("prompts", "samples", "prompt_len", "new_tokens", "micro_train_batch", "steps"):
@@ -75,6 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')}={getattr(a, name)} is invalid: give 1 or more")
     if a.warmup < 0:
         ap.error(f"--warmup={a.warmup} is invalid: give 0 or more")
+    a.overrides = {}
+    for item in a.set:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            ap.error(f"--set {item!r} is invalid: give FIELD=VALUE, e.g. fsdp_reshard_after_forward=false")
+        try:
+            a.overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            a.overrides[field] = value  # a bare string
     if (a.prompts * a.samples) % a.micro_train_batch:
         ap.error(
             f"--micro-train-batch={a.micro_train_batch} must divide --prompts x --samples = {a.prompts * a.samples}"
@@ -162,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_batch_size": n_seq,
             "micro_train_batch_size": a.micro_train_batch,
             "max_norm": 1.0,
+            **a.overrides,
         }
     )
     t0 = time.perf_counter()
@@ -243,7 +261,8 @@ def format_table(r: dict[str, Any]) -> str:
     a = r["args"]
     lines = [
         f"{a['strategy']} {r['params_b']:.2f}B, {a['prompts'] * a['samples']} sequences of "
-        f"{a['prompt_len']}+{a['new_tokens']} tokens, micro-batch {a['micro_train_batch']}, on {r['device']}",
+        f"{a['prompt_len']}+{a['new_tokens']} tokens, micro-batch {a['micro_train_batch']}, on {r['device']}"
+        + (f", with {a['overrides']}" if a.get("overrides") else ""),
         f"  step (median of {len(r['steps'])}): wall {m['wall_s']:.3f} s, enqueue {m['enqueue_s']:.3f} s, "
         f"cpu {m['cpu_s']:.3f} s; host reference {statistics.median(r['host_ref_s']) * 1e3:.1f} ms",
     ]

@@ -57,7 +57,12 @@ TOP_OPS = 15
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategy", choices=["fsdp", "deepspeed"], default="fsdp")
+    ap.add_argument(
+        "--strategy",
+        choices=["fsdp", "deepspeed", "raw"],
+        default="fsdp",
+        help="raw: the bare model in bf16 with torch's fused AdamW, no strategy (the model's own host work)",
+    )
     ap.add_argument("--model", choices=sorted(rl_soak.MODELS), default="3.5b")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--samples", type=int, default=4)
@@ -156,6 +161,26 @@ def profile_summary(prof: Any, wall_s: float, cuda: bool) -> dict[str, Any]:
     }
 
 
+class RawLoop:
+    """``--strategy raw``: what ``train_step`` calls on a strategy, done the plain way: backward,
+    and every ``accumulation`` micro-steps the gradient clipped to norm 1 and the step taken."""
+
+    def __init__(self, accumulation: int) -> None:
+        self.accumulation, self.micro = accumulation, 0
+
+    def backward(self, loss: Any, model: Any, optimizer: Any) -> None:
+        loss.backward()
+
+    def optimizer_step(self, optimizer: Any, model: Any, scheduler: Any) -> None:
+        import torch
+
+        self.micro += 1
+        if self.micro % self.accumulation == 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
@@ -164,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     if a.device == "cpu":
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        # One thread: on a GPU machine the host issues the step's operators from one thread too.
+        torch.set_num_threads(1)
     from lightrft.strategy import get_strategy
 
     cuda = a.device == "cuda"
@@ -172,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     # The soak's training settings (rl_soak.main), without the engine's.
     strategy = get_strategy(
         {
-            "strategy": a.strategy,
+            "strategy": "fsdp" if a.strategy == "raw" else a.strategy,
             "zero_stage": 3,
             "bf16": True,
             "seed": 1,
@@ -184,12 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.perf_counter()
     dtype = torch.float32 if a.strategy == "fsdp" else torch.bfloat16
-    actor = strategy.prepare_model(rl_soak.build_model(a.model, a.device, dtype))
-    if a.strategy == "fsdp":
-        optim = strategy.create_optimizer(actor, lr=1e-5)
+    if a.strategy == "raw":  # no wrapper, no master weights: backward and step as plain torch
+        actor = rl_soak.build_model(a.model, a.device, dtype)
+        optim = torch.optim.AdamW(actor.parameters(), lr=1e-5, fused=cuda)
+        train_as: Any = RawLoop(n_seq // a.micro_train_batch)
     else:
-        optim = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
-    actor, optim, _ = strategy.prepare((actor, optim, None))
+        actor = strategy.prepare_model(rl_soak.build_model(a.model, a.device, dtype))
+        if a.strategy == "fsdp":
+            optim = strategy.create_optimizer(actor, lr=1e-5)
+        else:
+            optim = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+        actor, optim, _ = strategy.prepare((actor, optim, None))
+        train_as = strategy
     n_params = sum(p.numel() for p in actor.parameters())
     build_s = time.perf_counter() - t0
     batch, adv = synthetic_batch(a, rl_soak.VOCAB[a.model])
@@ -203,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         t, c = time.perf_counter(), time.process_time()
         kw = {"mark": mark} if mark else {}
         loss, mad_sum, mad_n = rl_soak.train_step(
-            strategy, actor, optim, batch, adv, a.micro_train_batch, **kw
+            train_as, actor, optim, batch, adv, a.micro_train_batch, **kw
         )
         enq = time.perf_counter() - t
         sync()

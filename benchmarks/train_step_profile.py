@@ -134,15 +134,16 @@ def profile_summary(prof: Any, wall_s: float, cuda: bool) -> dict[str, Any]:
     intervals, kernels = [], 0
     for e in prof.profiler.kineto_results.events():
         if e.device_type() == DeviceType.CUDA:
-            intervals.append((e.start_ns() / 1e9, e.end_ns() / 1e9))
+            intervals.append((e.start_ns() / 1e9, (e.start_ns() + e.duration_ns()) / 1e9))
             kernels += 1
     by_key = {k.key: k for k in prof.key_averages()}
+    # Runtime calls by prefix: CUDA 12+ may name them with a version (cudaLaunchKernelExC_v11060).
     blocking = {
-        name: {"count": by_key[name].count, "s": by_key[name].cpu_time_total / 1e6}
-        for name in BLOCKING_CALLS
-        if name in by_key
+        key: {"count": k.count, "s": k.cpu_time_total / 1e6}
+        for key, k in by_key.items()
+        if any(key == n or key.startswith(n + "_v") for n in BLOCKING_CALLS)
     }
-    launches = sum(by_key[name].count for name in LAUNCH_CALLS if name in by_key)
+    launches = sum(k.count for key, k in by_key.items() if key.startswith(LAUNCH_CALLS))
     parts = {p: by_key[p].cpu_time_total / 1e6 for p in PARTS if p in by_key}
     ops = sorted(
         (k for k in by_key.values() if k.key not in PARTS and not k.key.startswith("cuda")),

@@ -15,8 +15,8 @@ settings, no engine, and reports for each step (``python benchmarks/train_step_p
 - then one step under ``torch.profiler``: ``device_busy_s``, the union of the device's kernel,
   copy and fill intervals (``_soak.busy_time``: what the device had to do, the floor of this step
   as written), so ``1 - device_busy_s / wall_s`` is the share of the step the device sat idle
-  waiting for the host; the kernels launched; the host's blocking calls (syncs, device-to-host
-  copies) with their count and time; the host time of each part of ``train_step`` (``fwd``,
+  waiting for the host; the kernels launched; the runtime's sync and copy calls (a sync waits
+  for the device, and so does a copy to the host) with their count and time; the host time of each part of ``train_step`` (``fwd``,
   ``loss``, ``bwd``, ``step``); the operators with the most host time of their own.
 
 Table on stdout and ``--out``/profile.json. ``--micro-train-batch`` changes how many micro-steps
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _soak  # noqa: E402
 import rl_soak  # noqa: E402
 
-#: Runtime calls after which the host has waited for the device (a sync, or a copy to the host).
+#: Runtime calls that can make the host wait for the device (a sync; a copy, when it is to the host).
 BLOCKING_CALLS = (
     "cudaStreamSynchronize",
     "cudaDeviceSynchronize",
@@ -312,7 +312,7 @@ def format_table(r: dict[str, Any]) -> str:
             "  host time per part: " + ", ".join(f"{k} {v:.3f} s" for k, v in p["parts_host_s"].items())
         )
     for name, b in p["blocking_calls"].items():
-        lines.append(f"  blocking {name:<24} x{b['count']:<6} {b['s'] * 1e3:9.1f} ms")
+        lines.append(f"  sync/copy {name:<28} x{b['count']:<6} {b['s'] * 1e3:9.1f} ms")
     lines.append("  operators by own host time:")
     for o in p["top_ops"]:
         lines.append(f"    {o['op'][:60]:<60} x{o['count']:<6} {o['self_cpu_s'] * 1e3:9.1f} ms")

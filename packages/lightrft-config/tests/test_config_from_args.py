@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import threading
 import types
+import warnings
 from typing import Any
 
 import pytest
@@ -182,3 +183,19 @@ def test_get_extra_arg() -> None:
     assert config.get_extra_arg("absent", "fallback") == "fallback"
     assert config.get_extra_arg("seed") == 1  # declared fields are readable too
     assert config.get_extra_arg("zero_stage", 99) == 2
+
+
+# ----------------------------------------------------------------------------- misspelt fields
+def test_a_misspelt_field_is_kept_and_warned_about_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightrft.config import _model
+
+    monkeypatch.setattr(_model, "_NEAR_MISSES_SAID", set())  # as in a fresh process
+    with pytest.warns(UserWarning, match=r"zero_stgae=2 is not a field.*did you mean zero_stage\?") as record:
+        config = StrategyConfig.from_args({"zero_stgae": 2, "pretrain": "gpt2", "prompt_max_len": 1024})
+    assert len(record) == 1  # pretrain and prompt_max_len are like no field: no warning
+    assert config.zero_stage == _model.StrategyConfig.model_fields["zero_stage"].default
+    assert config.get_extra_arg("zero_stgae") == 2  # kept, as every unknown key is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same misspelling again (a copy, another config): silent
+        StrategyConfig.from_args(config)
+        StrategyConfig.from_args({"zero_stgae": 3})

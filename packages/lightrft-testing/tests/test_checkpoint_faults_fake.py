@@ -47,3 +47,22 @@ def test_a_survivor_may_fail_only_on_its_dead_peer_during_the_killed_save() -> N
     # The peer-lost error outside the killed save, or on the victim itself, is a problem too.
     assert crash_problems(_one_killed_trial(GLOO_PEER_DIED, in_killed_save=False))
     assert crash_problems(_one_killed_trial(GLOO_PEER_DIED, rank="0"))
+
+
+def test_the_trials_fork_safely_from_a_process_that_used_several_threads(tmp_path: Path) -> None:
+    """OpenMP's workers do not survive fork(): ranks forked from a process whose intra-op pool ran
+    with several threads hung until the 300 s deadline. run_crash_trials forks with one thread and
+    gives the caller's count back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(512, 512)
+        (x @ x).sum().item()  # a parallel region: the pool's workers exist now
+        result = run_crash_trials({"strategy": "fake"}, world_size=1, trials=2, root=tmp_path, seed=3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert all("timeout" not in t["exits"].values() for t in result["trials"]), result["trials"]
+    assert crash_problems(result) == []

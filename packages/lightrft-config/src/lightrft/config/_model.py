@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -12,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from . import _cli, _documents
 from ._cli import ParserT
-from ._errors import ConfigError, Problem, one_problem, problem
+from ._errors import ConfigError, Problem, format_value, one_problem, problem
 from ._hints import describe_valid, is_optional
 from ._sources import values_from_object
 
@@ -212,6 +214,7 @@ class StrategyConfig(BaseModel):
                 super().__init__(**data)
             except ValidationError as exc:
                 raise _config_error(exc) from exc
+            _warn_near_misses(self)
 
         def __setattr__(self, name: str, value: Any) -> None:
             # pydantic has already written the new value when a model validator (cross-field rule)
@@ -455,6 +458,30 @@ _VALID_HINTS = {
 
 def _config_error(exc: ValidationError) -> ConfigError:
     return ConfigError.from_validation_error(exc, owner=_OWNER, describe_valid=_valid_hint)
+
+
+#: (unknown key, field) pairs already warned about: a config is copied often (``from_args``).
+_NEAR_MISSES_SAID: set[tuple[str, str]] = set()
+#: How alike an unknown key and a field must be (difflib's ratio) to be taken for a misspelling:
+#: one swapped, missing or extra letter in a name of ten or more (``zero_stgae``: 0.9).
+NEAR_MISS_CUTOFF = 0.85
+
+
+def _warn_near_misses(config: StrategyConfig) -> None:
+    """Unknown keys are kept (training scripts pass their whole argparse namespace), so a
+    misspelt field would configure nothing in silence: warn, once per key, when one is that close
+    to a field."""
+    fields = list(type(config).model_fields)
+    for key, value in (config.model_extra or {}).items():
+        match = difflib.get_close_matches(key, fields, n=1, cutoff=NEAR_MISS_CUTOFF)
+        if match and (key, match[0]) not in _NEAR_MISSES_SAID:
+            _NEAR_MISSES_SAID.add((key, match[0]))
+            warnings.warn(
+                f"StrategyConfig: {key}={format_value(value)} is not a field, so it configures nothing "
+                f"(it is kept for get_extra_arg); did you mean {match[0]}?",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def _copy_extra(model: BaseModel) -> dict[str, Any] | None:

@@ -30,6 +30,7 @@ from lightrft.strategy.registry import load_strategy_class
 from lightrft.strategy.utils import free_port
 
 from ..conformance.spec import BASE_CONFIG, tiny_model
+from ..distributed import rank_threads
 from ..harness import build, full_params, train
 from ..models import make_batches
 
@@ -234,7 +235,17 @@ def run_crash_trials(
     after a warm-up save), so that every phase of a save (writing, checksums, manifest, rename,
     ``latest``, rotation) is hit.
     """
-    root = Path(root)
+    # One intra-op thread in this process while it forks the ranks, whatever the caller's shell
+    # set: OpenMP's worker threads do not survive fork(), and a rank that enters a parallel region
+    # with more than one thread waits for them forever (with OMP_NUM_THREADS unset every trial
+    # timed out at the 300 s deadline). The caller's count is restored at the end.
+    with rank_threads(1):
+        return _run_crash_trials(config, world_size, trials, Path(root), seed)
+
+
+def _run_crash_trials(
+    config: dict[str, Any], world_size: int, trials: int, root: Path, seed: int
+) -> dict[str, Any]:
     for sub in ("logs", "expected", "ckpt"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     _warm_up(config, root / "warm")

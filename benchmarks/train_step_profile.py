@@ -89,10 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.warmup < 0:
         ap.error(f"--warmup={a.warmup} is invalid: give 0 or more")
     a.overrides = {}
+    from lightrft.config import StrategyConfig
+
     for item in a.set:
         field, sep, value = item.partition("=")
         if not sep or not field:
             ap.error(f"--set {item!r} is invalid: give FIELD=VALUE, e.g. fsdp_reshard_after_forward=false")
+        if field not in StrategyConfig.model_fields:  # StrategyConfig would keep it, configuring nothing
+            ap.error(f"--set {item!r} is invalid: {field} is not a StrategyConfig field")
         try:
             a.overrides[field] = json.loads(value)
         except json.JSONDecodeError:

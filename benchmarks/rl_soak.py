@@ -112,17 +112,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plot", default=None, help="only redraw soak.png and the summary from this JSONL (or dir)"
     )
     a = ap.parse_args(argv)
-    for name in ("iterations", "prompts", "samples", "prompt_len", "max_new_tokens", "micro_train_batch"):
-        if getattr(a, name) < 1:
-            ap.error(f"--{name.replace('_', '-')}={getattr(a, name)} is invalid: give 1 or more")
+    check_batch_args(ap, a, ("iterations", "max_new_tokens"))
     if a.census_every < 0:
         ap.error(f"--census-every={a.census_every} is invalid: give 0 (no census) or more")
+    return a
+
+
+def check_batch_args(ap: argparse.ArgumentParser, a: argparse.Namespace, more: Sequence[str] = ()) -> None:
+    """The batch arguments this script and ``train_step_profile.py`` share (and ``more``) are 1 or
+    more, and ``--micro-train-batch`` divides ``--prompts x --samples`` (one optimizer step per
+    iteration); else the parser's error naming the argument and its value."""
+    for name in ("prompts", "samples", "prompt_len", "micro_train_batch", *more):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}={getattr(a, name)} is invalid: give 1 or more")
     if (a.prompts * a.samples) % a.micro_train_batch:
         ap.error(
             f"--micro-train-batch={a.micro_train_batch} must divide --prompts x --samples = "
             f"{a.prompts * a.samples} (one optimizer step per iteration)"
         )
-    return a
 
 
 # ------------------------------------------------------------------------------------ probes

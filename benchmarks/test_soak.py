@@ -352,3 +352,17 @@ def test_pin_cpus_picks_the_fastest_cpus_and_pins_the_thread() -> None:
     assert times[fast["cpus"][0]] == min(times.values())  # the fastest one timed
     assert result["after"] == set(fast["cpus"])  # that thread runs there now
     assert os.sched_getaffinity(0) == allowed  # and this one was never moved
+
+
+def test_the_soak_refuses_a_micro_batch_that_does_not_divide_the_batch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import rl_soak
+
+    with pytest.raises(SystemExit):
+        rl_soak.parse_args(["--micro-train-batch", "5"])  # 16 prompts x 4 samples = 64
+    assert "--micro-train-batch=5 must divide --prompts x --samples = 64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rl_soak.parse_args(["--iterations", "0"])
+    assert "--iterations=0 is invalid: give 1 or more" in capsys.readouterr().err
+    assert rl_soak.parse_args(["--micro-train-batch", "32"]).micro_train_batch == 32

@@ -83,9 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--out", default="/tmp/train_step_profile")
     a = ap.parse_args(argv)
-    for name in ("prompts", "samples", "prompt_len", "new_tokens", "micro_train_batch", "steps"):
-        if getattr(a, name) < 1:
-            ap.error(f"--{name.replace('_', '-')}={getattr(a, name)} is invalid: give 1 or more")
+    rl_soak.check_batch_args(ap, a, ("new_tokens", "steps"))
     if a.warmup < 0:
         ap.error(f"--warmup={a.warmup} is invalid: give 0 or more")
     a.overrides = {}
@@ -101,10 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             a.overrides[field] = json.loads(value)
         except json.JSONDecodeError:
             a.overrides[field] = value  # a bare string
-    if (a.prompts * a.samples) % a.micro_train_batch:
-        ap.error(
-            f"--micro-train-batch={a.micro_train_batch} must divide --prompts x --samples = {a.prompts * a.samples}"
-        )
     return a
 
 

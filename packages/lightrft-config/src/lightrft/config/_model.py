@@ -465,6 +465,9 @@ _NEAR_MISSES_SAID: set[tuple[str, str]] = set()
 #: How alike an unknown key and a field must be (difflib's ratio) to be taken for a misspelling:
 #: one swapped, missing or extra letter in a name of ten or more (``zero_stgae``: 0.9).
 NEAR_MISS_CUTOFF = 0.85
+#: Shorter keys are left alone: between short names one letter is a different word (``tp_size``,
+#: an engine's tensor parallelism, is not ``sp_size``).
+NEAR_MISS_MIN_LEN = 8
 
 
 def _warn_near_misses(config: StrategyConfig) -> None:
@@ -473,6 +476,8 @@ def _warn_near_misses(config: StrategyConfig) -> None:
     to a field."""
     fields = list(type(config).model_fields)
     for key, value in (config.model_extra or {}).items():
+        if len(key) < NEAR_MISS_MIN_LEN:
+            continue
         match = difflib.get_close_matches(key, fields, n=1, cutoff=NEAR_MISS_CUTOFF)
         if match and (key, match[0]) not in _NEAR_MISSES_SAID:
             _NEAR_MISSES_SAID.add((key, match[0]))

@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             f"weights equal {res.get('weights_equal')}{' ' + res['weights_error'] if res.get('weights_error') else ''}"
         )
 
-    # The iteration's peak of device-wide used memory, sampled every 5 ms (a lower bound of the
+    # The iteration's peak of device-wide used memory, sampled every 20 ms (a lower bound of the
     # true peak; trl_grpo_compare.py samples TRL's loop the same way). Reported, not gated.
     peaks = _soak.PeakSampler(device_used_reader()).start() if probes.cuda else None
     g = torch.Generator().manual_seed(7)

@@ -13,7 +13,7 @@ own `VLLMGeneration.generate` / `sync_weights`:
   sync_s       time inside `sync_weights` (wake weights + per-parameter load + prefix-cache reset)
   peak memory  torch.cuda.max_memory_allocated, and device used per torch.cuda.mem_get_info at
                the step's end; and ``peak_used_gib``, the step's peak of device-wide used memory
-               sampled every 5 ms by the reader and sampler rl_soak.py uses for this project's loop
+               sampled every 20 ms by the reader and sampler rl_soak.py uses for this project's loop
                (``rl_soak.device_used_reader``, ``_soak.PeakSampler``): the one figure measured the
                same way on both sides
 

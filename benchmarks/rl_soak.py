@@ -393,6 +393,37 @@ def build_model(name: str, device: str, dtype: Any) -> Any:
     return model.to(dtype)
 
 
+def training_config(backend: str, n_seq: int, micro: int) -> dict[str, Any]:
+    """The soak's training settings (``train_step_profile.py`` uses them too): ZeRO-3 when
+    DeepSpeed, bf16, one optimizer step per ``n_seq`` sequences in micro-batches of ``micro``."""
+    return {
+        "strategy": backend,
+        "zero_stage": 3,
+        "bf16": True,
+        "seed": 1,
+        "train_batch_size": n_seq,
+        "micro_train_batch_size": micro,
+        "max_norm": 1.0,
+    }
+
+
+def build_trained(strategy: Any, backend: str, name: str, device: str, lr: float) -> tuple[Any, Any]:
+    """The model ``name`` and its optimizer, prepared by ``strategy``: FSDP2 with fp32 masters
+    (bf16 compute) and the strategy's optimizer (torch AdamW, fused on CUDA); ZeRO-3 with bf16
+    parameters and torch AdamW (DeepSpeed's FusedAdam would JIT-build first)."""
+    import torch
+
+    dtype = torch.float32 if backend == "fsdp" else torch.bfloat16
+    actor = strategy.prepare_model(build_model(name, device, dtype))
+    if backend == "fsdp":
+        optim = strategy.create_optimizer(actor, lr=lr)
+    else:
+        params = [p for p in actor.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=lr, fused=device == "cuda")
+    actor, optim, _ = strategy.prepare((actor, optim, None))
+    return actor, optim
+
+
 #: Rows of each parameter the log-prob check also reads back from the engine (``weight_rows``).
 WEIGHT_ROWS = 4
 
@@ -563,12 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     n_seq = a.prompts * a.samples
     max_len = a.prompt_len + max(a.max_new_tokens, CHECK_NEW_TOKENS) + 8
     cfg: dict[str, Any] = {
-        "strategy": a.strategy,
-        "zero_stage": 3,
-        "bf16": True,
-        "seed": 1,
-        "train_batch_size": n_seq,
-        "micro_train_batch_size": a.micro_train_batch,
+        **training_config(a.strategy, n_seq, a.micro_train_batch),
         # The engine's concurrency (SGLang sizes its decode CUDA graphs from it): one micro-batch
         # of all prompts x samples.
         "micro_rollout_batch_size": a.prompts,
@@ -580,7 +606,6 @@ def main(argv: list[str] | None = None) -> int:
         "engine_sleep_level": a.sleep_level,
         "enable_engine_sleep": True,
         "weight_sync_bucket_mb": a.bucket_mb,
-        "max_norm": 1.0,
     }
     strategy = get_strategy(cfg)
     probes = Probes(a.device)
@@ -593,18 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     say(f"rl_soak {json.dumps(vars(a))}")
     if pinned:
         say(f"pinned to CPUs {pinned['cpus']} ({pinned['spec']})")
-    dtype = torch.float32 if a.strategy == "fsdp" else torch.bfloat16  # FSDP2: fp32 master, bf16 compute
-    actor = build_model(a.model, a.device, dtype)
+    actor, optim = build_trained(strategy, a.strategy, a.model, a.device, a.lr)
     n_params = sum(p.numel() for p in actor.parameters())
     n_layers = MODELS[a.model]["num_hidden_layers"]
     vocab = VOCAB[a.model]
-    actor = strategy.prepare_model(actor)
-    if a.strategy == "fsdp":
-        optim = strategy.create_optimizer(actor, lr=a.lr)  # torch AdamW, fused on CUDA
-    else:  # torch AdamW under ZeRO-3: DeepSpeed's FusedAdam would JIT-build first
-        params = [p for p in actor.parameters() if p.requires_grad]
-        optim = torch.optim.AdamW(params, lr=a.lr, fused=a.device == "cuda")
-    actor, optim, _ = strategy.prepare((actor, optim, None))
 
     t0 = time.perf_counter()
     if a.engine == "hf":

@@ -195,31 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     cuda = a.device == "cuda"
     n_seq = a.prompts * a.samples
     # The soak's training settings (rl_soak.main), without the engine's.
-    strategy = get_strategy(
-        {
-            "strategy": "fsdp" if a.strategy == "raw" else a.strategy,
-            "zero_stage": 3,
-            "bf16": True,
-            "seed": 1,
-            "train_batch_size": n_seq,
-            "micro_train_batch_size": a.micro_train_batch,
-            "max_norm": 1.0,
-            **a.overrides,
-        }
-    )
+    backend = "fsdp" if a.strategy == "raw" else a.strategy
+    strategy = get_strategy({**rl_soak.training_config(backend, n_seq, a.micro_train_batch), **a.overrides})
     t0 = time.perf_counter()
-    dtype = torch.float32 if a.strategy == "fsdp" else torch.bfloat16
     if a.strategy == "raw":  # no wrapper, no master weights: backward and step as plain torch
-        actor = rl_soak.build_model(a.model, a.device, dtype)
+        actor = rl_soak.build_model(a.model, a.device, torch.bfloat16)
         optim = torch.optim.AdamW(actor.parameters(), lr=1e-5, fused=cuda)
         train_as: Any = RawLoop(n_seq // a.micro_train_batch)
     else:
-        actor = strategy.prepare_model(rl_soak.build_model(a.model, a.device, dtype))
-        if a.strategy == "fsdp":
-            optim = strategy.create_optimizer(actor, lr=1e-5)
-        else:
-            optim = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
-        actor, optim, _ = strategy.prepare((actor, optim, None))
+        actor, optim = rl_soak.build_trained(strategy, a.strategy, a.model, a.device, 1e-5)
         train_as = strategy
     n_params = sum(p.numel() for p in actor.parameters())
     build_s = time.perf_counter() - t0
